@@ -1,0 +1,95 @@
+"""The command line: help is fast and light, errors are one line, commands print what they should."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vecsim", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def test_help_does_not_import_torch_or_lancedb():
+    code = (
+        "import sys\nfrom vecsim.cli import main\nsys.argv=['vecsim','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', [m for m in ('torch', 'lancedb', 'faiss') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "HEAVY []" in out
+    assert "index" in out and "info" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["index", "/no/such/folder", "--model", "digits-cnn", "--layers", "features.relu1", "--out", "OUT"],
+         "does not exist"),
+        (["index", "builtin:digits", "--model", "resnet19", "--layers", "x", "--out", "OUT"], "resnet18"),
+        (["index", "builtin:digits", "--model", "digits-cnn", "--layers", "features.relu9", "--out", "OUT"],
+         "did you mean"),
+        (["index", "builtin:digits", "--model", "resnet18", "--weights", "IMAGENET9K", "--layers", "layer1",
+          "--out", "OUT"], "unknown weights"),
+        (["info", "/no/such/store"], "no store"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args, message, tmp_path):
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback():
+    result = run_cli("--debug", "info", "/no/such/store")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_layers_lists_shapes_and_sizes():
+    result = run_cli("layers", "digits-cnn")
+    assert result.returncode == 0, result.stderr
+    assert "features.conv4" in result.stdout and "64x8x8" in result.stdout and "4,096" in result.stdout
+    data = json.loads(run_cli("layers", "densenet121", "--size", "400", "--json").stdout)
+    by_name = {d["name"]: d for d in data}
+    assert by_name["features.transition1.norm"]["units"] == 2_560_000
+    assert by_name["features.transition2.norm"]["units"] == 1_280_000
+    assert by_name["features.transition3.norm"]["units"] == 640_000
+
+
+def test_index_then_info_and_the_existing_store_error(shared_image_set, tmp_path):
+    out = tmp_path / "store"
+    args = ["index", str(shared_image_set), "--model", "digits-cnn", "--layers", "features.relu2,features.relu4",
+            "--out", str(out), "--dim", "features.relu2=4,8", "--labels-from-folders", "-q"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "indexed 18 stimuli (0 failed)" in result.stdout
+    info = json.loads(run_cli("info", str(out), "--json").stdout)
+    assert info["counts"] == {"stimuli": 18, "failures": 0}
+    assert info["layers"]["features.relu2"]["dim"] == 4 and info["layers"]["features.relu4"]["dim"] == 8
+    text = run_cli("info", str(out)).stdout
+    assert "of raw" in text and "fitted transforms" in text
+    again = run_cli(*args)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert run_cli(*args, "--overwrite").returncode == 0
+
+
+def test_config_file_with_flags_taking_precedence(shared_image_set, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'source = "{shared_image_set}"\nmodel = "digits-cnn"\nlayers = ["features.relu1"]\ndim = "6"\n'
+                      f'train_size = 10\n')
+    out = tmp_path / "s"
+    result = run_cli("index", str(shared_image_set), "--config", str(config), "--out", str(out), "--dim", "5", "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "vecsim.json").read_text())
+    assert manifest["config"]["dim"] == "5" and manifest["config"]["train_size"] == 10
+    assert manifest["layers"]["features.relu1"]["reducer"]["fit"]["n_train"] == 10

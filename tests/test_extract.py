@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vecsim.extract import LayerCapture
+from vecsim.models import load_model
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_hooks_are_removed_even_when_the_forward_pass_raises():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(RuntimeError):
+        with LayerCapture(model, ["0", "1"]) as capture:
+            assert _hook_count(model) == 2
+            capture.run(torch.zeros(2, 5))  # wrong width: the forward pass raises
+    assert _hook_count(model) == 0
+
+
+def test_transition_norm_yields_its_own_output_not_the_inplace_relu_result():
+    """DenseNet's transition is norm -> ReLU(inplace=True): a kept reference would be post-ReLU."""
+    model = load_model("densenet121", weights="none").module
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    layer = "features.transition1.norm"
+    # the naive way: keep a reference to the output
+    kept = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: kept.setdefault("o", o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert (kept["o"] >= 0).all(), "the in-place ReLU rewrote the kept tensor"
+    # what the norm really produced: run it on its input
+    norm_input = {}
+    handle = dict(model.named_modules())[layer].register_forward_pre_hook(lambda m, i: norm_input.setdefault("i", i[0].clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    with torch.no_grad():
+        expected = dict(model.named_modules())[layer](norm_input["i"]).flatten(1)
+    with LayerCapture(model, [layer]) as capture:
+        got = capture.run(x)[layer]
+    assert (got < 0).any()
+    torch.testing.assert_close(got, expected)
+    assert _hook_count(model) == 0

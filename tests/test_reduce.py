@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vecsim.errors import ConfigError, UnknownLayerError
+from vecsim.reduce import CountSketch, LayerReducer, ReducerConfig, parse_dims
+
+from conftest import cosine_matrix
+
+
+def _data(n=40, d=300, seed=0):
+    rng = np.random.default_rng(seed)
+    low = rng.normal(size=(n, 12)) @ rng.normal(size=(12, d))
+    return torch.tensor(np.abs(low + 0.1 * rng.normal(size=(n, d))), dtype=torch.float32)
+
+
+def _fit(x, **cfg):
+    reducer = LayerReducer("l", (x.shape[1],), ReducerConfig(**{"sketch_dim": 0, **cfg}))
+    z, norms, _ = reducer.prepare(x)
+    reducer.fit(z)
+    return reducer
+
+
+def test_uncentred_projection_is_exact_when_dim_covers_the_training_sample():
+    x = _data()
+    reducer = _fit(x, dim=64)
+    assert reducer.report.exact and reducer.dim == 40
+    y = reducer(x)[0].numpy()
+    np.testing.assert_allclose(y @ y.T, cosine_matrix(x.double().numpy()), atol=1e-5)
+
+
+def test_uncentred_keeps_raw_cosines_better_than_centred_pca():
+    from scipy.stats import spearmanr
+
+    x = _data(n=200, d=300) + 3.0  # a large common mean: the case where centring hurts
+    exact = cosine_matrix(x.double().numpy())[np.triu_indices(200, 1)]
+    scores = {}
+    for center in (False, True):
+        y = _fit(x, dim=8, center=center)(x)[0].numpy()
+        scores[center] = spearmanr(exact, (y @ y.T)[np.triu_indices(200, 1)])[0]
+    assert scores[False] > scores[True] + 0.1, scores
+
+
+def test_correlation_subtracts_each_vectors_own_mean():
+    x = _data()
+    y = _fit(x, dim=64, similarity="correlation")(x)[0].numpy()
+    np.testing.assert_allclose(y @ y.T, np.corrcoef(x.double().numpy()), atol=1e-5)
+
+
+def test_auto_dim_keeps_the_requested_energy():
+    x = _data(n=100, d=50)
+    reducer = _fit(x, dim=None, energy=0.9)
+    spectrum = np.sort(np.linalg.svd(x.double().numpy(), compute_uv=False) ** 2)[::-1]
+    cum = np.cumsum(spectrum) / spectrum.sum()
+    assert reducer.dim == int(np.searchsorted(cum, 0.9) + 1)
+    assert reducer.report.energy_kept >= 0.9
+
+
+def test_zero_and_non_finite_rows():
+    x = _data()
+    reducer = _fit(x, dim=16)
+    bad = x[:3].clone()
+    bad[0] = 0
+    bad[1, 5] = float("nan")
+    vecs, norms, finite = reducer(bad)
+    assert finite.tolist() == [True, False, True]
+    assert torch.count_nonzero(vecs[0]) == 0 and norms[0] == 0
+    assert torch.isfinite(vecs).all()
+
+
+def test_save_and_load_give_the_same_vectors(tmp_path):
+    x = _data()
+    reducer = _fit(x, dim=10, center=True)
+    reducer.save(tmp_path)
+    again = LayerReducer.load("l", reducer.describe(), tmp_path)
+    torch.testing.assert_close(again(x)[0], reducer(x)[0])
+
+
+def test_count_sketch_is_unbiased_with_bounded_error():
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(size=(2, 20_000)), dtype=torch.float32)
+    exact = float(x[0] @ x[1])
+    estimates = []
+    for seed in range(200):
+        s = CountSketch(20_000, 512, seed)(x)
+        estimates.append(float(s[0] @ s[1]))
+    estimates = np.array(estimates)
+    bound = np.sqrt(2 / 512) * float(x[0].norm() * x[1].norm())  # std bound of one estimate
+    assert abs(estimates.mean() - exact) < 4 * bound / np.sqrt(len(estimates))
+    assert estimates.std() <= bound
+
+
+def test_reducer_config_and_dim_parsing_errors():
+    assert parse_dims("a=8,16", ["a", "b"]) == {"a": 8, "b": 16}
+    assert parse_dims("auto", ["a"]) == {"a": None}
+    with pytest.raises(UnknownLayerError):
+        parse_dims("c=8", ["a", "b"])
+    with pytest.raises(ConfigError):
+        parse_dims("many", ["a"])
+    with pytest.raises(ConfigError):
+        ReducerConfig(pooling="median").validate()

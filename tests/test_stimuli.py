@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vecsim.errors import ImageDecodeError, StimulusSetError
+from vecsim.stimuli import decode_bytes, decode_image, discover
+
+
+def test_folder_is_searched_recursively_in_sorted_order_with_stable_ids(image_set):
+    a = discover(image_set)
+    b = discover(image_set)
+    paths = [s.path for s in a.stimuli]
+    assert paths == sorted(paths)
+    assert len(paths) == 18
+    assert [(s.id, s.path) for s in a.stimuli] == [(s.id, s.path) for s in b.stimuli]
+    assert all(s.label is None for s in a.stimuli)
+
+
+def test_images_are_recognised_by_content_not_extension(image_set):
+    Image.new("RGB", (10, 10), "red").save(image_set / "no_extension", format="PNG")
+    (image_set / "notes.txt").write_text("not an image")
+    (image_set / "fake.jpg").write_text("not a jpeg either")
+    found = discover(image_set)
+    paths = {s.path for s in found.stimuli}
+    assert "no_extension" in paths
+    assert "notes.txt" not in paths
+    assert [f.path for f in found.failures] == ["fake.jpg"]
+    assert "not an image" in found.failures[0].reason
+    assert found.ignored_files == 1
+
+
+def test_labels_from_folders(image_set):
+    found = discover(image_set, labels_from_folders=True)
+    assert {s.label for s in found.stimuli} == {"cat", "dog", "owl"}
+    assert all(s.path.startswith(s.label + "/") for s in found.stimuli)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_manifest_gives_labels_and_extra_columns(image_set, tmp_path, fmt):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    found = discover(image_set)
+    paths = [s.path for s in found.stimuli][:5]
+    table = pa.table({"path": paths, "label": ["x", "y", "x", "y", "x"], "session": [1, 2, 3, 4, 5],
+                      "note": ["a", "b", "c", "d", "e"]})
+    manifest = tmp_path / f"m.{fmt}"
+    (pacsv.write_csv if fmt == "csv" else pq.write_table)(table, manifest)
+    sub = discover(image_set, manifest=manifest)
+    assert [s.path for s in sub.stimuli] == sorted(paths)
+    assert sub.extra_columns == ["session", "note"]
+    first = sub.stimuli[0]
+    row = table.to_pylist()[paths.index(first.path)]
+    assert first.label == row["label"] and first.extra == {"session": row["session"], "note": row["note"]}
+
+
+def test_manifest_errors(image_set, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,x\n")
+    with pytest.raises(StimulusSetError, match="no 'path' column"):
+        discover(image_set, manifest=bad)
+    with pytest.raises(StimulusSetError, match="does not exist"):
+        discover(image_set, manifest=tmp_path / "missing.csv")
+
+
+def test_manifest_row_for_a_missing_file_is_a_failure(image_set, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\ncat/img_00.png,c\ngone.png,g\n")
+    found = discover(image_set, manifest=manifest)
+    assert [s.path for s in found.stimuli] == ["cat/img_00.png"]
+    assert found.failures[0].path == "gone.png" and "does not exist" in found.failures[0].reason
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(StimulusSetError, match="does not exist"):
+        discover(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StimulusSetError, match="no images found"):
+        discover(tmp_path / "empty")
+    with pytest.raises(StimulusSetError, match="unknown built-in"):
+        discover("builtin:cifar")
+
+
+def test_builtin_digits_is_served_as_labelled_images():
+    found = discover("builtin:digits")
+    assert len(found) == 1797
+    assert {s.label for s in found.stimuli} == {str(d) for d in range(10)}
+
+
+def _png_bytes(img: Image.Image, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    data = _png_bytes(Image.fromarray(arr))
+    rgb = np.asarray(decode_bytes(data).image)
+    assert rgb.shape == (1, 3, 3)
+    assert list(rgb[0, :, 0]) == [0, 128, 255]
+
+
+def test_alpha_is_composited_and_exif_rotation_applied():
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 0))
+    out = np.asarray(decode_bytes(_png_bytes(rgba)).image)
+    assert (out == 255).all()  # fully transparent -> white background
+    img = Image.new("RGB", (6, 2), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    decoded = decode_bytes(_png_bytes(img, format="JPEG", exif=exif.tobytes()))
+    assert decoded.image.size == (2, 6)
+    assert (decoded.width, decoded.height) == (6, 2)
+
+
+def test_pixel_limit_and_garbage_are_decode_errors(tmp_path):
+    big = _png_bytes(Image.new("L", (100, 100)))
+    with pytest.raises(ImageDecodeError, match="above the limit"):
+        decode_bytes(big, max_pixels=5000)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_bytes(b"hello")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        decode_image(empty)
+    truncated = tmp_path / "t.jpg"
+    full = _png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), format="JPEG")
+    truncated.write_bytes(full[: len(full) // 2])
+    with pytest.raises(ImageDecodeError):
+        decode_image(truncated)

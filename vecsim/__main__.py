@@ -1,0 +1,3 @@
+from vecsim.cli import main
+
+main()

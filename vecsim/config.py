@@ -1,0 +1,170 @@
+"""The one configuration model of ``vecsim index``, and its precedence.
+
+Precedence: CLI flag (or keyword argument), then config file (JSON or TOML), then the
+defaults below. The resolved config is saved in the store's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vecsim.errors import ConfigError
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class IndexConfig:
+    source: str = _opt(None, "folder of images (searched recursively) or builtin:digits")
+    model: str = _opt(None, "torchvision classification model name, or digits-cnn")
+    layers: list[str] = _opt(None, "module names to hook (see `vecsim layers MODEL`)")
+    out: str = _opt(None, "store folder to create")
+    weights: str | None = _opt(None, "torchvision weight enum name, DEFAULT, or none (default: DEFAULT)")
+    checkpoint: str | None = _opt(None, "local state dict for the named architecture (loaded with weights_only=True)")
+    dim: str = _opt("256", "reduced dims: N, auto, or per layer 'layer=N,...,N'")
+    max_dim: int = _opt(512, "cap for --dim auto")
+    energy: float = _opt(0.99, "second-moment energy kept by --dim auto")
+    similarity: str = _opt("cosine", "cosine (of raw activations) or correlation (Pearson across units)")
+    center: bool = _opt(False, "classic centred PCA instead of the uncentred projection")
+    sketch_dim: int | None = _opt(None, "count-sketch dims before the projection (default: 16384 for layers above 65536 units; 0: never)")
+    sketch_seed: int = _opt(0, "seed of the count sketch")
+    pooling: str = _opt("flatten", "flatten, avg, max or grid:K (or per layer 'layer=avg,...')")
+    train_size: int = _opt(1000, "stimuli in the seeded training sample the projection is fitted on")
+    seed: int = _opt(0, "seed of the training sample")
+    manifest: str | None = _opt(None, "CSV or Parquet with a 'path' column (+ label, metadata columns)")
+    labels_from_folders: bool = _opt(False, "label = top-level sub-folder name")
+    size: int | None = _opt(None, "input side in pixels (resize shorter side + centre crop); overrides the weights' preprocessing")
+    mean: list[float] | None = _opt(None, "normalisation mean R,G,B")
+    std: list[float] | None = _opt(None, "normalisation std R,G,B")
+    device: str = _opt("auto", "auto, cpu or cuda[:N]")
+    batch_size: int = _opt(32, "images per forward pass")
+    workers: int | None = _opt(None, "decoding worker processes (default: cores - 1)")
+    max_pixels: int = _opt(100_000_000, "images with more pixels are rejected before decoding")
+    chunk_size: int = _opt(1024, "stimuli per committed chunk")
+    overwrite: bool = _opt(False, "replace a complete store at --out")
+
+    def validate(self) -> "IndexConfig":
+        for name in ("source", "model", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        if not self.layers:
+            raise ConfigError("--layers is required (comma-separated module names; see `vecsim layers MODEL`)")
+        for name in ("train_size", "batch_size", "chunk_size", "max_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"--{name} needs three numbers R,G,B")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ConfigError("--std values must be positive")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError("--workers must be 0 or more")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # what must match for a run to resume the same store
+    IDENTITY_FIELDS = (
+        "source", "model", "layers", "weights", "checkpoint", "dim", "max_dim", "energy", "similarity", "center",
+        "sketch_dim", "sketch_seed", "pooling", "train_size", "seed", "manifest", "labels_from_folders",
+        "size", "mean", "std", "max_pixels",
+    )
+
+
+def config_fields() -> list:
+    return [f for f in fields(IndexConfig)]
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    data = {k.replace("-", "_"): v for k, v in data.get("index", data).items()}
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown setting(s): {', '.join(unknown)}")
+    return data
+
+
+def resolve(overrides: dict[str, Any], config_file: str | Path | None = None) -> IndexConfig:
+    """Flags (non-None values in ``overrides``) over the config file over the defaults."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("layers"), str):
+        values["layers"] = split_list(values["layers"])
+    if isinstance(values.get("dim"), int):
+        values["dim"] = str(values["dim"])
+    for name in ("mean", "std"):
+        if isinstance(values.get(name), str):
+            values[name] = parse_floats(values[name], name)
+    return IndexConfig(**values).validate()
+
+
+def split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in split_list(text)]
+    except ValueError:
+        raise ConfigError(f"--{name} must be three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def config_json_schema() -> dict:
+    """JSON Schema of :class:`IndexConfig` (checked in under schemas/)."""
+    import typing
+
+    hints = typing.get_type_hints(IndexConfig)
+    props = {}
+    for f in config_fields():
+        props[f.name] = {**_type_schema(hints[f.name]), "description": f.metadata["help"]}
+        if f.default is not MISSING and f.default is not None:
+            props[f.name]["default"] = f.default
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "vecsim index configuration",
+        "type": "object",
+        "properties": props,
+        "required": ["source", "model", "layers", "out"],
+        "additionalProperties": False,
+    }
+
+
+def _type_schema(tp) -> dict:
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [_type_schema(a) for a in args if a is not type(None)]
+        schema = inner[0] if len(inner) == 1 else {"anyOf": inner}
+        return {"anyOf": [schema, {"type": "null"}]} if type(None) in args else schema
+    if typing.get_origin(tp) is list:
+        return {"type": "array", "items": _type_schema(args[0])}
+    return {"type": _JSON_TYPES[tp]}

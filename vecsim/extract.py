@@ -1,0 +1,193 @@
+"""Batched forward passes with scoped hooks.
+
+Every requested layer is captured in the same forward pass. A hook hands the layer's
+output to that layer's function *inside the hook*, because a later in-place operation
+(DenseNet's ``norm → ReLU(inplace=True)``) would otherwise rewrite the tensor we kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from vecsim.errors import DeviceError, ImageDecodeError
+from vecsim.models import Preprocessing, check_layers
+from vecsim.stimuli import DEFAULT_MAX_PIXELS, Failure, decode_image
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' picks CUDA when present; an explicit CUDA request without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device} was requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+def copy_flat(output) -> Any:
+    """The default per-layer function: a float32 copy, flattened per stimulus."""
+    import torch
+
+    return output.detach().flatten(1).to(torch.float32, copy=True)
+
+
+class LayerCapture:
+    """Context manager that hooks ``layers`` and always removes the hooks on exit.
+
+    ``functions[layer]`` runs inside the hook on the layer's output and its result is
+    what :meth:`pop` returns. A module called several times in one forward pass keeps
+    the result of its last call.
+    """
+
+    def __init__(self, model, layers: list[str], functions: dict[str, Callable] | None = None):
+        check_layers(model, layers)
+        self.model = model
+        self.layers = list(layers)
+        self.functions = functions or {}
+        self._handles: list[Any] = []
+        self._results: dict[str, Any] = {}
+
+    def __enter__(self) -> "LayerCapture":
+        modules = dict(self.model.named_modules())
+        try:
+            for layer in self.layers:
+                self._handles.append(modules[layer].register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: str):
+        import torch
+
+        function = self.functions.get(layer, copy_flat)
+
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {layer!r} returns {type(output).__name__}, not a tensor; hook a submodule")
+            self._results[layer] = function(output)
+
+        return hook
+
+    def run(self, batch) -> dict[str, Any]:
+        """One forward pass under inference mode; the per-layer results of this batch."""
+        import torch
+
+        self._results = {}
+        with torch.inference_mode():
+            self.model(batch)
+        missing = [layer for layer in self.layers if layer not in self._results]
+        if missing:
+            raise RuntimeError(f"layer(s) {', '.join(missing)} were not called in the forward pass")
+        results, self._results = self._results, {}
+        return results
+
+
+@dataclass
+class DecodedBatch:
+    ids: list[int]
+    images: Any  # float tensor (B, 3, H, W), or None when every image failed
+    sha256: list[str]
+    sizes: list[tuple[int, int]]
+    failures: list[Failure] = field(default_factory=list)
+
+
+class _DecodeDataset:
+    """Map-style dataset: (id, relative path) → preprocessed tensor or a failure."""
+
+    def __init__(self, root: Path, items: list[tuple[int, str]], preprocessing: Preprocessing, max_pixels: int):
+        self.root, self.items, self.preprocessing, self.max_pixels = root, items, preprocessing, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        stim_id, rel = self.items[index]
+        try:
+            decoded = decode_image(self.root / rel, self.max_pixels)
+            tensor = self.preprocessing(decoded.image)
+        except ImageDecodeError as exc:
+            return stim_id, rel, None, str(exc)
+        except Exception as exc:  # a transform failing on odd data must not end a long job
+            return stim_id, rel, None, f"{type(exc).__name__}: {exc}"
+        return stim_id, rel, tensor, (decoded.sha256, decoded.width, decoded.height)
+
+
+def _collate(samples) -> DecodedBatch:
+    import torch
+
+    ids, tensors, shas, sizes, failures = [], [], [], [], []
+    for stim_id, rel, tensor, info in samples:
+        if tensor is None:
+            failures.append(Failure(stim_id, rel, "decode", info))
+            continue
+        ids.append(stim_id)
+        tensors.append(tensor)
+        shas.append(info[0])
+        sizes.append((info[1], info[2]))
+    images = torch.stack(tensors) if tensors else None
+    return DecodedBatch(ids, images, shas, sizes, failures)
+
+
+def default_workers() -> int:
+    """Decoding workers: one fewer than the cores (the forward pass needs the rest), at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def iter_decoded(
+    root: Path,
+    items: list[tuple[int, str]],
+    preprocessing: Preprocessing,
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    boundaries: Iterable[int] = (),
+) -> Iterator[DecodedBatch]:
+    """Decode and preprocess ``items`` in a DataLoader with worker processes, in order.
+
+    No batch straddles a position in ``boundaries`` (the pipeline's two passes share
+    one loader, so its workers start once and keep decoding across the switch).
+    """
+    import sys
+
+    from torch.utils.data import DataLoader
+
+    workers = default_workers() if workers is None else workers
+    if not items:
+        return iter(())
+    cuts = sorted({0, len(items), *(b for b in boundaries if 0 < b < len(items))})
+    batches = [
+        list(range(start, min(start + batch_size, stop)))
+        for lo, stop in zip(cuts, cuts[1:])
+        for start in range(lo, stop, batch_size)
+    ]
+    # forking a process that has started lancedb's runtime is unsafe: use a clean server then
+    context = "forkserver" if workers and "lancedb" in sys.modules else None
+    loader = DataLoader(
+        _DecodeDataset(root, items, preprocessing, max_pixels),  # type: ignore[arg-type]
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context=context,
+    )
+    return iter(loader)
+
+
+def batched(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,304 @@
+"""Load a model (torchvision name + weights, the shipped digits CNN, or a checkpoint),
+its preprocessing, and the names and shapes of its hookable layers."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vecsim.errors import CheckpointError, UnknownLayerError, UnknownModelError, UnknownWeightsError, close_matches
+
+DIGITS_MODEL = "digits-cnn"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Shorter side resized to ``resize``, centre crop ``crop``, scaled to [0,1], normalised."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __call__(self, rgb_image):
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        mode = InterpolationMode(self.interpolation)
+        img = F.resize(rgb_image, self.resize, interpolation=mode, antialias=True)
+        img = F.center_crop(img, [self.crop, self.crop])
+        tensor = F.pil_to_tensor(img).to(torch.float32).div_(255.0)
+        return F.normalize(tensor, list(self.mean), list(self.std))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
+
+
+@dataclass
+class LoadedModel:
+    module: Any  # torch.nn.Module in eval mode
+    preprocessing: Preprocessing
+    name: str
+    weights: str | None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    num_classes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "num_classes": self.num_classes,
+            "init_seed": INIT_SEED if self.weights is None and self.checkpoint is None else None,
+        }
+
+
+def available_models() -> list[str]:
+    import torchvision
+
+    return [DIGITS_MODEL, *sorted(torchvision.models.list_models(module=torchvision.models))]
+
+
+def load_model(
+    name: str,
+    weights: str | None = None,
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> LoadedModel:
+    """Build a model in eval mode with its preprocessing.
+
+    ``weights``: a torchvision weight enum member name (``IMAGENET1K_V1``, or the full
+    ``ResNet18_Weights.IMAGENET1K_V1``), ``DEFAULT``, or ``none``; ``None`` means
+    ``DEFAULT`` (the shipped weights for the digits CNN). A checkpoint (a state dict for
+    the named architecture) replaces the weights. ``size``/``mean``/``std`` override the
+    weights' preprocessing.
+    """
+    if checkpoint is not None and weights not in (None, "none", "None"):
+        raise UnknownWeightsError("give either --weights or --checkpoint, not both")
+    if name == DIGITS_MODEL:
+        loaded = _load_digits(weights, checkpoint)
+    else:
+        loaded = _load_torchvision(name, weights, checkpoint)
+    loaded.preprocessing = _override_preprocessing(loaded.preprocessing, size, mean, std)
+    loaded.module.eval()
+    return loaded
+
+
+def _override_preprocessing(pre: Preprocessing, size, mean, std) -> Preprocessing:
+    if size is not None:
+        if size < 8:
+            raise UnknownWeightsError(f"--size {size} is too small; give the input side in pixels, e.g. 224")
+        pre = Preprocessing(size, size, pre.mean, pre.std, pre.interpolation)
+    if mean is not None:
+        pre = Preprocessing(pre.resize, pre.crop, tuple(mean), pre.std, pre.interpolation)
+    if std is not None:
+        pre = Preprocessing(pre.resize, pre.crop, pre.mean, tuple(std), pre.interpolation)
+    return pre
+
+
+def _load_digits(weights, checkpoint) -> LoadedModel:
+    from vecsim import digits
+
+    pre = Preprocessing(digits.DIGITS_INPUT_SIZE, digits.DIGITS_INPUT_SIZE, digits.DIGITS_MEAN, digits.DIGITS_STD)
+    if checkpoint is not None:
+        state, sha = read_checkpoint(checkpoint)
+        num_classes = _classes_from_state(state, "classifier.weight", 10)
+        module = digits.DigitsCNN(num_classes=num_classes)
+        _load_state(module, state, checkpoint)
+        return LoadedModel(module, pre, DIGITS_MODEL, None, str(checkpoint), sha, num_classes)
+    key = (weights or "DEFAULT")
+    if key.lower() == "none":
+        return LoadedModel(seeded_init(digits.DigitsCNN), pre, DIGITS_MODEL, None, num_classes=10)
+    if key not in ("DEFAULT", "shipped"):
+        raise UnknownWeightsError(f"the digits CNN has weights DEFAULT (shipped) or none, not {weights!r}")
+    return LoadedModel(digits.load_digits_cnn(pretrained=True), pre, DIGITS_MODEL, "DEFAULT", num_classes=10)
+
+
+INIT_SEED = 0
+
+
+def seeded_init(factory):
+    """A randomly initialised model that is the same every time (seed INIT_SEED), without
+    touching the caller's global RNG: random-weight baselines must be reproducible."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return factory()
+
+
+def _builder(name: str):
+    import torchvision
+    from torchvision.models import get_model_builder
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise UnknownModelError(
+            f"unknown model {name!r}{close_matches(name, [DIGITS_MODEL, *known])} "
+            "(vecsim takes torchvision classification models and digits-cnn)"
+        )
+    return get_model_builder(name)
+
+
+def _weights_enum(name: str, weights: str):
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    member = weights.split(".", 1)[1] if "." in weights else weights
+    if member not in enum.__members__:
+        raise UnknownWeightsError(
+            f"unknown weights {weights!r} for {name}; choose one of: "
+            f"{', '.join(enum.__members__)}, none"
+        )
+    return enum[member]
+
+
+def _load_torchvision(name: str, weights: str | None, checkpoint) -> LoadedModel:
+    builder = _builder(name)
+    default_pre = Preprocessing(256, 224)
+    if checkpoint is not None:
+        state, sha = read_checkpoint(checkpoint)
+        probe = builder(weights=None)
+        head = _last_linear_name(probe)
+        num_classes = _classes_from_state(state, f"{head}.weight" if head else "", None)
+        module = builder(weights=None, num_classes=num_classes) if num_classes else probe
+        _load_state(module, state, checkpoint)
+        return LoadedModel(module, default_pre, name, None, str(checkpoint), sha, num_classes)
+    key = weights if weights is not None else "DEFAULT"
+    if key.lower() == "none":
+        return LoadedModel(seeded_init(lambda: builder(weights=None)), default_pre, name, None, num_classes=1000)
+    enum_value = _weights_enum(name, key)
+    try:
+        module = builder(weights=enum_value)
+    except Exception as exc:  # download or cache failures surface here
+        raise UnknownWeightsError(
+            f"could not load {enum_value} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "put the file in the torch hub cache, or pass --checkpoint FILE or --weights none"
+        ) from None
+    transforms = enum_value.transforms()
+    pre = Preprocessing(
+        int(transforms.resize_size[0]), int(transforms.crop_size[0]),
+        tuple(transforms.mean), tuple(transforms.std), transforms.interpolation.value,
+    )
+    num_classes = len(enum_value.meta.get("categories", []) or []) or None
+    return LoadedModel(module, pre, name, str(enum_value), num_classes=num_classes)
+
+
+def read_checkpoint(path) -> tuple[dict, str]:
+    """A state dict from a local file, loaded with ``weights_only=True`` (no pickled code runs)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {path} as a state dict with weights_only=True "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    return state, sha
+
+
+def _last_linear_name(module) -> str | None:
+    import torch.nn as nn
+
+    name = None
+    for n, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
+
+
+def _classes_from_state(state: dict, head_key: str, default):
+    tensor = state.get(head_key)
+    return int(tensor.shape[0]) if tensor is not None and tensor.ndim == 2 else default
+
+
+def _load_state(module, state: dict, path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:3]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {type(module).__name__}: {' '.join(first)[:300]}"
+        ) from None
+
+
+def check_layers(module, layers: list[str]) -> None:
+    """Raise UnknownLayerError naming close matches for any layer the model lacks."""
+    names = [n for n, _ in module.named_modules() if n]
+    known = set(names)
+    for layer in layers:
+        if layer not in known:
+            raise UnknownLayerError(
+                f"unknown layer {layer!r}{close_matches(layer, names)} "
+                "(`vecsim layers MODEL` lists them)"
+            )
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    kind: str
+    shape: tuple[int, ...]  # per stimulus, without the batch dimension
+
+    @property
+    def units(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def layer_shapes(module, size: int, names: list[str] | None = None) -> list[LayerInfo]:
+    """Output shape of every (or the named) module for one ``size``×``size`` input."""
+    import torch
+
+    wanted = set(names) if names is not None else None
+    seen: dict[str, LayerInfo] = {}
+    handles = []
+
+    def make_hook(name, kind):
+        def hook(_mod, _inp, out):
+            if isinstance(out, torch.Tensor):
+                seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]))
+        return hook
+
+    modules = [(n, m) for n, m in module.named_modules() if n and (wanted is None or n in wanted)]
+    try:
+        for n, m in modules:
+            handles.append(m.register_forward_hook(make_hook(n, type(m).__name__)))
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.inference_mode():
+            module(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    order = [n for n, _ in modules]
+    return [seen[n] for n in order if n in seen]

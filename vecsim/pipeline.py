@@ -1,0 +1,343 @@
+"""``index_stimuli``: stimuli → model → extract → reduce → index → store.
+
+Two streaming passes, each image decoded and forwarded once:
+
+1. the seeded training sample; its prepared (pooled, sketched) vectors are held in
+   memory, the projection of every layer is fitted on them and saved, then they are
+   projected and committed;
+2. every other stimulus, reduced inside the hooks and committed in chunks.
+
+The FAISS indexes are built from the committed vectors at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vecsim.config import IndexConfig, resolve
+from vecsim.errors import ConfigError
+from vecsim.stimuli import Failure, StimulusSet
+
+
+@dataclass
+class IndexSummary:
+    store: Path
+    indexed: int
+    failed: int
+    seconds: float
+    layers: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+
+def index_stimuli(config: IndexConfig | None = None, *, config_file: str | None = None, progress: bool = True,
+                  **options: Any) -> IndexSummary:
+    """Index a stimulus set into a new store. Mirrors ``vecsim index``.
+
+    Pass an :class:`IndexConfig`, or its fields as keywords (``source``, ``model``,
+    ``layers``, ``out``, ``dim``...), optionally over a config file.
+    """
+    if config is None:
+        config = resolve(options, config_file)
+    else:
+        config.validate()
+    return _Indexer(config, progress).run()
+
+
+def _per_layer(spec: str, layers: list[str], what: str) -> dict[str, str]:
+    """'value' or 'layer=value,...,value' → value per layer (used for pooling)."""
+    from vecsim.errors import UnknownLayerError, close_matches
+
+    default, per = None, {}
+    for item in (p.strip() for p in spec.split(",") if p.strip()):
+        if "=" in item and not item.startswith("grid:"):
+            name, value = item.rsplit("=", 1)
+            if name not in layers:
+                raise UnknownLayerError(f"--{what} names layer {name!r}, which is not hooked{close_matches(name, layers)}")
+            per[name] = value
+        else:
+            default = item
+    return {layer: per.get(layer, default or "flatten") for layer in layers}
+
+
+class _Indexer:
+    def __init__(self, config: IndexConfig, progress: bool):
+        self.config = config
+        self.progress = progress
+        self.run_id = 1
+
+    # -- setup -------------------------------------------------------------------
+    def run(self) -> IndexSummary:
+        import torch
+
+        from vecsim.extract import resolve_device
+        from vecsim.models import check_layers, layer_shapes, load_model
+        from vecsim.reduce import LayerReducer, ReducerConfig, parse_dims
+        from vecsim.stimuli import discover
+        from vecsim.store import StoreWriter, read_manifest
+
+        cfg = self.config
+        started = time.time()
+        out = Path(cfg.out)
+        if (out / "vecsim.json").is_file() and not cfg.overwrite:
+            from vecsim.errors import StoreExistsError
+
+            status = read_manifest(out).get("status")
+            raise StoreExistsError(
+                f"a {'complete' if status == 'complete' else 'unfinished'} store already exists at {out}; "
+                "pass --overwrite to replace it"
+            )
+        device = resolve_device(cfg.device)
+        stim_set = discover(cfg.source, cfg.manifest, cfg.labels_from_folders)
+        loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std)
+        check_layers(loaded.module, cfg.layers)
+        if len(set(cfg.layers)) != len(cfg.layers):
+            raise ConfigError("--layers lists a layer twice")
+        model = loaded.module.to(device)
+        shapes = {i.name: i.shape for i in layer_shapes(model, loaded.preprocessing.crop, cfg.layers)}
+        dims = parse_dims(cfg.dim, cfg.layers)
+        poolings = _per_layer(cfg.pooling, cfg.layers, "pooling")
+        self.reducers = {
+            layer: LayerReducer(
+                layer, shapes[layer],
+                ReducerConfig(cfg.similarity, cfg.center, dims[layer], cfg.max_dim, cfg.energy,
+                              cfg.sketch_dim, cfg.sketch_seed, poolings[layer]),
+                device,
+            )
+            for layer in cfg.layers
+        }
+        self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
+        self._plan()  # starts the decoding workers before lancedb's runtime exists in this process
+        self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=cfg.overwrite)
+        try:
+            torch.manual_seed(cfg.seed)
+            indexed, failed = self._index_all()
+            seconds = time.time() - started
+            self._finish(indexed, failed, started, seconds)
+        finally:
+            self.writer.close()
+        layers = {layer: r.describe()["fit"] for layer, r in self.reducers.items()}
+        return IndexSummary(out, indexed, failed, seconds, layers)
+
+    def _stimuli_schema(self):
+        from vecsim.store import stimuli_schema
+
+        return stimuli_schema(self.stim_set.extra_schema, self.stim_set.extra_columns)
+
+    def _manifest(self) -> dict:
+        from vecsim.store import FORMAT_VERSION, layer_slug, now, package_versions
+
+        slugs: dict[str, str] = {}
+        for layer in self.config.layers:
+            slug = layer_slug(layer)
+            while slug in slugs.values():
+                slug += "_"
+            slugs[layer] = slug
+        return {
+            "format_version": FORMAT_VERSION,
+            "status": "fitting",
+            "created": now(),
+            "source": {
+                "source": self.config.source,
+                "root": str(self.stim_set.root.resolve()),
+                "manifest": self.stim_set.manifest,
+                "extra_columns": self.stim_set.extra_columns,
+                "candidates": len(self.stim_set) + len(self.stim_set.failures),
+                "ignored_files": self.stim_set.ignored_files,
+            },
+            "model": self.loaded.describe(),
+            "preprocessing": self.loaded.preprocessing.to_dict(),
+            "device": self.device,
+            "config": self.config.to_dict(),
+            "seeds": {"training_sample": self.config.seed, "sketch": self.config.sketch_seed},
+            "layers": {
+                layer: {"slug": slugs[layer], "table": f"vectors_{slugs[layer]}", "reducer": r.describe()}
+                for layer, r in self.reducers.items()
+            },
+            "counts": {"stimuli": 0, "failures": 0},
+            "versions": package_versions(),
+        }
+
+    # -- the two passes ------------------------------------------------------------
+    def _training_ids(self) -> set[int]:
+        ids = np.array([s.id for s in self.stim_set.stimuli], dtype=np.int64)
+        rng = np.random.default_rng(self.config.seed)
+        take = min(self.config.train_size, len(ids))
+        return set(rng.permutation(ids)[:take].tolist())
+
+    def _plan(self) -> None:
+        """Training items first, then the rest, both in id order, through one loader."""
+        from vecsim.extract import iter_decoded
+
+        cfg = self.config
+        train_ids = self._training_ids()
+        self.train_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id in train_ids]
+        self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id not in train_ids]
+        self.by_id = {s.id: s for s in self.stim_set.stimuli}
+        self.loader = iter_decoded(
+            self.stim_set.root, self.train_items + self.rest_items, self.loaded.preprocessing,
+            cfg.batch_size, cfg.workers, cfg.max_pixels, boundaries=(len(self.train_items),),
+        )
+
+    def _index_all(self) -> tuple[int, int]:
+        from tqdm import tqdm
+
+        self.failed = list(self.stim_set.failures)
+        if self.failed:
+            self.writer.add_failures(self.failed, self.run_id)
+        bar = tqdm(total=len(self.stim_set), unit="img", desc="indexing", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            indexed = self._fit_pass(self.train_items, bar)
+            self.writer.save_manifest(status="indexing")
+            indexed += self._stream_pass(self.rest_items, bar)
+        finally:
+            bar.close()
+        return indexed, len(self.failed)
+
+    def _batches(self, items):
+        """The loader's batches covering exactly ``items`` (the next pass)."""
+        remaining = len(items)
+        while remaining > 0:
+            batch = next(self.loader)
+            remaining -= len(batch.ids) + len(batch.failures)
+            yield batch
+
+    def _forward(self, capture, batch, bar):
+        """Forward one decoded batch; returns (kept positions, per-layer results) and records failures."""
+        import torch
+
+        decode_failures = batch.failures
+        self.failed.extend(decode_failures)
+        if decode_failures:
+            self.writer.add_failures(decode_failures, self.run_id)
+        if batch.images is None:
+            bar.update(len(decode_failures))
+            return [], {}
+        images = batch.images.to(self.device, non_blocking=True)
+        results = capture.run(images)
+        finite = torch.ones(len(batch.ids), dtype=torch.bool, device=self.device)
+        layer_failures = []
+        for layer, (_, _, ok) in results.items():
+            for pos in torch.nonzero(~ok).flatten().tolist():
+                layer_failures.append(Failure(batch.ids[pos], self.by_id[batch.ids[pos]].path, "activation",
+                                              "activations contain NaN or Inf", layer))
+            finite &= ok
+        if layer_failures:
+            self.failed.extend(layer_failures)
+            self.writer.add_failures(layer_failures, self.run_id)
+        keep = torch.nonzero(finite).flatten().cpu().tolist()
+        bar.update(len(batch.ids) + len(decode_failures))
+        return keep, results
+
+    def _stimulus_row(self, batch, pos: int) -> dict:
+        stim = self.by_id[batch.ids[pos]]
+        width, height = batch.sizes[pos]
+        return {"id": stim.id, "path": stim.path, "sha256": batch.sha256[pos], "label": stim.label,
+                "width": width, "height": height, **stim.extra}
+
+    def _fit_pass(self, items, bar) -> int:
+        import torch
+
+        from vecsim.extract import LayerCapture
+
+        n = len(items)
+        held = {layer: torch.empty(n, r.dim_in, dtype=torch.float32) for layer, r in self.reducers.items()}
+        norms = {layer: torch.empty(n, dtype=torch.float32) for layer in self.reducers}
+        rows: list[dict] = []
+        functions = {layer: r.prepare for layer, r in self.reducers.items()}
+        with LayerCapture(self.model, self.config.layers, functions) as capture:
+            for batch in self._batches(items):
+                keep, results = self._forward(capture, batch, bar)
+                if not keep:
+                    continue
+                at, idx = len(rows), torch.tensor(keep)
+                for layer, (z, raw_norm, _) in results.items():
+                    held[layer][at : at + len(keep)] = z[idx.to(z.device)].cpu()
+                    norms[layer][at : at + len(keep)] = raw_norm[idx.to(z.device)].cpu()
+                rows.extend(self._stimulus_row(batch, pos) for pos in keep)
+        count = len(rows)
+        if count == 0:
+            from vecsim.errors import StimulusSetError
+
+            raise StimulusSetError("no stimulus of the training sample could be decoded; see the failures table")
+        for layer, reducer in self.reducers.items():
+            report = reducer.fit(held[layer][:count])
+            layer_dir = self.writer.layer_dir(layer)
+            self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
+            np.save(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))
+            self.writer.create_vector_table(layer, reducer.dim)
+        self.writer.save_manifest()
+        ids = np.array([r["id"] for r in rows], dtype=np.int64)
+        for start in range(0, count, self.config.chunk_size):
+            stop = min(start + self.config.chunk_size, count)
+            vectors = {}
+            for layer, reducer in self.reducers.items():
+                z = held[layer][start:stop].to(self.device)
+                vectors[layer] = (ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())
+            self.writer.append(rows[start:stop], vectors, [], self.run_id)
+        del held
+        return count
+
+    def _stream_pass(self, items, bar) -> int:
+        import torch
+
+        from vecsim.extract import LayerCapture
+
+        if not items:
+            return 0
+        functions = dict(self.reducers)  # each reducer is callable: prepare + project in the hook
+        pending_rows: list[dict] = []
+        pending: dict[str, list] = {layer: [] for layer in self.reducers}
+        count = 0
+        with LayerCapture(self.model, self.config.layers, functions) as capture:
+            for batch in self._batches(items):
+                keep, results = self._forward(capture, batch, bar)
+                if not keep:
+                    continue
+                idx = torch.tensor(keep)
+                ids = np.array([batch.ids[p] for p in keep], dtype=np.int64)
+                for layer, (vecs, raw_norm, _) in results.items():
+                    sel = idx.to(vecs.device)
+                    pending[layer].append((ids, vecs[sel].cpu().numpy(), raw_norm[sel].cpu().numpy()))
+                pending_rows.extend(self._stimulus_row(batch, pos) for pos in keep)
+                if len(pending_rows) >= self.config.chunk_size:
+                    count += self._commit(pending_rows, pending)
+        count += self._commit(pending_rows, pending)
+        return count
+
+    def _commit(self, rows: list[dict], pending: dict[str, list]) -> int:
+        if not rows:
+            return 0
+        vectors = {
+            layer: tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
+            for layer, parts in pending.items()
+        }
+        self.writer.append(rows, vectors, [], self.run_id)
+        count = len(rows)
+        rows.clear()
+        for parts in pending.values():
+            parts.clear()
+        return count
+
+    def _finish(self, indexed: int, failed: int, started: float, seconds: float) -> None:
+        from vecsim.store import now, package_versions
+
+        for layer, reducer in self.reducers.items():
+            self.writer.build_index(layer, reducer.dim)
+        self.writer.add_run({
+            "run": self.run_id, "command": "index",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),
+            "finished": now(), "indexed": indexed, "failed": failed, "seconds": seconds,
+            "config": json.dumps(self.config.to_dict()), "versions": json.dumps(package_versions()),
+        })
+        self.writer.save_manifest(status="complete", counts={"stimuli": indexed, "failures": failed})

@@ -1,0 +1,393 @@
+"""The per-layer reducer chain: pool → (row-centre) → sketch → projection → L2 normalise.
+
+The first stages run inside the forward hook on the model's device, so the raw
+activation is dropped as soon as it is reduced. The projection is fitted on a seeded
+training sample and persisted as a FAISS ``LinearTransform`` (``transform.faiss``); the
+sketch is regenerated from its seed.
+
+Why the default projection is *uncentred*: the similarity vecsim preserves is the cosine
+of the raw activation vectors. The top right singular vectors of the raw (uncentred)
+training matrix keep the inner products among the training vectors exactly when all of
+them are kept, and best in the least-squares sense otherwise. Centred PCA (``center``)
+preserves distances to the mean instead, which is a different quantity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vecsim.errors import ConfigError, DimensionMismatchError
+
+SIMILARITIES = ("cosine", "correlation")
+POOLINGS = ("flatten", "avg", "max")  # plus "grid:K"
+DEFAULT_SKETCH_DIM = 16_384
+SKETCH_THRESHOLD = 65_536  # layers with more units than this are sketched unless sketch_dim == 0
+GRAM_BLOCK = 16_384
+
+
+@dataclass(frozen=True)
+class ReducerConfig:
+    """Everything that defines one layer's reduction (recorded in the manifest)."""
+
+    similarity: str = "cosine"
+    center: bool = False
+    dim: int | None = 256  # None: 'auto', keep ``energy`` of the second-moment energy
+    max_dim: int = 512
+    energy: float = 0.99
+    sketch_dim: int | None = None  # None: automatic; 0: never
+    sketch_seed: int = 0
+    pooling: str = "flatten"
+
+    def validate(self) -> None:
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(f"unknown similarity {self.similarity!r}; choose cosine or correlation")
+        if self.dim is not None and self.dim < 1:
+            raise ConfigError(f"dim must be at least 1, not {self.dim}")
+        if not 0 < self.energy <= 1:
+            raise ConfigError(f"energy must be in (0, 1], not {self.energy}")
+        if self.sketch_dim is not None and self.sketch_dim < 0:
+            raise ConfigError("sketch dim must be 0 (off) or positive")
+        pooling_grid(self.pooling)
+
+
+def pooling_grid(pooling: str) -> int | None:
+    if pooling in POOLINGS:
+        return None
+    if pooling.startswith("grid:"):
+        try:
+            k = int(pooling[5:])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return k
+    raise ConfigError(f"unknown pooling {pooling!r}; choose flatten, avg, max or grid:K")
+
+
+def pooled_units(shape: tuple[int, ...], pooling: str) -> int:
+    """Units per stimulus after pooling an output of ``shape`` (no batch dim)."""
+    if pooling == "flatten":
+        return math.prod(shape)
+    if len(shape) != 3:
+        raise ConfigError(f"pooling {pooling!r} needs a (C, H, W) output, the layer gives {tuple(shape)}")
+    grid = pooling_grid(pooling)
+    return shape[0] * (grid * grid if grid else 1)
+
+
+class CountSketch:
+    """Seeded count sketch: unit i goes to bucket h(i) with sign s(i).
+
+    Linear, O(units) parameters regenerated from the seed, and unbiased for inner
+    products: E[<Sx, Sy>] = <x, y>, with variance ≤ 2‖x‖²‖y‖²/m.
+    """
+
+    def __init__(self, units: int, dim: int, seed: int, device: str = "cpu"):
+        import torch
+
+        gen = torch.Generator().manual_seed(int(seed))
+        self.units, self.dim, self.seed = int(units), int(dim), int(seed)
+        self.buckets = torch.randint(0, dim, (units,), generator=gen, dtype=torch.int64).to(device)
+        self.signs = (torch.randint(0, 2, (units,), generator=gen, dtype=torch.int8) * 2 - 1).to(
+            device=device, dtype=torch.float32
+        )
+
+    def to(self, device) -> "CountSketch":
+        self.buckets, self.signs = self.buckets.to(device), self.signs.to(device)
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32, device=x.device)
+        return out.index_add_(1, self.buckets, x * self.signs)
+
+    def describe(self) -> dict:
+        return {"kind": "count_sketch", "units": self.units, "dim": self.dim, "seed": self.seed}
+
+
+@dataclass
+class FitReport:
+    n_train: int
+    dim_in: int
+    dim: int
+    rank: int
+    energy_kept: float
+    exact: bool  # the projection keeps every direction of the training sample
+    lossless: bool  # the projection keeps the whole input space (dim == dim_in)
+    spectrum: list[float]
+
+    def to_manifest(self) -> dict:
+        d = asdict(self)
+        d.pop("spectrum")
+        return d
+
+
+class LayerReducer:
+    """One layer's fitted chain. Call :meth:`prepare` in the hook, then :meth:`project`."""
+
+    def __init__(self, layer: str, shape: tuple[int, ...], config: ReducerConfig, device: str = "cpu"):
+        config.validate()
+        self.layer, self.shape, self.config, self.device = layer, tuple(shape), config, device
+        self.units = pooled_units(self.shape, config.pooling)
+        sketch_dim = self.sketch_dim_for(self.units, config.sketch_dim)
+        self.sketch = CountSketch(self.units, sketch_dim, config.sketch_seed, device) if sketch_dim else None
+        self.dim_in = sketch_dim or self.units
+        self.matrix = None  # (k, dim_in) float32 torch tensor once fitted
+        self.bias = None  # (k,) for centred PCA
+        self.report: FitReport | None = None
+
+    @staticmethod
+    def sketch_dim_for(units: int, requested: int | None) -> int:
+        if requested == 0:
+            return 0
+        if requested is None:
+            return DEFAULT_SKETCH_DIM if units > SKETCH_THRESHOLD else 0
+        return requested if requested < units else 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.matrix is not None
+
+    @property
+    def dim(self) -> int:
+        if self.matrix is None:
+            raise RuntimeError(f"reducer of {self.layer} is not fitted")
+        return int(self.matrix.shape[0])
+
+    def to(self, device: str) -> "LayerReducer":
+        self.device = device
+        if self.sketch is not None:
+            self.sketch.to(device)
+        if self.matrix is not None:
+            self.matrix = self.matrix.to(device)
+            self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
+    # -- the hook side ---------------------------------------------------------
+    def prepare(self, output):
+        """Raw layer output (B, ...) → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,))."""
+        import torch
+        import torch.nn.functional as F
+
+        x = output.detach()
+        if self.config.pooling == "avg":
+            x = x.float().mean(dim=(2, 3))
+        elif self.config.pooling == "max":
+            x = x.float().amax(dim=(2, 3))
+        elif self.config.pooling != "flatten":
+            x = F.adaptive_avg_pool2d(x.float(), pooling_grid(self.config.pooling))
+        x = x.flatten(1).to(torch.float32, copy=True)  # copy: the caller may change it in place
+        if x.shape[1] != self.units:
+            raise DimensionMismatchError(f"layer {self.layer} gave {x.shape[1]} units, the reducer expects {self.units}")
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            x[~finite] = 0.0
+        norms = torch.linalg.vector_norm(x, dim=1)
+        if self.config.similarity == "correlation":
+            x -= x.mean(dim=1, keepdim=True)
+        if self.sketch is not None:
+            x = self.sketch(x)
+        return x, norms, finite
+
+    def project(self, z):
+        """(B, dim_in) → (B, k) unit vectors; an all-zero input stays all-zero."""
+        import torch
+
+        y = z @ self.matrix.T
+        if self.bias is not None:
+            y += self.bias
+        norms = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+        return y / torch.clamp(norms, min=1e-30)
+
+    def __call__(self, output):
+        z, norms, finite = self.prepare(output)
+        return self.project(z), norms, finite
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(self, train) -> FitReport:
+        """Fit the projection on the prepared training sample ``train`` (n, dim_in)."""
+        import torch
+
+        z = torch.as_tensor(train, dtype=torch.float32).cpu()
+        n, d = z.shape
+        if d != self.dim_in:
+            raise DimensionMismatchError(f"training sample of {self.layer} has {d} columns, expected {self.dim_in}")
+        if n == 0:
+            raise ConfigError(f"no training stimuli left for layer {self.layer}")
+        mean = z.mean(dim=0) if self.config.center else None
+        if mean is not None:
+            z = z - mean
+        evals, basis = _top_directions(z)
+        rank = int((evals > evals[0] * 1e-9).sum()) if evals.numel() and evals[0] > 0 else 0
+        k = self._choose_dim(evals, max(rank, 1))
+        total = float(evals.clamp(min=0).sum())
+        kept = float(evals[:k].clamp(min=0).sum()) / total if total > 0 else 1.0
+        self.matrix = basis[:, :k].T.contiguous().to(torch.float32)
+        self.bias = None if mean is None else -(self.matrix @ mean)
+        self.to(self.device)
+        self.report = FitReport(
+            n_train=n, dim_in=d, dim=k, rank=rank, energy_kept=kept,
+            exact=k >= rank, lossless=k >= d, spectrum=[float(v) for v in evals.clamp(min=0).tolist()],
+        )
+        return self.report
+
+    def _choose_dim(self, evals, rank: int) -> int:
+        if self.config.dim is not None:
+            return max(1, min(self.config.dim, rank))
+        energy = evals.clamp(min=0).cumsum(0)
+        if float(energy[-1]) <= 0:
+            return 1
+        k = int((energy / energy[-1] < self.config.energy - 1e-12).sum()) + 1
+        return max(1, min(k, self.config.max_dim, rank))
+
+    # -- persistence -------------------------------------------------------------
+    def save(self, directory: Path) -> dict:
+        """Write ``transform.faiss`` (the fitted LinearTransform) atomically; returns its description."""
+        import faiss
+        import numpy as np
+
+        directory.mkdir(parents=True, exist_ok=True)
+        matrix = np.ascontiguousarray(self.matrix.cpu().numpy(), dtype=np.float32)
+        transform = faiss.LinearTransform(self.dim_in, matrix.shape[0], self.bias is not None)
+        faiss.copy_array_to_vector(matrix.ravel(), transform.A)
+        bias = self.bias.cpu().numpy() if self.bias is not None else np.zeros(matrix.shape[0], np.float32)
+        faiss.copy_array_to_vector(np.ascontiguousarray(bias, dtype=np.float32), transform.b)
+        transform.is_trained = True
+        target = directory / "transform.faiss"
+        tmp = target.with_suffix(".faiss.tmp")
+        faiss.write_VectorTransform(transform, str(tmp))
+        _fsync_replace(tmp, target)
+        return self.describe()
+
+    def describe(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "units": self.units,
+            "config": asdict(self.config),
+            "sketch": self.sketch.describe() if self.sketch is not None else None,
+            "dim_in": self.dim_in,
+            "fit": self.report.to_manifest() if self.report else None,
+        }
+
+    @classmethod
+    def load(cls, layer: str, description: dict, directory: Path, device: str = "cpu") -> "LayerReducer":
+        import faiss
+        import numpy as np
+        import torch
+
+        config = ReducerConfig(**description["config"])
+        reducer = cls(layer, tuple(description["shape"]), config, device="cpu")
+        path = directory / "transform.faiss"
+        try:
+            raw = faiss.read_VectorTransform(str(path))  # keep: the downcast view does not own it
+            transform = faiss.downcast_VectorTransform(raw)
+        except Exception as exc:
+            from vecsim.errors import StoreError
+
+            raise StoreError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        k, d = transform.d_out, transform.d_in
+        if d != reducer.dim_in:
+            raise DimensionMismatchError(f"{path} maps {d} dims, the manifest says {reducer.dim_in}")
+        reducer.matrix = torch.from_numpy(faiss.vector_to_array(transform.A).reshape(k, d).copy())
+        if transform.have_bias:
+            reducer.bias = torch.from_numpy(faiss.vector_to_array(transform.b).copy())
+        fit = description.get("fit")
+        if fit:
+            reducer.report = FitReport(**fit, spectrum=[])
+        return reducer.to(device)
+
+
+def _top_directions(z):
+    """Eigenvalues (descending) of zᵀz and its eigenvectors as (dim_in, r) columns.
+
+    With fewer rows than columns the n×n Gram matrix is decomposed instead of the d×d
+    second-moment matrix (the cost that makes FAISS PCAMatrix impractical on huge
+    layers); both are accumulated in float64.
+    """
+    import torch
+
+    n, d = z.shape
+    if n <= d:
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for start in range(0, d, GRAM_BLOCK):
+            block = z[:, start : start + GRAM_BLOCK].to(torch.float64)
+            gram += block @ block.T
+        evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        evecs = _fix_signs(evecs)
+        positive = evals > 0
+        scale = torch.zeros_like(evals)
+        scale[positive] = evals[positive].rsqrt()
+        basis = torch.zeros(d, n, dtype=torch.float32)
+        weights = (evecs * scale).to(torch.float32)
+        for start in range(0, d, GRAM_BLOCK):
+            basis[start : start + GRAM_BLOCK] = z[:, start : start + GRAM_BLOCK].T @ weights
+        return evals, basis
+    second = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, n, GRAM_BLOCK):
+        block = z[start : start + GRAM_BLOCK].to(torch.float64)
+        second += block.T @ block
+    evals, evecs = torch.linalg.eigh(second)
+    evals, evecs = evals.flip(0), _fix_signs(evecs.flip(1))
+    return evals, evecs.to(torch.float32)
+
+
+def _fix_signs(vectors):
+    """Make each column's largest-magnitude entry positive, so fits are reproducible."""
+    import torch
+
+    idx = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1])])
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+def _fsync_replace(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def parse_dims(spec: str | int | None, layers: list[str]) -> dict[str, int | None]:
+    """'256', 'auto', or 'layer=N,...[,N]' → per-layer dim (None = auto)."""
+    if spec is None:
+        return {layer: 256 for layer in layers}
+    if isinstance(spec, int):
+        return {layer: spec for layer in layers}
+    default: int | None = 256
+    per_layer: dict[str, int | None] = {}
+    for item in str(spec).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" in item:
+            name, value = item.rsplit("=", 1)
+            if name.strip() not in layers:
+                from vecsim.errors import UnknownLayerError, close_matches
+
+                raise UnknownLayerError(f"--dim names layer {name.strip()!r}, which is not hooked{close_matches(name.strip(), layers)}")
+            per_layer[name.strip()] = _parse_dim_value(value)
+        else:
+            default = _parse_dim_value(item)
+    return {layer: per_layer.get(layer, default) for layer in layers}
+
+
+def _parse_dim_value(value: str) -> int | None:
+    value = value.strip().lower()
+    if value == "auto":
+        return None
+    try:
+        dim = int(value)
+    except ValueError:
+        raise ConfigError(f"--dim value {value!r} is not a number or 'auto'") from None
+    if dim < 1:
+        raise ConfigError(f"--dim must be at least 1, not {dim}")
+    return dim
+
+
+def describe_json(description: dict) -> str:
+    return json.dumps(description, sort_keys=True)

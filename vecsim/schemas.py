@@ -1,0 +1,181 @@
+"""The store's contract in checked-in form: Arrow schemas of the tables, JSON Schemas of
+the manifest and of the index configuration.
+
+Regenerate with ``python -m vecsim.schemas`` (writes ``schemas/``); a test fails when
+the checked-in files drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from vecsim.config import config_json_schema
+from vecsim.store import FORMAT_VERSION, STATUSES
+
+_NUM = {"type": "number"}
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_NULLABLE_STR = {"type": ["string", "null"]}
+
+REDUCER_SCHEMA = {
+    "type": "object",
+    "required": ["shape", "units", "config", "sketch", "dim_in", "fit"],
+    "properties": {
+        "shape": {"type": "array", "items": _INT, "description": "layer output per stimulus (no batch dim)"},
+        "units": {**_INT, "description": "units after pooling: the raw vector whose cosine is preserved"},
+        "config": {
+            "type": "object",
+            "required": ["similarity", "center", "dim", "max_dim", "energy", "sketch_dim", "sketch_seed", "pooling"],
+            "properties": {
+                "similarity": {"enum": ["cosine", "correlation"]},
+                "center": {"type": "boolean"},
+                "dim": {"type": ["integer", "null"], "description": "requested dim; null = auto"},
+                "max_dim": _INT,
+                "energy": _NUM,
+                "sketch_dim": {"type": ["integer", "null"]},
+                "sketch_seed": _INT,
+                "pooling": _STR,
+            },
+        },
+        "sketch": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["kind", "units", "dim", "seed"],
+                    "properties": {"kind": {"const": "count_sketch"}, "units": _INT, "dim": _INT, "seed": _INT},
+                },
+            ]
+        },
+        "dim_in": {**_INT, "description": "input dims of the projection (sketch dim, or units)"},
+        "fit": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["n_train", "dim_in", "dim", "rank", "energy_kept", "exact", "lossless"],
+                    "properties": {
+                        "n_train": _INT, "dim_in": _INT, "dim": _INT, "rank": _INT, "energy_kept": _NUM,
+                        "exact": {"type": "boolean", "description": "every direction of the training sample is kept"},
+                        "lossless": {"type": "boolean", "description": "the projection keeps the whole input space"},
+                    },
+                },
+            ]
+        },
+    },
+}
+
+MANIFEST_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "vecsim store manifest (vecsim.json)",
+    "type": "object",
+    "required": [
+        "format_version", "status", "created", "source", "model", "preprocessing", "device", "config",
+        "seeds", "layers", "counts", "versions",
+    ],
+    "properties": {
+        "format_version": {"type": "integer", "maximum": FORMAT_VERSION},
+        "status": {"enum": list(STATUSES)},
+        "created": _STR,
+        "updated": _STR,
+        "source": {
+            "type": "object",
+            "required": ["source", "root", "manifest", "extra_columns", "candidates", "ignored_files"],
+            "properties": {
+                "source": _STR, "root": _STR, "manifest": _NULLABLE_STR,
+                "extra_columns": {"type": "array", "items": _STR}, "candidates": _INT, "ignored_files": _INT,
+            },
+        },
+        "model": {
+            "type": "object",
+            "required": ["name", "weights", "checkpoint", "checkpoint_sha256", "num_classes", "init_seed"],
+            "properties": {
+                "name": _STR, "weights": _NULLABLE_STR, "checkpoint": _NULLABLE_STR,
+                "checkpoint_sha256": _NULLABLE_STR, "num_classes": {"type": ["integer", "null"]},
+                "init_seed": {"type": ["integer", "null"], "description": "seed of a random initialisation (weights none)"},
+            },
+        },
+        "preprocessing": {
+            "type": "object",
+            "required": ["resize", "crop", "mean", "std", "interpolation"],
+            "properties": {
+                "resize": _INT, "crop": _INT, "interpolation": _STR,
+                "mean": {"type": "array", "items": _NUM, "minItems": 3, "maxItems": 3},
+                "std": {"type": "array", "items": _NUM, "minItems": 3, "maxItems": 3},
+            },
+        },
+        "device": _STR,
+        "config": {"$ref": "vecsim.config.schema.json"},
+        "seeds": {"type": "object", "additionalProperties": _INT},
+        "layers": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["slug", "table", "reducer"],
+                "properties": {
+                    "slug": _STR,
+                    "table": _STR,
+                    "reducer": REDUCER_SCHEMA,
+                    "index": {
+                        "type": "object",
+                        "properties": {"kind": _STR, "metric": _STR, "ntotal": _INT},
+                    },
+                },
+            },
+        },
+        "counts": {
+            "type": "object",
+            "required": ["stimuli", "failures"],
+            "properties": {"stimuli": _INT, "failures": _INT},
+        },
+        "versions": {"type": "object", "additionalProperties": _STR},
+    },
+}
+
+
+def arrow_schemas() -> dict[str, str]:
+    """Readable Arrow schemas of the fixed LanceDB tables (vectors shown for dim 256)."""
+    from vecsim.store import failures_schema, runs_schema, stimuli_schema, vectors_schema
+
+    return {
+        "stimuli": stimuli_schema(),
+        "vectors_LAYER (dim 256)": vectors_schema(256),
+        "failures": failures_schema(),
+        "runs": runs_schema(),
+    }
+
+
+def generate() -> dict[str, str]:
+    """File name → content of everything under ``schemas/``."""
+    tables = arrow_schemas()
+    arrow_text = "".join(
+        f"# table: {name}\n{schema.to_string(show_schema_metadata=False)}\n\n" for name, schema in tables.items()
+    )
+    note = (
+        "# Arrow schemas of the LanceDB tables in STORE/lance/ (generated by `python -m vecsim.schemas`).\n"
+        "# stimuli: manifest columns other than path/label follow the six fixed columns, with the manifest's types.\n"
+        "# vectors_<layer>: one table per layer; the vector width is the layer's reduced dim.\n\n"
+    )
+    return {
+        "tables.arrow.txt": note + arrow_text,
+        "manifest.schema.json": json.dumps(MANIFEST_SCHEMA, indent=2) + "\n",
+        "vecsim.config.schema.json": json.dumps(config_json_schema(), indent=2) + "\n",
+    }
+
+
+def write(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in generate().items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "schemas"
+    for p in write(target):
+        print(p)

@@ -1,0 +1,295 @@
+"""Find stimuli, give them stable ids and labels, and decode them safely.
+
+A stimulus set is a folder searched recursively (or ``builtin:digits``). Images are
+recognised by their content, not their extension; files that look like images by name
+but cannot be identified are recorded as failures, other files are ignored. Ids are
+positions in the sorted list of candidate paths, so the same folder always gets the
+same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vecsim.errors import ImageDecodeError, StimulusSetError
+
+BUILTIN_SETS = ("builtin:digits",)
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+    ".pbm", ".jfif", ".ico", ".tga",
+}
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+
+
+@dataclass(frozen=True)
+class Stimulus:
+    """One candidate stimulus: its id, path relative to the set root, and label/metadata."""
+
+    id: int
+    path: str
+    label: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A stimulus that could not be used, and why (recorded, never fatal)."""
+
+    id: int | None
+    path: str
+    stage: str
+    reason: str
+    layer: str | None = None
+
+
+@dataclass
+class StimulusSet:
+    """The ordered stimuli of one source, with what was excluded while finding them."""
+
+    source: str
+    root: Path
+    stimuli: list[Stimulus]
+    failures: list[Failure]
+    extra_columns: list[str]
+    ignored_files: int = 0
+    manifest: str | None = None
+    extra_schema: Any = None  # Arrow schema of the manifest, for the extra columns' types
+
+    def __len__(self) -> int:
+        return len(self.stimuli)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(s.label is not None for s in self.stimuli)
+
+
+def discover(
+    source: str | os.PathLike,
+    manifest: str | os.PathLike | None = None,
+    labels_from_folders: bool = False,
+) -> StimulusSet:
+    """Build the stimulus set of a folder or built-in source.
+
+    With a manifest (CSV or Parquet with a ``path`` column, optional ``label`` and any
+    other columns), the set is the manifest's rows; otherwise every image under the
+    folder. Raises StimulusSetError for a missing or empty source.
+    """
+    source_str = str(source)
+    if source_str.startswith("builtin:"):
+        root, labels_from_folders = _builtin_root(source_str), True
+    else:
+        root = Path(source_str).expanduser()
+        if not root.exists():
+            raise StimulusSetError(f"stimulus folder {root} does not exist")
+        if not root.is_dir():
+            raise StimulusSetError(f"{root} is not a folder; give the folder that holds the images")
+    if manifest is not None:
+        stim_set = _from_manifest(root, Path(manifest))
+    else:
+        stim_set = _from_folder(root, labels_from_folders)
+    stim_set.source = source_str
+    if not stim_set.stimuli:
+        detail = f" ({len(stim_set.failures)} files could not be read)" if stim_set.failures else ""
+        raise StimulusSetError(f"no images found in {root}{detail}")
+    return stim_set
+
+
+def _builtin_root(source: str) -> Path:
+    if source != "builtin:digits":
+        raise StimulusSetError(f"unknown built-in set {source!r}; choose one of: {', '.join(BUILTIN_SETS)}")
+    from vecsim.digits import materialize_digits
+
+    return materialize_digits()
+
+
+def _walk_files(root: Path) -> list[str]:
+    """Relative POSIX paths of regular files and file symlinks, hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            found.append(full.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def sniff_image(path: Path) -> tuple[str, int, int]:
+    """Identify an image from its header alone: (format, width, height). Raises ImageDecodeError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return str(img.format), int(img.width), int(img.height)
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (content not recognised)") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # ELOOP, EACCES, broken headers
+        raise ImageDecodeError(_short_reason(exc)) from None
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _from_folder(root: Path, labels_from_folders: bool) -> StimulusSet:
+    stimuli, failures, ignored = [], [], 0
+    next_id = 0
+    for rel in _walk_files(root):
+        try:
+            sniff_image(root / rel)
+        except ImageDecodeError as exc:
+            if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+                failures.append(Failure(next_id, rel, "discover", str(exc)))
+                next_id += 1
+            else:
+                ignored += 1
+            continue
+        label = rel.split("/", 1)[0] if labels_from_folders and "/" in rel else None
+        stimuli.append(Stimulus(next_id, rel, label))
+        next_id += 1
+    return StimulusSet("", root, stimuli, failures, [], ignored)
+
+
+def read_manifest_table(path: Path):
+    """A manifest file as an Arrow table (CSV or Parquet, by suffix)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise StimulusSetError(f"manifest {path} does not exist")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pq.read_table(path)
+        return pacsv.read_csv(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for bad files
+        raise StimulusSetError(f"cannot read manifest {path}: {_short_reason(exc)}") from None
+
+
+RESERVED_COLUMNS = {"id", "path", "label", "sha256", "width", "height"}
+
+
+def _from_manifest(root: Path, manifest: Path) -> StimulusSet:
+    table = read_manifest_table(manifest)
+    if "path" not in table.column_names:
+        raise StimulusSetError(
+            f"manifest {manifest} has no 'path' column (columns: {', '.join(table.column_names)})"
+        )
+    clashing = sorted(RESERVED_COLUMNS & set(table.column_names) - {"path", "label"})
+    if clashing:
+        raise StimulusSetError(f"manifest column(s) {', '.join(clashing)} are reserved by vecsim; rename them")
+    extra_columns = [c for c in table.column_names if c not in ("path", "label")]
+    rows = table.to_pylist()
+    seen: set[str] = set()
+    by_path = {}
+    for row in rows:
+        rel = Path(str(row["path"])).as_posix().lstrip("./") if row["path"] is not None else ""
+        if not rel or rel in seen:
+            raise StimulusSetError(f"manifest {manifest} has an empty or duplicate path: {row['path']!r}")
+        seen.add(rel)
+        by_path[rel] = row
+    stimuli, failures = [], []
+    for next_id, rel in enumerate(sorted(by_path)):
+        row = by_path[rel]
+        try:
+            sniff_image(root / rel)
+        except ImageDecodeError as exc:
+            reason = "file listed in the manifest does not exist" if not (root / rel).exists() else str(exc)
+            failures.append(Failure(next_id, rel, "discover", reason))
+            continue
+        label = row.get("label")
+        extra = {c: row.get(c) for c in extra_columns}
+        stimuli.append(Stimulus(next_id, rel, None if label is None else str(label), extra))
+    return StimulusSet(
+        "", root, stimuli, failures, extra_columns, manifest=str(manifest), extra_schema=table.schema
+    )
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    sha256: str
+    width: int
+    height: int
+    image: Any  # PIL.Image in RGB
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Read, hash and decode one image to RGB, or raise ImageDecodeError with the reason.
+
+    EXIF rotation is applied; 16-bit images are scaled to 8 bits (not clipped); alpha is
+    composited on white; an animated image gives its first frame. Images above
+    ``max_pixels`` are rejected from the header, before any pixel is decoded.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(_short_reason(exc)) from None
+    if not data:
+        raise ImageDecodeError("empty file")
+    return decode_bytes(data, max_pixels)
+
+
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if max_pixels and width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                    f"{max_pixels:,} (raise --max-pixels to accept it)"
+                )
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (content not recognised)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(_short_reason(exc)) from None
+    return DecodedImage(sha, width, height, rgb)
+
+
+def to_rgb(img):
+    """Convert any PIL mode to RGB without clipping high-bit-depth data."""
+    from PIL import Image
+    import numpy as np
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(arr.max(initial=0)), 1.0)
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, DEFAULT_BACKGROUND)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img

@@ -1,0 +1,468 @@
+"""The store: manifest, LanceDB tables, FAISS and transform files. The only module that imports lancedb.
+
+Layout::
+
+    STORE/
+      vecsim.json            manifest (format version, status, model, layers, reducers, versions)
+      lance/                 stimuli, vectors_<layer>, failures, runs
+      layers/<layer>/        transform.faiss, index.faiss, spectrum.npy
+
+The stimuli table is the commit record: a stimulus counts as indexed when its row is
+there, and its vectors are always written before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from vecsim.errors import StoreError, StoreExistsError, StoreLockedError, UnknownLayerError, close_matches
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "vecsim.json"
+STATUSES = ("fitting", "indexing", "complete")
+
+
+def _lancedb():
+    os.environ.setdefault("LANCEDB_LOG", "error")  # silence "No existing dataset ... will be created"
+    import lancedb
+
+    return lancedb
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("vecsim", "torch", "torchvision", "numpy", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "lancedb", "pyarrow", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return versions
+
+
+def layer_slug(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", layer).strip("_") or "layer"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = Path(path) / MANIFEST_NAME
+    if not Path(path).exists():
+        raise StoreError(f"no store at {path}")
+    if not manifest_path.is_file():
+        raise StoreError(f"{path} is not a vecsim store (no {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{manifest_path} is damaged ({exc.__class__.__name__}: {exc}); it is not valid JSON") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise StoreError(f"{manifest_path} is not a vecsim manifest (no format_version)")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer vecsim (store format {version}, this vecsim reads up to "
+            f"{FORMAT_VERSION}); upgrade vecsim to open it"
+        )
+    return manifest
+
+
+# -- schemas ---------------------------------------------------------------------
+
+def stimuli_schema(extra: "pa.Schema | None" = None, extra_columns: Iterable[str] = ()):
+    import pyarrow as pa
+
+    fields = [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ]
+    for name in extra_columns:
+        kind = extra.field(name).type if extra is not None else pa.string()
+        if pa.types.is_null(kind):
+            kind = pa.string()
+        fields.append(pa.field(name, kind))
+    return pa.schema(fields)
+
+
+def vectors_schema(dim: int):
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), int(dim)), nullable=False),
+        pa.field("raw_norm", pa.float32(), nullable=False),
+    ])
+
+
+def failures_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("id", pa.int64()),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("layer", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("run", pa.int64(), nullable=False),
+    ])
+
+
+def runs_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("run", pa.int64(), nullable=False),
+        pa.field("command", pa.string(), nullable=False),
+        pa.field("started", pa.string(), nullable=False),
+        pa.field("finished", pa.string()),
+        pa.field("indexed", pa.int64(), nullable=False),
+        pa.field("failed", pa.int64(), nullable=False),
+        pa.field("seconds", pa.float64()),
+        pa.field("config", pa.string(), nullable=False),
+        pa.field("versions", pa.string(), nullable=False),
+    ])
+
+
+# -- reading ---------------------------------------------------------------------
+
+class Store:
+    """A vecsim store opened for reading. ``Store.open(path)``."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._db = None
+        self._indexes: dict[str, Any] = {}
+        self._reducers: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Store":
+        return cls(Path(path), read_manifest(Path(path)))
+
+    # basic facts
+    @property
+    def layers(self) -> list[str]:
+        return list(self.manifest.get("layers", {}))
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.get("status") == "complete"
+
+    def layer_info(self, layer: str) -> dict:
+        try:
+            return self.manifest["layers"][layer]
+        except KeyError:
+            raise UnknownLayerError(
+                f"store has no layer {layer!r}{close_matches(layer, self.layers)}; its layers: {', '.join(self.layers)}"
+            ) from None
+
+    def layer_dir(self, layer: str) -> Path:
+        return self.path / "layers" / self.layer_info(layer)["slug"]
+
+    def dim(self, layer: str) -> int:
+        return int(self.layer_info(layer)["reducer"]["fit"]["dim"])
+
+    # tables
+    @property
+    def db(self):
+        if self._db is None:
+            lance_dir = self.path / "lance"
+            if not lance_dir.is_dir():
+                raise StoreError(f"{self.path} has no lance/ folder; the store is damaged or was never written")
+            self._db = _lancedb().connect(str(lance_dir))
+        return self._db
+
+    def table(self, name: str):
+        try:
+            return self.db.open_table(name)
+        except Exception as exc:
+            raise StoreError(f"{self.path}: table {name!r} cannot be opened ({type(exc).__name__}); run `vecsim verify`") from None
+
+    def _read(self, name: str, columns: list[str] | None = None):
+        query = self.table(name).search()
+        if columns is not None:
+            query = query.select(columns)
+        return query.limit(None).to_arrow()
+
+    def stimuli(self):
+        """All indexed stimuli as an Arrow table, in id order."""
+        table = self._read("stimuli")
+        return table.sort_by("id")
+
+    def failures(self):
+        return self._read("failures")
+
+    def runs(self):
+        return self._read("runs").sort_by("run")
+
+    def vectors(self, layer: str, as_arrow: bool = False):
+        """(ids int64, vectors float32 (n, dim)) in id order, or the Arrow table with ``as_arrow``."""
+        info = self.layer_info(layer)
+        table = self._read(info["table"]).sort_by("id")
+        if as_arrow:
+            return table
+        ids = table.column("id").to_numpy().astype(np.int64, copy=False)
+        flat = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+        vecs = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), self.dim(layer))
+        return ids, vecs
+
+    def raw_norms(self, layer: str):
+        table = self._read(self.layer_info(layer)["table"], ["id", "raw_norm"]).sort_by("id")
+        return table.column("id").to_numpy(), table.column("raw_norm").to_numpy()
+
+    def index(self, layer: str):
+        if layer not in self._indexes:
+            from vecsim.index import load_index
+
+            self._indexes[layer] = load_index(self.layer_dir(layer) / "index.faiss")
+        return self._indexes[layer]
+
+    def reducer(self, layer: str, device: str = "cpu"):
+        key = (layer, device)
+        if key not in self._reducers:
+            from vecsim.reduce import LayerReducer
+
+            info = self.layer_info(layer)
+            self._reducers[key] = LayerReducer.load(layer, info["reducer"], self.layer_dir(layer), device)
+        return self._reducers[key]
+
+    def spectrum(self, layer: str) -> np.ndarray:
+        path = self.layer_dir(layer) / "spectrum.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else np.zeros(0)
+
+    # sizes
+    def info(self) -> dict:
+        """What ``vecsim info`` prints: manifest facts, counts, sizes on disk vs raw."""
+        counts = {"stimuli": self.table("stimuli").count_rows(), "failures": self.table("failures").count_rows()}
+        layers = {}
+        raw_total = 0
+        for layer in self.layers:
+            entry = self.layer_info(layer)
+            red = entry["reducer"]
+            units = int(np.prod(red["shape"]))
+            raw_bytes = units * 4 * counts["stimuli"]
+            raw_total += raw_bytes
+            layer_dir = self.layer_dir(layer)
+            transform_bytes = _size(layer_dir / "transform.faiss")
+            layers[layer] = {
+                "shape": red["shape"],
+                "units": units,
+                "pooling": red["config"]["pooling"],
+                "sketch_dim": red["sketch"]["dim"] if red.get("sketch") else None,
+                "dim": red["fit"]["dim"] if red.get("fit") else None,
+                "similarity": red["config"]["similarity"],
+                "projection": "centred PCA" if red["config"]["center"] else "uncentred",
+                "exact": red["fit"]["exact"] if red.get("fit") else None,
+                "energy_kept": red["fit"]["energy_kept"] if red.get("fit") else None,
+                "n_train": red["fit"]["n_train"] if red.get("fit") else None,
+                "vectors": self.table(entry["table"]).count_rows(),
+                "raw_bytes": raw_bytes,
+                "transform_bytes": transform_bytes,
+                "index": entry.get("index", {}),
+            }
+        total = _size(self.path)
+        transforms = sum(v["transform_bytes"] for v in layers.values())
+        data_bytes = total - transforms
+        return {
+            "path": str(self.path),
+            "format_version": self.manifest["format_version"],
+            "status": self.manifest["status"],
+            "model": self.manifest["model"],
+            "source": self.manifest["source"],
+            "counts": counts,
+            "layers": layers,
+            "bytes": {
+                "store": total,
+                "transforms": transforms,
+                "data": data_bytes,
+                "raw_activations": raw_total,
+                "data_per_stimulus": data_bytes / counts["stimuli"] if counts["stimuli"] else 0.0,
+                "raw_per_stimulus": raw_total / counts["stimuli"] if counts["stimuli"] else 0.0,
+                "ratio": data_bytes / raw_total if raw_total else 0.0,
+            },
+        }
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / name).stat().st_size
+    return total
+
+
+# -- writing ---------------------------------------------------------------------
+
+class StoreWriter:
+    """Creates a store and appends to it in chunks. Holds the store's writer lock."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._lock_fh = None
+        self._db = None
+
+    # lifecycle
+    @classmethod
+    def create(cls, path: Path, manifest: dict, stim_schema, overwrite: bool = False) -> "StoreWriter":
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            if (path / MANIFEST_NAME).is_file():
+                status = read_manifest(path).get("status")
+                if not overwrite:
+                    hint = "" if status == "complete" else " (an unfinished run; resume is not possible with a different configuration)"
+                    raise StoreExistsError(f"a store already exists at {path}{hint}; pass --overwrite to replace it")
+            elif not overwrite:
+                raise StoreExistsError(f"{path} exists and is not an empty folder; choose another --out or pass --overwrite")
+            writer = cls(path, manifest)
+            writer.lock()
+            _clear_folder(path)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            writer = cls(path, manifest)
+            writer.lock()
+        (path / "layers").mkdir(exist_ok=True)
+        db = writer.db
+        db.create_table("stimuli", schema=stim_schema, mode="overwrite")
+        db.create_table("failures", schema=failures_schema(), mode="overwrite")
+        db.create_table("runs", schema=runs_schema(), mode="overwrite")
+        writer.save_manifest()
+        return writer
+
+    def lock(self) -> None:
+        import fcntl
+
+        fh = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise StoreLockedError(f"another vecsim process is writing to {self.path}; wait for it to finish") from None
+        self._lock_fh = fh
+
+    def close(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    @property
+    def db(self):
+        if self._db is None:
+            self._db = _lancedb().connect(str(self.path / "lance"))
+        return self._db
+
+    def save_manifest(self, **updates) -> None:
+        self.manifest.update(updates)
+        self.manifest["updated"] = now()
+        write_json_atomic(self.path / MANIFEST_NAME, self.manifest)
+
+    def layer_dir(self, layer: str) -> Path:
+        d = self.path / "layers" / self.manifest["layers"][layer]["slug"]
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def create_vector_table(self, layer: str, dim: int) -> None:
+        self.db.create_table(self.manifest["layers"][layer]["table"], schema=vectors_schema(dim), mode="overwrite")
+
+    # appends
+    def append(self, stimuli_rows: list[dict], vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+               failures: list, run: int) -> None:
+        """Commit one chunk: vectors of every layer first, then the stimuli rows, then failures."""
+        import pyarrow as pa
+
+        for layer, (ids, vecs, norms) in vectors.items():
+            if len(ids) == 0:
+                continue
+            entry = self.manifest["layers"][layer]
+            dim = vecs.shape[1]
+            flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).ravel())
+            batch = pa.table(
+                {
+                    "id": pa.array(np.asarray(ids, dtype=np.int64)),
+                    "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+                    "raw_norm": pa.array(np.asarray(norms, dtype=np.float32)),
+                },
+                schema=vectors_schema(dim),
+            )
+            self.db.open_table(entry["table"]).add(batch)
+        if stimuli_rows:
+            table = self.db.open_table("stimuli")
+            table.add(pa.Table.from_pylist(stimuli_rows, schema=table.schema))
+        if failures:
+            self.add_failures(failures, run)
+
+    def add_failures(self, failures: list, run: int) -> None:
+        import pyarrow as pa
+
+        rows = [
+            {"id": f.id, "path": f.path, "stage": f.stage, "layer": f.layer, "reason": f.reason, "run": run}
+            for f in failures
+        ]
+        self.db.open_table("failures").add(pa.Table.from_pylist(rows, schema=failures_schema()))
+
+    def add_run(self, row: dict) -> None:
+        import pyarrow as pa
+
+        self.db.open_table("runs").add(pa.Table.from_pylist([row], schema=runs_schema()))
+
+    def build_index(self, layer: str, dim: int, batch_rows: int = 65_536) -> int:
+        """Build the layer's FAISS index from its vectors table (streamed) and save it atomically."""
+        from vecsim.index import add, new_flat_index, save_index
+
+        entry = self.manifest["layers"][layer]
+        index = new_flat_index(dim)
+        query = self.db.open_table(entry["table"]).search().select(["id", "vector"]).limit(None)
+        for batch in query.to_batches(batch_size=batch_rows):
+            ids = batch.column("id").to_numpy()
+            vecs = batch.column("vector").values.to_numpy(zero_copy_only=False).reshape(len(ids), dim)
+            add(index, vecs, ids)
+        save_index(index, self.layer_dir(layer) / "index.faiss")
+        entry["index"] = {"kind": "flat", "metric": "inner_product", "ntotal": int(index.ntotal)}
+        return int(index.ntotal)
+
+
+def _clear_folder(path: Path) -> None:
+    for child in path.iterdir():
+        if child.name == ".lock":
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

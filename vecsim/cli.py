@@ -148,8 +148,8 @@ def format_info(info: dict) -> str:
         )
     lines += [
         "",
-        f"on disk     {human_bytes(b['store'])} ({human_bytes(b['transforms'])} fitted transforms, a fixed cost; "
-        f"{human_bytes(b['data'])} data)",
+        f"on disk     {human_bytes(b['store'])}: {human_bytes(b['data'])} per-stimulus data, plus fixed costs "
+        f"{human_bytes(b['transforms'])} fitted transforms and {human_bytes(b['eval_subset'])} evaluation subset",
         f"raw         {human_bytes(b['raw_activations'])} of float32 activations for these stimuli and layers",
         f"per stimulus {human_bytes(b['data_per_stimulus'])} stored vs {human_bytes(b['raw_per_stimulus'])} raw "
         f"({b['ratio']:.3%} of raw)",

@@ -35,7 +35,9 @@ class IndexConfig:
     sketch_seed: int = _opt(0, "seed of the count sketch")
     pooling: str = _opt("flatten", "flatten, avg, max or grid:K (or per layer 'layer=avg,...')")
     train_size: int = _opt(1000, "stimuli in the seeded training sample the projection is fitted on")
-    seed: int = _opt(0, "seed of the training sample")
+    seed: int = _opt(0, "seed of the training sample and of the evaluation subset")
+    eval_size: int = _opt(500, "stimuli whose exact raw similarities are kept per layer (0: none)")
+    eval_memory: float = _opt(512.0, "MB for holding the evaluation subset's raw vectors during the run")
     manifest: str | None = _opt(None, "CSV or Parquet with a 'path' column (+ label, metadata columns)")
     labels_from_folders: bool = _opt(False, "label = top-level sub-folder name")
     size: int | None = _opt(None, "input side in pixels (resize shorter side + centre crop); overrides the weights' preprocessing")
@@ -54,6 +56,8 @@ class IndexConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.layers:
             raise ConfigError("--layers is required (comma-separated module names; see `vecsim layers MODEL`)")
+        if self.eval_size < 0 or self.eval_memory < 0:
+            raise ConfigError("--eval-size and --eval-memory must be 0 or more")
         for name in ("train_size", "batch_size", "chunk_size", "max_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -73,7 +77,7 @@ class IndexConfig:
     # what must match for a run to resume the same store
     IDENTITY_FIELDS = (
         "source", "model", "layers", "weights", "checkpoint", "dim", "max_dim", "energy", "similarity", "center",
-        "sketch_dim", "sketch_seed", "pooling", "train_size", "seed", "manifest", "labels_from_folders",
+        "sketch_dim", "sketch_seed", "pooling", "train_size", "seed", "eval_size", "eval_memory", "manifest", "labels_from_folders",
         "size", "mean", "std", "max_pixels",
     )
 

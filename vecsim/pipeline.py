@@ -116,6 +116,7 @@ class _Indexer:
             for layer in cfg.layers
         }
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
+        self.evalset = self._eval_subset(shapes)
         self._plan()  # starts the decoding workers before lancedb's runtime exists in this process
         self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=cfg.overwrite)
         try:
@@ -127,6 +128,29 @@ class _Indexer:
             self.writer.close()
         layers = {layer: r.describe()["fit"] for layer, r in self.reducers.items()}
         return IndexSummary(out, indexed, failed, seconds, layers)
+
+    def _eval_subset(self, shapes):
+        from vecsim.evalset import EvalSubset
+
+        cfg = self.config
+        if cfg.eval_size == 0:
+            return None
+        units = {layer: r.units for layer, r in self.reducers.items()}
+        return EvalSubset([s.id for s in self.stim_set.stimuli], cfg.seed, cfg.eval_size,
+                          int(cfg.eval_memory * 2**20), units, shapes, self.device)
+
+    def _layer_function(self, reducer, project: bool):
+        """What runs inside the hook: pool (copy), feed the evaluation subset, reduce."""
+        evalset, layer = self.evalset, reducer.layer
+
+        def function(output):
+            x = reducer.pool(output)
+            if evalset is not None:
+                evalset.capture(layer, x, output)
+            z, norms, finite = reducer.prepare_pooled(x)
+            return (reducer.project(z) if project else z), norms, finite
+
+        return function
 
     def _stimuli_schema(self):
         from vecsim.store import stimuli_schema
@@ -158,7 +182,8 @@ class _Indexer:
             "preprocessing": self.loaded.preprocessing.to_dict(),
             "device": self.device,
             "config": self.config.to_dict(),
-            "seeds": {"training_sample": self.config.seed, "sketch": self.config.sketch_seed},
+            "seeds": {"training_sample": self.config.seed, "eval_subset": self.config.seed,
+                      "sketch": self.config.sketch_seed, "model_init": self.loaded.describe()["init_seed"] or 0},
             "layers": {
                 layer: {"slug": slugs[layer], "table": f"vectors_{slugs[layer]}", "reducer": r.describe()}
                 for layer, r in self.reducers.items()
@@ -224,6 +249,8 @@ class _Indexer:
             bar.update(len(decode_failures))
             return [], {}
         images = batch.images.to(self.device, non_blocking=True)
+        if self.evalset is not None:
+            self.evalset.begin_batch(batch.ids)
         results = capture.run(images)
         finite = torch.ones(len(batch.ids), dtype=torch.bool, device=self.device)
         layer_failures = []
@@ -254,7 +281,7 @@ class _Indexer:
         held = {layer: torch.empty(n, r.dim_in, dtype=torch.float32) for layer, r in self.reducers.items()}
         norms = {layer: torch.empty(n, dtype=torch.float32) for layer in self.reducers}
         rows: list[dict] = []
-        functions = {layer: r.prepare for layer, r in self.reducers.items()}
+        functions = {layer: self._layer_function(r, project=False) for layer, r in self.reducers.items()}
         with LayerCapture(self.model, self.config.layers, functions) as capture:
             for batch in self._batches(items):
                 keep, results = self._forward(capture, batch, bar)
@@ -295,7 +322,7 @@ class _Indexer:
 
         if not items:
             return 0
-        functions = dict(self.reducers)  # each reducer is callable: prepare + project in the hook
+        functions = {layer: self._layer_function(r, project=True) for layer, r in self.reducers.items()}
         pending_rows: list[dict] = []
         pending: dict[str, list] = {layer: [] for layer in self.reducers}
         count = 0
@@ -334,6 +361,9 @@ class _Indexer:
 
         for layer, reducer in self.reducers.items():
             self.writer.build_index(layer, reducer.dim)
+            if self.evalset is not None:
+                entry = self.writer.manifest["layers"][layer]
+                entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer))
         self.writer.add_run({
             "run": self.run_id, "command": "index",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),

@@ -168,8 +168,11 @@ class LayerReducer:
         return self
 
     # -- the hook side ---------------------------------------------------------
-    def prepare(self, output):
-        """Raw layer output (B, ...) → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,))."""
+    def pool(self, output):
+        """Raw layer output (B, ...) → the raw vectors (B, units) as a float32 copy.
+
+        The copy matters: a later in-place operation may rewrite ``output``.
+        """
         import torch
         import torch.nn.functional as F
 
@@ -180,9 +183,15 @@ class LayerReducer:
             x = x.float().amax(dim=(2, 3))
         elif self.config.pooling != "flatten":
             x = F.adaptive_avg_pool2d(x.float(), pooling_grid(self.config.pooling))
-        x = x.flatten(1).to(torch.float32, copy=True)  # copy: the caller may change it in place
+        x = x.flatten(1).to(torch.float32, copy=True)
         if x.shape[1] != self.units:
             raise DimensionMismatchError(f"layer {self.layer} gave {x.shape[1]} units, the reducer expects {self.units}")
+        return x
+
+    def prepare_pooled(self, x):
+        """Raw vectors (B, units) → (z (B, dim_in), raw L2 norms (B,), finite mask (B,)); x is consumed."""
+        import torch
+
         finite = torch.isfinite(x).all(dim=1)
         if not bool(finite.all()):
             x[~finite] = 0.0
@@ -192,6 +201,10 @@ class LayerReducer:
         if self.sketch is not None:
             x = self.sketch(x)
         return x, norms, finite
+
+    def prepare(self, output):
+        """Raw layer output → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,))."""
+        return self.prepare_pooled(self.pool(output))
 
     def project(self, z):
         """(B, dim_in) → (B, k) unit vectors; an all-zero input stays all-zero."""

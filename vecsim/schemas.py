@@ -122,6 +122,12 @@ MANIFEST_SCHEMA = {
                         "type": "object",
                         "properties": {"kind": _STR, "metric": _STR, "ntotal": _INT},
                     },
+                    "eval": {
+                        "type": "object",
+                        "description": "evaluation subset (eval.npz): exact raw similarities of a seeded prefix",
+                        "required": ["size", "requested", "channels"],
+                        "properties": {"size": _INT, "requested": _INT, "channels": {"type": "boolean"}},
+                    },
                 },
             },
         },

@@ -260,6 +260,12 @@ class Store:
             self._reducers[key] = LayerReducer.load(layer, info["reducer"], self.layer_dir(layer), device)
         return self._reducers[key]
 
+    def eval_subset(self, layer: str) -> dict | None:
+        """The layer's evaluation subset: ids, exact raw Gram, sums, units[, channels]; None if absent."""
+        from vecsim.evalset import load_eval
+
+        return load_eval(self.layer_dir(layer))
+
     def spectrum(self, layer: str) -> np.ndarray:
         path = self.layer_dir(layer) / "spectrum.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else np.zeros(0)
@@ -278,6 +284,7 @@ class Store:
             raw_total += raw_bytes
             layer_dir = self.layer_dir(layer)
             transform_bytes = _size(layer_dir / "transform.faiss")
+            eval_bytes = _size(layer_dir / "eval.npz") if (layer_dir / "eval.npz").exists() else 0
             layers[layer] = {
                 "shape": red["shape"],
                 "units": units,
@@ -292,11 +299,14 @@ class Store:
                 "vectors": self.table(entry["table"]).count_rows(),
                 "raw_bytes": raw_bytes,
                 "transform_bytes": transform_bytes,
+                "eval_bytes": eval_bytes,
+                "eval_size": entry.get("eval", {}).get("size", 0),
                 "index": entry.get("index", {}),
             }
         total = _size(self.path)
         transforms = sum(v["transform_bytes"] for v in layers.values())
-        data_bytes = total - transforms
+        evals = sum(v["eval_bytes"] for v in layers.values())
+        data_bytes = total - transforms - evals
         return {
             "path": str(self.path),
             "format_version": self.manifest["format_version"],
@@ -308,6 +318,7 @@ class Store:
             "bytes": {
                 "store": total,
                 "transforms": transforms,
+                "eval_subset": evals,
                 "data": data_bytes,
                 "raw_activations": raw_total,
                 "data_per_stimulus": data_bytes / counts["stimuli"] if counts["stimuli"] else 0.0,

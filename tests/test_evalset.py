@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vecsim
+from vecsim.evalset import allot, eval_order, exact_similarity
+from vecsim.store import Store
+
+from conftest import cosine_matrix, raw_features
+
+
+def test_allot_fits_the_budget_and_prefers_nothing_but_size():
+    sizes = allot({"small": 100, "big": 1_000_000}, eval_size=500, budget_bytes=10 * 2**20, n=1000)
+    assert sizes["small"] == 500
+    assert sizes["big"] * (1_000_000 * 2 + 4) <= 10 * 2**20 - 500 * 204
+    assert allot({"a": 10}, 500, 2**30, n=20) == {"a": 20}
+
+
+def test_subset_similarities_equal_those_of_raw_activations(shared_image_set, tmp_path):
+    layers = ["features.relu1", "features.relu4"]
+    out = tmp_path / "s"
+    # relu1 has 16,384 units: a 0.2 MB budget holds only a few of them, relu4 gets the rest
+    vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=layers, out=str(out),
+                         dim="8", eval_size=12, eval_memory=0.2, batch_size=4, progress=False)
+    store = Store.open(out)
+    paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
+    order = eval_order(sorted(paths), 0)
+    sizes = {}
+    for layer in layers:
+        ev = store.eval_subset(layer)
+        sizes[layer] = len(ev["ids"])
+        assert ev["ids"].tolist() == order[: len(ev["ids"])].tolist()  # a prefix of the seeded order
+        raw = raw_features("digits-cnn", shared_image_set, [paths[i] for i in ev["ids"]], layer, weights="DEFAULT")
+        np.testing.assert_allclose(ev["gram"], raw @ raw.T, rtol=2e-3, atol=1e-3 * np.abs(raw @ raw.T).max())
+        np.testing.assert_allclose(exact_similarity(ev), cosine_matrix(raw), atol=1e-4)
+        centred = raw - raw.mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(exact_similarity(ev, "correlation"), cosine_matrix(centred), atol=1e-4)
+        assert store.manifest["layers"][layer]["eval"]["size"] == len(ev["ids"])
+        if layer == "features.relu4":
+            assert ev["channels"].shape == (len(ev["ids"]), 64, 16)
+    assert sizes["features.relu4"] == 12 and sizes["features.relu1"] < 12

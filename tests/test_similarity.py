@@ -1,0 +1,377 @@
+"""Tests for vecsim.similarity: tiled similarity-matrix export (CPU, seeded, small)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vecsim import similarity as sim
+from vecsim.errors import (
+    ConfigError,
+    DeviceError,
+    DimensionMismatchError,
+    DiskSpaceError,
+    OutputExistsError,
+)
+
+N = 301  # not a multiple of the tile sizes used below
+K = 16
+ZERO_ROW = 17
+# 4 bytes (float32 block) + 3 * 4 (float32 output buffers) per entry -> 10 rows per tile
+TINY_LIMIT = N * 16 * 10 + 100
+
+
+def _unit_vectors(n: int, k: int, seed: int, zero_row: int | None = ZERO_ROW):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, k))
+    if zero_row is not None:
+        X[zero_row] = 0.0
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    V = np.divide(X, norms, out=np.zeros_like(X), where=norms > 0).astype(np.float32)
+    return X, V
+
+
+def _brute_cosine(X: np.ndarray) -> np.ndarray:
+    """float64 cosine of the raw rows; an all-zero row is 0 with everything, itself included."""
+    norms = np.linalg.norm(X, axis=1)
+    denom = np.outer(norms, norms)
+    S = np.divide(X @ X.T, denom, out=np.zeros((len(X), len(X))), where=denom > 0)
+    S = np.clip(S, -1, 1)
+    np.fill_diagonal(S, np.where(norms > 0, 1.0, 0.0))
+    return S
+
+
+Data = namedtuple("Data", "X V ref ids paths labels")
+
+
+@pytest.fixture(scope="module")
+def data() -> Data:
+    X, V = _unit_vectors(N, K, seed=0)
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(10_000)[:N].astype(np.int64) + 1000  # not sorted, not 0..N-1
+    paths = [f"stimuli/img_{int(i):05d}.png" for i in ids]
+    paths[3] = "stimuli/caf\u00e9_\u00fcber.png"  # non-ASCII survives in the provenance
+    labels = [None if r % 7 == 0 else f"class_{r % 5}" for r in range(N)]
+    return Data(X, V, _brute_cosine(X), ids, paths, labels)
+
+
+def _export(data: Data, out: Path, layers=None, **kw):
+    layers = layers if layers is not None else {"conv1": data.V}
+    kw.setdefault("metadata", {"model": "digits_cnn", "weights": "seed0", "reducer": {"conv1": {"k": K}}})
+    return sim.export_similarity(
+        layers, out, ids=data.ids, paths=data.paths, labels=data.labels, **kw
+    )
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+def test_similarity_matrix_matches_brute_force(data):
+    M = sim.similarity_matrix(data.V)
+    assert M.dtype == np.float32 and M.shape == (N, N)
+    np.testing.assert_allclose(M, data.ref, atol=1e-5)
+    assert np.array_equal(M, M.T)
+    assert M[ZERO_ROW, ZERO_ROW] == 0.0
+    assert not np.isnan(M).any()
+    D = sim.similarity_matrix(data.V, dtype="float16", distance=True)
+    assert D.dtype == np.float16
+    np.testing.assert_allclose(D.astype(np.float64), 1 - data.ref, atol=2e-3)
+
+
+def test_similarity_tiles_cover_rows(data):
+    seen = []
+    for r0, r1, block in sim.similarity_tiles(data.V, tile_rows=37):
+        assert block.dtype == np.float32 and block.shape == (r1 - r0, N)
+        np.testing.assert_allclose(block, data.ref[r0:r1], atol=1e-5)
+        seen.append((r0, r1))
+    assert seen[0][0] == 0 and seen[-1][1] == N
+    assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
+    assert len(seen) == -(-N // 37)
+
+
+def test_similarity_tiles_accepts_memmap(data, tmp_path):
+    mm = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.float32, shape=data.V.shape)
+    mm[:] = data.V
+    mm.flush()
+    ro = np.load(tmp_path / "v.npy", mmap_mode="r")
+    blocks = [b for _, _, b in sim.similarity_tiles(ro, tile_rows=100)]
+    np.testing.assert_allclose(np.vstack(blocks), data.ref, atol=1e-5)
+
+
+def test_torch_matmul_path_matches_numpy(data):
+    """The GPU code path, run on torch's CPU device (no GPU here)."""
+    pytest.importorskip("torch")
+    out = np.empty((40, N - 60), dtype=np.float32)
+    with sim._torch_matmul(data.V, "cpu") as mm:
+        mm(60, 100, 60, out)
+    np.testing.assert_allclose(out, data.V[60:100] @ data.V[60:].T, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- .npy
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_npy_export_matches_brute_force(data, tmp_path, dtype, atol):
+    out = tmp_path / "rdm.npy"
+    calls = []
+    summary = _export(data, out, dtype=dtype, memory_limit_bytes=TINY_LIMIT,
+                      progress=lambda done, total: calls.append((done, total)))
+    A = np.load(out)
+    assert A.dtype == np.dtype(dtype) and A.shape == (N, N)
+    np.testing.assert_allclose(A.astype(np.float64), data.ref, atol=atol)
+    assert np.array_equal(A, A.T)  # exactly symmetric
+    diag = np.diag(A)
+    assert diag[ZERO_ROW] == 0
+    assert np.all(np.delete(diag, ZERO_ROW) == 1)
+    assert not np.isnan(A).any()
+    # many tiles, N not a multiple of the tile
+    tile = summary["tile_rows"]
+    assert N % tile != 0 and -(-N // tile) >= 10
+    assert calls[-1] == (N, N) and len(calls) == -(-N // tile)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert summary["format"] == "npy" and summary["shape"] == (N, N)
+    assert summary["bytes_written"] == out.stat().st_size + Path(str(out) + ".json").stat().st_size
+    assert sorted(os.listdir(tmp_path)) == ["rdm.npy", "rdm.npy.json"]  # no temp files left
+
+
+def test_npy_tile_size_does_not_change_result(data, tmp_path):
+    a = _export(data, tmp_path / "a.npy", memory_limit_bytes=TINY_LIMIT)
+    b = _export(data, tmp_path / "b.npy")  # default limit: one tile
+    assert a["tile_rows"] < b["tile_rows"] == N
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), atol=1e-6)
+
+
+def test_npy_distance_is_one_minus_similarity(data, tmp_path):
+    _export(data, tmp_path / "s.npy", memory_limit_bytes=TINY_LIMIT)
+    summary = _export(data, tmp_path / "d.npy", distance=True, memory_limit_bytes=TINY_LIMIT)
+    S, D = np.load(tmp_path / "s.npy"), np.load(tmp_path / "d.npy")
+    np.testing.assert_allclose(D, 1 - S, atol=1e-6)
+    assert D[ZERO_ROW, ZERO_ROW] == 1.0 and D[0, 0] == 0.0
+    assert summary["values"] == "distance"
+    side = json.loads(Path(str(tmp_path / "d.npy") + ".json").read_text())
+    assert side["distance"] is True and side["values"] == "distance"
+
+
+def test_npy_multi_layer_shape_and_order(data, tmp_path):
+    X2, V2 = _unit_vectors(N, 8, seed=5, zero_row=None)
+    out = tmp_path / "multi.npy"
+    summary = _export(data, out, layers={"fc": V2, "conv1": data.V}, memory_limit_bytes=TINY_LIMIT)
+    A = np.load(out)
+    assert A.shape == (2, N, N) and summary["shape"] == (2, N, N)
+    np.testing.assert_allclose(A[0], _brute_cosine(X2), atol=1e-5)  # given order: fc first
+    np.testing.assert_allclose(A[1], data.ref, atol=1e-5)
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["layers"] == ["fc", "conv1"]
+
+
+def test_npy_sidecar_provenance(data, tmp_path):
+    out = tmp_path / "rdm.npy"
+    meta = {"model": "digits_cnn", "weights": "seed0", "store": "/stores/x", "reducer": {"conv1": {"k": K}}}
+    _export(data, out, metadata=meta, metric="correlation", dtype="float16")
+    side = json.loads(Path(str(out) + ".json").read_text(encoding="utf-8"))
+    assert side["layers"] == ["conv1"]
+    assert side["metric"] == "correlation"
+    assert side["distance"] is False
+    assert side["dtype"] == "float16"
+    assert side["ids"] == data.ids.tolist()
+    assert side["paths"] == data.paths  # exact, non-ASCII included
+    assert side["labels"] == data.labels
+    assert side["metadata"] == meta
+    assert side["zero_rows"] == {"conv1": [ZERO_ROW]}
+    assert side["shape"] == [N, N]
+
+
+# --------------------------------------------------------------------------- .parquet
+
+
+@pytest.mark.parametrize("triangle", ["full", "upper"])
+def test_parquet_long_form_agrees_with_npy(data, tmp_path, triangle):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    X2, V2 = _unit_vectors(N, 8, seed=5, zero_row=None)
+    layers = {"conv1": data.V, "fc": V2}
+    _export(data, tmp_path / "m.npy", layers=layers)
+    A = np.load(tmp_path / "m.npy")
+    out = tmp_path / "m.parquet"
+    summary = _export(data, out, layers=layers, triangle=triangle, memory_limit_bytes=N * 200)
+    pf = pq.ParquetFile(out)
+    tile = summary["tile_rows"]
+    assert 1 < tile < N
+    n_tiles = -(-N // tile)
+    assert pf.metadata.num_row_groups in (2 * n_tiles, 2 * n_tiles - 2)  # upper: last tile may be empty
+    table = pf.read()
+    assert table.schema.field("layer").type == pa.dictionary(pa.int8(), pa.string())
+    for name, typ in [("i", pa.int32()), ("j", pa.int32()), ("id_i", pa.int64()),
+                      ("id_j", pa.int64()), ("similarity", pa.float32())]:
+        assert table.schema.field(name).type == typ
+    cols = {c: table.column(c).to_numpy() for c in ("i", "j", "id_i", "id_j", "similarity")}
+    layer = np.asarray(table.column("layer").to_pylist())
+    expected_pairs = N * N if triangle == "full" else N * (N - 1) // 2
+    assert table.num_rows == 2 * expected_pairs
+    for li, name in enumerate(["conv1", "fc"]):
+        sel = layer == name
+        i, j = cols["i"][sel], cols["j"][sel]
+        if triangle == "upper":
+            assert np.all(i < j)
+        assert len(set(zip(i.tolist(), j.tolist()))) == expected_pairs
+        np.testing.assert_array_equal(cols["id_i"][sel], data.ids[i])
+        np.testing.assert_array_equal(cols["id_j"][sel], data.ids[j])
+        np.testing.assert_allclose(cols["similarity"][sel], A[li][i, j], atol=1e-6)
+    meta = json.loads(pf.schema_arrow.metadata[b"vecsim"])
+    assert meta["layers"] == ["conv1", "fc"] and meta["triangle"] == triangle
+    assert meta["ids"] == data.ids.tolist() and meta["labels"] == data.labels
+
+
+def test_parquet_distance_float16_column(data, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "d.parquet"
+    _export(data, out, distance=True, dtype="float16", triangle="upper")
+    table = pq.read_table(out)
+    assert "distance" in table.column_names and "similarity" not in table.column_names
+    i, j = table.column("i").to_numpy(), table.column("j").to_numpy()
+    d = table.column("distance").to_numpy().astype(np.float64)
+    np.testing.assert_allclose(d, 1 - data.ref[i, j], atol=2e-3)
+
+
+# --------------------------------------------------------------------------- .h5 (rsatoolbox)
+
+
+def test_hdf5_loads_with_rsatoolbox(data, tmp_path):
+    rdm_mod = pytest.importorskip("rsatoolbox.rdm")
+    X2, V2 = _unit_vectors(N, 8, seed=5, zero_row=None)
+    layers = {"conv1": data.V, "fc": V2}
+    _export(data, tmp_path / "m.npy", layers=layers)
+    A = np.load(tmp_path / "m.npy")
+    out = tmp_path / "m.h5"
+    _export(data, out, layers=layers, memory_limit_bytes=TINY_LIMIT)  # distance=False: still 1 - s
+    rdms = rdm_mod.load_rdm(str(out), file_type="hdf5")
+    assert rdms.n_rdm == 2 and rdms.n_cond == N
+    assert rdms.dissimilarity_measure == "cosine"
+    expected = 1.0 - A.astype(np.float64)
+    for li in range(2):
+        np.fill_diagonal(expected[li], 0.0)  # rsatoolbox's condensed form has no diagonal
+    np.testing.assert_allclose(rdms.get_matrices(), expected, atol=1e-6)
+    assert list(rdms.rdm_descriptors["layer"]) == ["conv1", "fc"]
+    assert list(rdms.rdm_descriptors["index"]) == [0, 1]
+    np.testing.assert_array_equal(np.asarray(rdms.pattern_descriptors["id"]), data.ids)
+    ascii_paths = [p.encode("ascii", "backslashreplace").decode() for p in data.paths]
+    assert list(rdms.pattern_descriptors["path"]) == ascii_paths
+    assert list(rdms.pattern_descriptors["label"]) == ["" if lab is None else lab for lab in data.labels]
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        prov = json.loads(f.attrs["vecsim"])
+    assert prov["paths"] == data.paths and prov["labels"] == data.labels
+    assert prov["values"] == "distance" and prov["layers"] == ["conv1", "fc"]
+
+
+def test_hdf5_correlation_metric_recorded(data, tmp_path):
+    rdm_mod = pytest.importorskip("rsatoolbox.rdm")
+    out = tmp_path / "c.hdf5"
+    _export(data, out, metric="correlation", dtype="float16")
+    rdms = rdm_mod.load_rdm(str(out), file_type="hdf5")
+    assert rdms.dissimilarity_measure == "correlation" and rdms.n_rdm == 1
+
+
+# --------------------------------------------------------------------------- errors and safety
+
+
+def test_existing_output_raises_unless_overwrite(data, tmp_path):
+    out = tmp_path / "rdm.npy"
+    _export(data, out)
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        _export(data, out)
+    _export(data, out, overwrite=True, distance=True)
+    assert np.load(out)[0, 0] == 0.0  # replaced by the distance form
+    (tmp_path / "x.parquet").write_bytes(b"old")
+    with pytest.raises(OutputExistsError):
+        _export(data, tmp_path / "x.parquet")
+
+
+def test_disk_space_error(data, tmp_path, monkeypatch):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DiskSpaceError) as err:
+        _export(data, tmp_path / "rdm.npy")
+    msg = str(err.value)
+    assert "1000 bytes" in msg  # free
+    needed = N * N * 4
+    assert any(int(tok) >= needed for tok in msg.replace("(", " ").split() if tok.isdigit())
+    assert isinstance(err.value, OSError)
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_export_leaves_nothing(data, tmp_path):
+    out = tmp_path / "rdm.npy"
+
+    def boom(done, total):
+        if done > N // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _export(data, out, memory_limit_bytes=TINY_LIMIT, progress=boom)
+    assert os.listdir(tmp_path) == []
+
+
+def test_input_validation(data, tmp_path):
+    out = tmp_path / "x.npy"
+    with pytest.raises(DimensionMismatchError, match="same stimuli"):
+        _export(data, out, layers={"a": data.V, "b": data.V[:-1]})
+    with pytest.raises(DimensionMismatchError, match="2-D"):
+        _export(data, out, layers={"a": data.V[0]})
+    with pytest.raises(DimensionMismatchError, match="len\\(paths\\)"):
+        sim.export_similarity({"a": data.V}, out, ids=data.ids, paths=data.paths[:-1],
+                              labels=data.labels, metadata={})
+    with pytest.raises(ConfigError, match="Parquet"):
+        _export(data, out, triangle="upper")
+    with pytest.raises(ConfigError, match="triangle"):
+        _export(data, tmp_path / "x.parquet", triangle="lower")
+    with pytest.raises(ConfigError, match="dtype"):
+        _export(data, out, dtype="float64")
+    with pytest.raises(ConfigError, match="metric"):
+        _export(data, out, metric="euclidean")
+    with pytest.raises(ConfigError, match=".npy, .parquet"):
+        _export(data, tmp_path / "x.csv")
+    with pytest.raises(ConfigError, match="norm"):
+        _export(data, out, layers={"a": data.V * 3})
+    with pytest.raises(ConfigError, match="JSON"):
+        _export(data, out, metadata={"bad": object()})
+    with pytest.raises(ConfigError, match="duplicates"):
+        sim.export_similarity({"a": data.V}, out, ids=np.zeros(N, np.int64), paths=data.paths,
+                              labels=data.labels, metadata={})
+    assert os.listdir(tmp_path) == []
+
+
+def test_float64_input_is_converted(data, tmp_path):
+    out = tmp_path / "x.npy"
+    _export(data, out, layers={"a": data.V.astype(np.float64)})
+    np.testing.assert_allclose(np.load(out), data.ref, atol=1e-5)
+
+
+def test_cuda_unavailable_raises_device_error(data, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(DeviceError, match="CUDA"):
+        _export(data, tmp_path / "x.npy", device="cuda")
+    assert os.listdir(tmp_path) == []
+
+
+def test_module_import_is_light():
+    code = (
+        "import sys, vecsim.similarity; "
+        "bad = [m for m in ('torch', 'lancedb', 'pyarrow', 'h5py') if m in sys.modules]; "
+        "print(', '.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, f"imported at module load: {proc.stdout}{proc.stderr}"

@@ -1,0 +1,182 @@
+"""The evaluation subset: exact similarities of the *raw* activations, captured while indexing.
+
+A seeded order of the stimuli is drawn once; each layer keeps the first M of it, M
+shrinking per layer so that the held raw copies fit the memory budget (so any two
+layers share the smaller subset). Raw vectors of the subset are held in memory only
+(float16, scaled per vector so nothing overflows), never written; their Gram matrix
+(inner products, accumulated in float32 block products on the device, stored float64)
+and per-vector sums (for correlation) are. For 4-D outputs, per-channel responses
+pooled to a small grid are kept too (channel redundancy analyses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHANNEL_GRID = 4
+BLOCK_ROWS = 64
+
+
+def eval_order(ids: list[int], seed: int) -> np.ndarray:
+    """The seeded order every layer's subset is a prefix of."""
+    return np.random.default_rng([seed, 1]).permutation(np.asarray(ids, dtype=np.int64))
+
+
+def allot(units: dict[str, int], eval_size: int, budget_bytes: int, n: int) -> dict[str, int]:
+    """Per-layer subset sizes: water-filling the budget over layers, smallest layers first."""
+    want = min(eval_size, n)
+    sizes: dict[str, int] = {}
+    remaining = float(budget_bytes)
+    layers = sorted(units, key=lambda layer: units[layer])
+    for i, layer in enumerate(layers):
+        share = remaining / (len(layers) - i)
+        per_vector = units[layer] * 2 + 4  # float16 copy + its scale
+        m = int(min(want, share // per_vector))
+        sizes[layer] = m
+        remaining -= m * per_vector
+    return sizes
+
+
+def _grid(shape: tuple) -> tuple[int, int, int] | None:
+    """(channels, grid rows, grid cols) for per-channel responses of a (C, H, W) output."""
+    if len(shape) != 3:
+        return None
+    return shape[0], min(CHANNEL_GRID, shape[1]), min(CHANNEL_GRID, shape[2])
+
+
+@dataclass
+class LayerEval:
+    size: int  # slots = the first `size` ids of the order
+    units: int
+    device: str
+    grid: tuple[int, int, int] | None  # (C, gh, gw) of a (C, H, W) output, else None
+
+    def __post_init__(self):
+        import torch
+
+        self.held = torch.zeros(self.size, self.units, dtype=torch.float16)
+        self.scale = torch.zeros(self.size, dtype=torch.float32)
+        self.gram = np.zeros((self.size, self.size), dtype=np.float64)
+        self.sums = np.zeros(self.size, dtype=np.float64)
+        self.filled = np.zeros(self.size, dtype=bool)
+        self.channel_responses = (
+            np.zeros((self.size, self.grid[0], self.grid[1] * self.grid[2]), dtype=np.float32)
+            if self.grid else None
+        )
+
+    def add(self, slots: list[int], x, output) -> None:
+        """x: (b, units) float32 pooled raw vectors on the device for these slots."""
+        import torch
+        import torch.nn.functional as F
+
+        xs = x.to(torch.float32)
+        old = np.flatnonzero(self.filled)
+        new_block = (xs @ xs.T).double().cpu().numpy()
+        self.gram[np.ix_(slots, slots)] = new_block
+        for start in range(0, len(old), BLOCK_ROWS):
+            part = old[start : start + BLOCK_ROWS]
+            held = (self.held[part].to(xs.device, torch.float32) * self.scale[part].to(xs.device)[:, None])
+            cross = (xs @ held.T).double().cpu().numpy()
+            self.gram[np.ix_(slots, part)] = cross
+            self.gram[np.ix_(part, slots)] = cross.T
+        self.sums[slots] = xs.sum(dim=1, dtype=torch.float64).cpu().numpy()
+        scale = xs.abs().amax(dim=1).clamp(min=1e-30)
+        self.held[slots] = (xs / scale[:, None]).to(torch.float16).cpu()
+        self.scale[slots] = scale.cpu()
+        self.filled[slots] = True
+        if self.channel_responses is not None and output is not None and output.ndim == 4:
+            pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
+            self.channel_responses[slots] = pooled.cpu().numpy()
+
+    def result(self, order: np.ndarray) -> dict:
+        keep = np.flatnonzero(self.filled)
+        out = {
+            "ids": order[: self.size][keep],
+            "gram": self.gram[np.ix_(keep, keep)],
+            "sums": self.sums[keep],
+            "units": np.int64(self.units),
+        }
+        if self.channel_responses is not None:
+            out["channels"] = self.channel_responses[keep]
+        return out
+
+
+class EvalSubset:
+    """Holds every layer's subset during a run; the pipeline tells it which stimuli a batch has."""
+
+    def __init__(self, ids: list[int], seed: int, eval_size: int, budget_bytes: int,
+                 units: dict[str, int], shapes: dict[str, tuple], device: str):
+        self.order = eval_order(ids, seed)
+        self.sizes = allot(units, eval_size, budget_bytes, len(ids))
+        self.slot_of = {int(i): s for s, i in enumerate(self.order[: max(self.sizes.values(), default=0)])}
+        self.layers = {
+            layer: LayerEval(size, units[layer], device, _grid(shapes[layer]))
+            for layer, size in self.sizes.items()
+        }
+        self._batch: dict[str, tuple[list[int], list[int]]] = {}
+
+    def begin_batch(self, batch_ids: list[int]) -> None:
+        self._batch = {}
+        for layer, ev in self.layers.items():
+            pos, slots = [], []
+            for p, stim_id in enumerate(batch_ids):
+                slot = self.slot_of.get(int(stim_id))
+                if slot is not None and slot < ev.size:
+                    pos.append(p)
+                    slots.append(slot)
+            self._batch[layer] = (pos, slots)
+
+    def capture(self, layer: str, x, output) -> None:
+        """Called inside the hook with the pooled float32 raw vectors of the whole batch."""
+        import torch
+
+        pos, slots = self._batch.get(layer, ([], []))
+        if not pos:
+            return
+        idx = torch.tensor(pos, device=x.device)
+        finite = torch.isfinite(x[idx]).all(dim=1).cpu().tolist()
+        keep = [i for i, ok in enumerate(finite) if ok]
+        if not keep:
+            return
+        sel = idx[keep]
+        self.layers[layer].add([slots[i] for i in keep], x[sel], output[sel] if output is not None else None)
+
+    def save(self, layer: str, directory: Path) -> dict:
+        """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""
+        result = self.layers[layer].result(self.order)
+        tmp = directory / "eval.npz.tmp.npz"
+        np.savez(tmp, **result)
+        tmp.replace(directory / "eval.npz")
+        return {"size": int(len(result["ids"])), "requested": int(self.layers[layer].size),
+                "channels": result.get("channels") is not None}
+
+
+def load_eval(directory: Path) -> dict | None:
+    path = Path(directory) / "eval.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def exact_similarity(ev: dict, metric: str = "cosine") -> np.ndarray:
+    """Cosine or correlation (Pearson across units) of the raw vectors, from the Gram matrix.
+
+    Correlation uses <x - x̄, y - ȳ> = <x, y> - sum(x) sum(y) / units. A zero vector has
+    similarity 0 with everything, itself included.
+    """
+    gram = np.asarray(ev["gram"], dtype=np.float64)
+    if metric == "correlation":
+        sums = np.asarray(ev["sums"], dtype=np.float64)
+        gram = gram - np.outer(sums, sums) / float(ev["units"])
+    elif metric != "cosine":
+        raise ValueError(f"unknown metric {metric!r}")
+    diag = np.clip(np.diag(gram), 0, None)
+    norms = np.sqrt(diag)
+    denom = np.outer(norms, norms)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sim = np.where(denom > 0, gram / np.where(denom > 0, denom, 1), 0.0)
+    return np.clip(sim, -1.0, 1.0)

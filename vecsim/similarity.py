@@ -1,0 +1,888 @@
+"""Full pairwise similarity matrices (RDMs), computed and written tile by tile.
+
+The store layer hands this module already-loaded, L2-normalised vectors (one
+``(N, k)`` float32 array per layer, rows in stimulus order). Similarity is the
+dot product of the unit rows (cosine, or Pearson correlation when the reducer
+centred the rows first; the vectors already encode which, ``metric`` only
+records it), clipped to ``[-1, 1]``. The diagonal is set explicitly: exactly 1
+for a unit row, exactly 0 for an all-zero row (cosine 0 with everything,
+itself included, never NaN). The distance form is ``1 - s``.
+
+Memory stays bounded by ``memory_limit_bytes``: rows are processed in tiles of
+``rows x N`` entries, and no output is ever held whole in RAM. Output formats
+(picked by the suffix of ``out``):
+
+``.npy``
+    ``(N, N)`` for one layer, ``(L, N, N)`` for several (in the given layer
+    order). Created with ``np.lib.format.open_memmap`` and filled one row tile
+    at a time (a writer thread writes tile t while tile t+1 is computed); only
+    the upper triangle is computed, the lower one is read back from the rows
+    already written, so the file is exactly symmetric and the matmul work is
+    halved. Provenance goes to the sidecar ``<out>.json`` (same path + ``.json``).
+``.parquet``
+    Long form: ``layer`` (dictionary-encoded string), ``i``, ``j`` (int32 row
+    positions), ``id_i``, ``id_j`` (int64 stimulus ids) and ``similarity`` or
+    ``distance`` (float32/float16); one row group per tile. ``triangle="upper"``
+    keeps only the pairs ``i < j`` (the diagonal is dropped). Provenance sits
+    in the schema metadata under ``b"vecsim"``.
+``.h5`` / ``.hdf5``
+    The layout :meth:`rsatoolbox.rdm.RDMs.save` writes, so
+    ``rsatoolbox.rdm.load_rdm(path, file_type="hdf5")`` returns an ``RDMs``
+    with one RDM per layer. rsatoolbox stores *dissimilarities*, so the HDF5
+    file always holds ``1 - s`` whatever ``distance`` says. rsatoolbox can only
+    store ASCII strings and no ``None``: in the HDF5 descriptors a ``None``
+    label becomes ``""`` and non-ASCII characters are backslash-escaped; the
+    exact values are in the provenance JSON (root attribute ``vecsim``). The
+    condensed form has no diagonal, so ``get_matrices()`` shows 0 there, also
+    for an all-zero row (whose self-distance is 1 in the other formats).
+
+Every export writes to a temporary name in the target folder, fsyncs it and
+``os.replace``-s it into place at the end, so an interrupted export never
+leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from vecsim.errors import (
+    ConfigError,
+    DeviceError,
+    DimensionMismatchError,
+    DiskSpaceError,
+    OutputExistsError,
+)
+
+__all__ = [
+    "DEFAULT_MEMORY_LIMIT",
+    "export_similarity",
+    "estimate_export_bytes",
+    "similarity_matrix",
+    "similarity_tiles",
+]
+
+DEFAULT_MEMORY_LIMIT = 256 * 2**20
+
+_FORMATS = {".npy": "npy", ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
+_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+_METRICS = ("cosine", "correlation")
+_TRIANGLES = ("full", "upper")
+_UNIT_TOL = 1e-2  # |norm - 1| allowed for a row that counts as unit length
+_PROVENANCE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- #
+# validation
+# --------------------------------------------------------------------------- #
+
+
+def _as_vectors(vectors, name: str = "vectors") -> np.ndarray:
+    """(N, k) float32 C-contiguous view of ``vectors``; copies only when needed."""
+    arr = np.asarray(vectors)
+    if arr.ndim != 2:
+        raise DimensionMismatchError(
+            f"{name} must be a 2-D (N, k) array, got shape {arr.shape}; pass one row per stimulus"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DimensionMismatchError(
+            f"{name} is empty (shape {arr.shape}); export needs at least one stimulus and one dimension"
+        )
+    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ConfigError(f"{name} has dtype {arr.dtype}; pass a float32 array of vectors")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    return arr
+
+
+def _zero_rows(V: np.ndarray, name: str = "vectors") -> np.ndarray:
+    """Boolean mask of all-zero rows; raises if a row is neither unit length nor zero."""
+    sq = np.einsum("ij,ij->i", V, V, dtype=np.float64)
+    bad = ~np.isfinite(sq)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ConfigError(
+            f"{name} row {row} contains NaN or inf ({int(bad.sum())} such rows); "
+            "fix or drop those stimuli before computing similarities"
+        )
+    zero = sq == 0.0
+    off = np.abs(np.sqrt(sq) - 1.0) > _UNIT_TOL
+    off &= ~zero
+    if off.any():
+        row = int(np.flatnonzero(off)[0])
+        raise ConfigError(
+            f"{name} row {row} has L2 norm {math.sqrt(sq[row]):.4g}, not 1 "
+            f"({int(off.sum())} such rows); pass L2-normalised vectors (all-zero rows are allowed)"
+        )
+    return zero
+
+
+def _check_device(device: str) -> str:
+    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:n]', got {device!r}")
+    return device
+
+
+def _check_memory_limit(memory_limit_bytes) -> int:
+    if not isinstance(memory_limit_bytes, (int, np.integer)) or memory_limit_bytes <= 0:
+        raise ConfigError(
+            f"memory_limit_bytes must be a positive integer, got {memory_limit_bytes!r}"
+        )
+    return int(memory_limit_bytes)
+
+
+def _tile_rows_for(n: int, bytes_per_entry: float, memory_limit_bytes: int) -> int:
+    """Rows per tile so that ``rows * n * bytes_per_entry`` stays within the limit (>= 1)."""
+    rows = int(memory_limit_bytes // max(1.0, n * bytes_per_entry))
+    return max(1, min(n, rows))
+
+
+def _condensed_offset(n: int, i: int) -> int:
+    """Index in the condensed (scipy squareform) vector of the pair (i, i+1)."""
+    return i * n - i * (i + 1) // 2
+
+
+# --------------------------------------------------------------------------- #
+# tile computation (shared by every format; only the matmul differs per device)
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def _matmul_fn(V: np.ndarray, device: str):
+    """Yield ``mm(r0, r1, c0, out)`` that writes ``V[r0:r1] @ V[c0:].T`` into ``out`` (float32).
+
+    The only device-specific step: numpy (BLAS) on the CPU, torch on a GPU.
+    """
+    if not device.startswith("cuda"):
+
+        def mm(r0: int, r1: int, c0: int, out: np.ndarray) -> np.ndarray:
+            return np.matmul(V[r0:r1], V[c0:].T, out=out)
+
+        yield mm
+        return
+
+    _require_cuda(device)
+    with _torch_matmul(V, device) as mm:
+        yield mm
+
+
+def _require_cuda(device: str) -> None:
+    """Raise DeviceError unless torch sees a CUDA device (imports torch: GPU path only)."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency
+        raise DeviceError(f"device={device!r} needs torch, which failed to import: {exc}") from exc
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+
+
+@contextlib.contextmanager
+def _torch_matmul(V: np.ndarray, device: str):
+    """torch version of the tile matmul: ``V`` goes to ``device`` once, each tile comes back.
+
+    float32 matmuls run at "highest" precision (no TF32) for the duration, so the
+    tiles match the CPU ones to float32 rounding; the previous setting is restored.
+    """
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    Vd = None
+    try:
+        Vd = torch.from_numpy(np.array(V, dtype=np.float32, copy=True)).to(device)
+
+        def mm(r0: int, r1: int, c0: int, out: np.ndarray) -> np.ndarray:
+            torch.from_numpy(out).copy_(Vd[r0:r1] @ Vd[c0:].T)
+            return out
+
+        yield mm
+    finally:
+        del Vd
+        torch.set_float32_matmul_precision(previous)
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool) -> None:
+    """In place: clip, exact diagonal, zero rows/columns, optional ``1 - s``.
+
+    ``S`` holds rows ``r0:r0+len(S)`` and columns ``c0:N`` of the similarity matrix.
+    """
+    R = S.shape[0]
+    np.clip(S, -1.0, 1.0, out=S)
+    zr = zero[r0 : r0 + R]
+    zc = zero[c0:]
+    if zr.any():
+        S[zr, :] = 0.0
+    if zc.any():
+        S[:, zc] = 0.0
+    rows = np.arange(R)
+    diag_cols = rows + (r0 - c0)
+    inside = (diag_cols >= 0) & (diag_cols < S.shape[1])
+    S[rows[inside], diag_cols[inside]] = np.where(zr[inside], 0.0, 1.0)
+    if distance:
+        np.subtract(1.0, S, out=S)
+
+
+def _blocks(
+    V: np.ndarray,
+    zero: np.ndarray,
+    tile_rows: int,
+    device: str,
+    *,
+    upper: bool,
+    distance: bool = False,
+    reuse: bool = True,
+) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """Yield ``(r0, r1, c0, S)``: finished float32 block of rows r0:r1, columns c0:N.
+
+    ``upper`` computes only columns from ``r0`` on (``c0 = r0``), else all (``c0 = 0``).
+    With ``reuse`` the block lives in one buffer that the next tile overwrites.
+    """
+    n = V.shape[0]
+    buf = np.empty(tile_rows * n, dtype=np.float32) if reuse else None
+    with _matmul_fn(V, device) as mm:
+        for r0 in range(0, n, tile_rows):
+            r1 = min(n, r0 + tile_rows)
+            c0 = r0 if upper else 0
+            shape = (r1 - r0, n - c0)
+            if reuse:
+                S = buf[: shape[0] * shape[1]].reshape(shape)
+            else:
+                S = np.empty(shape, dtype=np.float32)
+            mm(r0, r1, c0, S)
+            _finish(S, r0, c0, zero, distance)
+            yield r0, r1, c0, S
+
+
+def _symmetrize_diagonal_block(D: np.ndarray) -> None:
+    """Copy the strict upper triangle of the square block ``D`` onto its lower triangle."""
+    for a in range(D.shape[0] - 1):
+        D[a + 1 :, a] = D[a, a + 1 :]
+
+
+def _fill_symmetric(
+    V: np.ndarray,
+    zero: np.ndarray,
+    tile_rows: int,
+    device: str,
+    distance: bool,
+    target: Callable[[int, int], np.ndarray],
+    source: Callable[[int, int], np.ndarray],
+    done: Callable[[int, int, np.ndarray], None],
+) -> None:
+    """Fill an (N, N) matrix one row tile at a time, computing only the upper triangle.
+
+    For each tile ``target(r0, r1)`` gives a writable ``(r1 - r0, N)`` array for
+    its rows; columns ``r0:`` come from the matmul, columns ``:r0`` are the
+    transpose of the rows already finished, which ``source(s0, s1)`` returns
+    (one earlier tile at a time, ``s0``/``s1`` on tile boundaries). The result is
+    exactly symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
+    """
+    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance):
+        R = r1 - r0
+        _symmetrize_diagonal_block(S[:, :R])
+        dst = target(r0, r1)
+        dst[:, r0:] = S
+        for s0 in range(0, r0, tile_rows):
+            s1 = min(r0, s0 + tile_rows)
+            src = source(s0, s1)
+            dst[:, s0:s1] = src[:, r0:r1].T
+            del src  # a file map is unmapped here, keeping RSS to one tile
+        done(r0, r1, dst)
+        del dst
+
+
+# --------------------------------------------------------------------------- #
+# public in-memory API
+# --------------------------------------------------------------------------- #
+
+
+def similarity_tiles(vectors: np.ndarray, tile_rows: int | None = None, device: str = "cpu"):
+    """Yield ``(row_start, row_stop, block)`` with ``block = vectors[row_start:row_stop] @ vectors.T``.
+
+    ``vectors`` is ``(N, k)`` float32, C-contiguous (a ``np.memmap`` works), rows
+    unit norm or all-zero. Each block is a fresh float32 ``(rows, N)`` array,
+    clipped to [-1, 1] with the exact diagonal (1, or 0 for an all-zero row).
+    ``tile_rows`` defaults to what fits in :data:`DEFAULT_MEMORY_LIMIT`.
+    ``device="cuda"`` does the matmul with torch on the GPU.
+    """
+    V = _as_vectors(vectors)
+    zero = _zero_rows(V)
+    _check_device(device)
+    n = V.shape[0]
+    if tile_rows is None:
+        tile_rows = _tile_rows_for(n, 4, DEFAULT_MEMORY_LIMIT)
+    if not isinstance(tile_rows, (int, np.integer)) or tile_rows <= 0:
+        raise ConfigError(f"tile_rows must be a positive integer, got {tile_rows!r}")
+    for r0, r1, _c0, S in _blocks(V, zero, int(tile_rows), device, upper=False, reuse=False):
+        yield r0, r1, S
+
+
+def similarity_matrix(
+    vectors: np.ndarray,
+    dtype: str = "float32",
+    distance: bool = False,
+    *,
+    device: str = "cpu",
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+) -> np.ndarray:
+    """The whole ``(N, N)`` similarity (or ``1 - s`` distance) matrix in memory.
+
+    For small N only: the result alone takes ``N * N * itemsize`` bytes (the
+    working tiles are bounded by ``memory_limit_bytes`` on top of it). Exactly
+    symmetric, diagonal 1 (0 for an all-zero row; reversed for distances).
+    """
+    V = _as_vectors(vectors)
+    zero = _zero_rows(V)
+    dt = _check_dtype(dtype)
+    _check_device(device)
+    limit = _check_memory_limit(memory_limit_bytes)
+    n = V.shape[0]
+    out = np.empty((n, n), dtype=dt)
+    tile_rows = _tile_rows_for(n, 4 + dt.itemsize, limit)
+    _fill_symmetric(
+        V, zero, tile_rows, device, bool(distance),
+        target=lambda a, b: out[a:b],
+        source=lambda a, b: out[a:b],
+        done=lambda a, b, rows: None,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# export
+# --------------------------------------------------------------------------- #
+
+
+def _check_dtype(dtype) -> np.dtype:
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name if dtype is not None else None
+    if key not in _DTYPES:
+        raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    return _DTYPES[key]
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _ascii(values) -> np.ndarray:
+    """Fixed-length ASCII bytes as rsatoolbox writes strings (None -> '', escapes non-ASCII)."""
+    enc = [("" if v is None else str(v)).encode("ascii", "backslashreplace") for v in values]
+    width = max([1] + [len(e) for e in enc])
+    return np.array(enc, dtype=f"S{width}")
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parquet_bytes_per_entry(n: int, itemsize: int) -> float:
+    # value column (incompressible) + j and id_j as dictionary indices of
+    # ceil(log2 N) bits each + a little for i/id_i/layer runs and page headers.
+    # Past pyarrow's 1 MiB dictionary page the columns fall back to plain encoding.
+    bits = max(1, math.ceil(math.log2(max(n, 2))))
+    j_bytes = bits / 8 if n * 4 <= 2**20 else 4
+    id_j_bytes = bits / 8 if n * 8 <= 2**20 else 8
+    return itemsize + j_bytes + id_j_bytes + 0.25
+
+
+def estimate_export_bytes(
+    fmt: str, n: int, n_layers: int, dtype: str = "float32", triangle: str = "full",
+    *, strings_bytes: int = 0, provenance_bytes: int = 0,
+) -> int:
+    """Bytes the export will need on disk (exact for .npy/.h5 data, an estimate for Parquet)."""
+    itemsize = _check_dtype(dtype).itemsize
+    if fmt == "npy":
+        return 4096 + n_layers * n * n * itemsize + provenance_bytes
+    if fmt == "hdf5":
+        return (
+            64 * 1024
+            + n_layers * (n * (n - 1) // 2) * itemsize
+            + n * 16 + n_layers * 8 + strings_bytes + provenance_bytes
+        )
+    if fmt == "parquet":
+        pairs = n * n if triangle == "full" else n * (n - 1) // 2
+        return int(2**20 + n_layers * pairs * _parquet_bytes_per_entry(n, itemsize) + 2 * provenance_bytes)
+    raise ConfigError(f"unknown format {fmt!r}")  # pragma: no cover
+
+
+def export_similarity(
+    layers: Mapping[str, np.ndarray],
+    out: str | Path,
+    *,
+    ids: np.ndarray,
+    paths: list[str],
+    labels: list[str | None],
+    metadata: dict,
+    metric: str = "cosine",
+    distance: bool = False,
+    dtype: str = "float32",
+    triangle: str = "full",
+    overwrite: bool = False,
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the full pairwise similarity matrix of every layer to ``out``.
+
+    ``layers`` maps layer name to ``(N, k)`` float32 unit-norm vectors (same N
+    and row order for all; k may differ). The suffix of ``out`` picks the
+    format (``.npy``, ``.parquet``, ``.h5``/``.hdf5``; see the module doc).
+    ``distance`` writes ``1 - s`` (HDF5 always holds ``1 - s``). ``triangle``
+    ``"upper"`` (Parquet only) keeps the pairs ``i < j``. The working tiles stay
+    within ``memory_limit_bytes`` (at least one row). ``progress`` is called
+    after each tile with ``(done_rows, total_rows)`` summed over all layers.
+
+    Returns a summary dict: ``path``, ``files``, ``format``, ``shape``,
+    ``layers``, ``n``, ``dtype``, ``metric``, ``values`` ("similarity" or
+    ``"distance"``), ``triangle``, ``bytes_written``, ``bytes_estimated``,
+    ``tile_rows``, ``device``, ``elapsed_s``.
+
+    Raises OutputExistsError, DiskSpaceError, DimensionMismatchError,
+    ConfigError, DeviceError.
+    """
+    t_start = time.perf_counter()
+
+    # ---- parameters ----------------------------------------------------------
+    out = Path(out)
+    fmt = _FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            f"cannot tell the export format from {out.name!r}; "
+            "end the file name in .npy, .parquet, .h5 or .hdf5"
+        )
+    if metric not in _METRICS:
+        raise ConfigError(f"metric must be 'cosine' or 'correlation', got {metric!r}")
+    dt = _check_dtype(dtype)
+    dtype = dt.name
+    if triangle not in _TRIANGLES:
+        raise ConfigError(f"triangle must be 'full' or 'upper', got {triangle!r}")
+    if triangle == "upper" and fmt != "parquet":
+        raise ConfigError(
+            f"triangle='upper' is only for Parquet exports (got {out.suffix}); "
+            "use a .parquet output or triangle='full'"
+        )
+    _check_device(device)
+    if device.startswith("cuda"):
+        _require_cuda(device)
+    limit = _check_memory_limit(memory_limit_bytes)
+    distance = bool(distance)
+    values_name = "distance" if (distance or fmt == "hdf5") else "similarity"
+
+    # ---- vectors and descriptors --------------------------------------------
+    if not isinstance(layers, Mapping) or len(layers) == 0:
+        raise ConfigError("layers must be a non-empty dict of layer name -> (N, k) vectors")
+    names = [str(name) for name in layers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"layer names must be distinct, got {names}")
+    mats: list[np.ndarray] = []
+    zeros: list[np.ndarray] = []
+    n = None
+    for name, vec in layers.items():
+        V = _as_vectors(vec, f"layer {name!r}")
+        if n is None:
+            n = V.shape[0]
+        elif V.shape[0] != n:
+            raise DimensionMismatchError(
+                f"layer {name!r} has {V.shape[0]} rows but layer {names[0]!r} has {n}; "
+                "every layer must hold the same stimuli in the same order"
+            )
+        mats.append(V)
+        zeros.append(_zero_rows(V, f"layer {name!r}"))
+    n = int(n)  # set: layers is non-empty
+    if fmt == "hdf5" and n < 2:
+        raise DimensionMismatchError(
+            f"an rsatoolbox RDM needs at least 2 stimuli, got {n}; use .npy for a single stimulus"
+        )
+
+    ids_arr = np.asarray(ids)
+    if ids_arr.ndim != 1 or not (np.issubdtype(ids_arr.dtype, np.integer) or ids_arr.size == 0):
+        raise ConfigError(f"ids must be a 1-D integer array, got shape {ids_arr.shape} dtype {ids_arr.dtype}")
+    ids_arr = ids_arr.astype(np.int64, copy=False)
+    paths = list(paths)
+    labels = list(labels)
+    for what, seq in (("ids", ids_arr), ("paths", paths), ("labels", labels)):
+        if len(seq) != n:
+            raise DimensionMismatchError(
+                f"len({what}) is {len(seq)} but the vectors have {n} rows; "
+                "pass one id, path and label per row, in row order"
+            )
+    if len(np.unique(ids_arr)) != n:
+        raise ConfigError("ids contain duplicates; every row must be a distinct stimulus")
+
+    L = len(names)
+    if fmt == "npy":
+        shape: tuple[int, ...] = (n, n) if L == 1 else (L, n, n)
+    elif fmt == "hdf5":
+        shape = (L, n * (n - 1) // 2)
+    else:
+        shape = (L * (n * n if triangle == "full" else n * (n - 1) // 2),)
+
+    # ---- provenance ------------------------------------------------------------
+    provenance = {
+        "vecsim_similarity_version": _PROVENANCE_VERSION,
+        "format": fmt,
+        "file": out.name,
+        "layers": names,
+        "layer_order": "as given; .npy axis 0 / HDF5 rdm index / Parquet 'layer'",
+        "n": n,
+        "shape": list(shape),
+        "metric": metric,
+        "values": values_name,
+        "distance": values_name == "distance",
+        "dtype": dtype,
+        "triangle": triangle,
+        "diagonal": "similarity 1 for unit rows, 0 for all-zero rows (distance = 1 - similarity)",
+        "zero_rows": {name: np.flatnonzero(z).tolist() for name, z in zip(names, zeros)},
+        "ids": ids_arr.tolist(),
+        "paths": [str(p) for p in paths],
+        "labels": [None if lab is None else str(lab) for lab in labels],
+        "metadata": metadata,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    try:
+        prov_json = json.dumps(provenance, default=_json_default, allow_nan=False, indent=1)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"metadata is not JSON-serialisable ({exc}); pass plain dicts, lists, strings and numbers"
+        ) from exc
+
+    # ---- target, existing output, disk space ------------------------------------
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"output folder {parent} does not exist; create it first")
+    sidecar = Path(str(out) + ".json") if fmt == "npy" else None
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; pass a file name ending in .npy, .parquet, .h5 or .hdf5")
+    if not overwrite:
+        for p in (out, sidecar):
+            if p is not None and p.exists():
+                raise OutputExistsError(f"{p} already exists; pass overwrite=True or choose another name")
+
+    strings_bytes = 0
+    if fmt == "hdf5":
+        strings_bytes = _ascii(paths).nbytes + _ascii(labels).nbytes + _ascii(names).nbytes
+    needed = estimate_export_bytes(
+        fmt, n, L, dtype, triangle, strings_bytes=strings_bytes, provenance_bytes=len(prov_json)
+    )
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        hint = " or use dtype='float16'" if dtype == "float32" else ""
+        if fmt == "parquet" and triangle == "full":
+            hint += " or triangle='upper'"
+        raise DiskSpaceError(
+            f"not enough free disk space in {parent}: the export needs {_format_bytes(needed)} "
+            f"({needed} bytes) but only {_format_bytes(free)} ({free} bytes) are free; "
+            f"free some space, write elsewhere{hint}"
+        )
+
+    # ---- write ------------------------------------------------------------------
+    token = uuid.uuid4().hex[:8]
+    tmp = parent / f".{out.name}.{token}.tmp"
+    tmp_side = parent / f".{out.name}.json.{token}.tmp" if sidecar is not None else None
+    total_rows = L * n
+    done = [0]
+
+    def tick(rows: int) -> None:
+        done[0] += rows
+        if progress is not None:
+            progress(done[0], total_rows)
+
+    common = dict(
+        mats=mats, zeros=zeros, n=n, dt=dt, limit=limit, device=device, tick=tick,
+    )
+    try:
+        if fmt == "npy":
+            tile_rows = _write_npy(tmp, shape=shape, distance=distance, **common)
+        elif fmt == "parquet":
+            tile_rows = _write_parquet(
+                tmp, names=names, ids=ids_arr, distance=distance, triangle=triangle,
+                prov_json=prov_json, **common,
+            )
+        else:
+            tile_rows = _write_hdf5(
+                tmp, names=names, ids=ids_arr, paths=paths, labels=labels, metric=metric,
+                prov_json=prov_json, **common,
+            )
+        _fsync_path(tmp)
+        if tmp_side is not None:
+            with open(tmp_side, "w", encoding="utf-8") as fh:
+                fh.write(prov_json)
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        if tmp_side is not None:
+            os.replace(tmp_side, sidecar)
+        _fsync_dir(parent)
+    finally:
+        for p in (tmp, tmp_side):
+            if p is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    files = [out] + ([sidecar] if sidecar is not None else [])
+    return {
+        "path": str(out),
+        "files": [str(p) for p in files],
+        "format": fmt,
+        "shape": shape,
+        "layers": names,
+        "n": n,
+        "dtype": dtype,
+        "metric": metric,
+        "values": values_name,
+        "triangle": triangle,
+        "bytes_written": int(sum(p.stat().st_size for p in files)),
+        "bytes_estimated": int(needed),
+        "tile_rows": int(tile_rows),
+        "device": device,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+
+
+def _versions() -> dict:
+    from importlib import metadata as md
+
+    found = {"numpy": np.__version__}
+    for pkg in ("vecsim", "pyarrow", "h5py", "rsatoolbox", "torch"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+# ---- .npy ------------------------------------------------------------------------
+
+
+def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, distance) -> int:
+    """Create the .npy with ``open_memmap`` (header, full size) and fill it tile by tile.
+
+    Each finished tile of rows is ``pwrite``-n from one of two reusable buffers by
+    a writer thread while the next tile is computed, so disk and CPU overlap.
+    The lower triangle of a tile is read back from the previous tile's buffer or,
+    for older rows, through a short-lived read-only memory map of just those rows.
+    Nothing maps the whole file for long: pages of such a map, once touched,
+    would count towards the process's RSS, and the file can be far larger than RAM.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    header = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=shape)
+    data_offset = int(header.offset)
+    del header
+    itemsize = dt.itemsize
+    row_bytes = n * itemsize
+    # f32 block + two output buffers (+ the read-back map of one earlier tile's strip)
+    tile_rows = _tile_rows_for(n, 4 + 3 * itemsize, limit)
+    bufs = [np.empty(tile_rows * n, dtype=dt), np.empty(tile_rows * n, dtype=dt)]
+
+    def pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
+        view = memoryview(arr).cast("B")
+        pos = 0
+        while pos < len(view):
+            pos += os.pwrite(fd, view[pos:], offset + pos)
+
+    with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+        fd = fh.fileno()
+        for li, (V, zero) in enumerate(zip(mats, zeros)):
+            layer_base = data_offset + li * n * row_bytes
+            pending: list = [None, None]  # write future per buffer
+            slot_rows: list = [None, None]  # (r0, r1, array) held by each buffer
+            state = {"slot": 0}
+
+            def target(r0: int, r1: int) -> np.ndarray:
+                slot = (r0 // tile_rows) % 2
+                if pending[slot] is not None:  # the write from two tiles ago
+                    pending[slot].result()
+                    pending[slot] = None
+                state["slot"] = slot
+                return bufs[slot][: (r1 - r0) * n].reshape(r1 - r0, n)
+
+            def source(s0: int, s1: int) -> np.ndarray:
+                held = slot_rows[1 - state["slot"]]
+                if held is not None and held[0] == s0:
+                    return held[2]  # previous tile: still in memory, maybe still being written
+                return np.memmap(fh, dtype=dt, mode="r", offset=layer_base + s0 * row_bytes, shape=(s1 - s0, n))
+
+            def done(r0: int, r1: int, rows: np.ndarray) -> None:
+                slot = state["slot"]
+                slot_rows[slot] = (r0, r1, rows)
+                pending[slot] = pool.submit(pwrite_all, fd, rows, layer_base + r0 * row_bytes)
+                tick(r1 - r0)
+
+            try:
+                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done)
+            finally:
+                for fut in pending:
+                    if fut is not None:
+                        fut.result()
+        fh.flush()
+    return tile_rows
+
+
+# ---- .parquet --------------------------------------------------------------------
+
+
+def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, distance,
+                   triangle, prov_json) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    L = len(names)
+    if L <= np.iinfo(np.int8).max:
+        idx_np, idx_pa = np.int8, pa.int8()
+    elif L <= np.iinfo(np.int16).max:
+        idx_np, idx_pa = np.int16, pa.int16()
+    else:
+        idx_np, idx_pa = np.int32, pa.int32()
+    value_name = "distance" if distance else "similarity"
+    value_type = pa.float16() if dt == np.float16 else pa.float32()
+    schema = pa.schema(
+        [
+            ("layer", pa.dictionary(idx_pa, pa.string())),
+            ("i", pa.int32()),
+            ("j", pa.int32()),
+            ("id_i", pa.int64()),
+            ("id_j", pa.int64()),
+            (value_name, value_type),
+        ],
+        metadata={b"vecsim": prov_json.encode("utf-8")},
+    )
+    layer_dict = pa.array(names, type=pa.string())
+    upper = triangle == "upper"
+    # f32 block + (value + i + j + id_i + id_j + layer index) arrays, twice for the
+    # encoder's copy; capped at pyarrow's largest row group.
+    per_entry = 4 + 2 * (dt.itemsize + 4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize)
+    tile_rows = _tile_rows_for(n, per_entry, limit)
+    tile_rows = max(1, min(tile_rows, (64 * 1024 * 1024) // n))
+    all_j = np.arange(n, dtype=np.int32)
+
+    with pq.ParquetWriter(str(tmp), schema) as writer:
+        for li, (V, zero) in enumerate(zip(mats, zeros)):
+            for r0, r1, c0, S in _blocks(V, zero, tile_rows, device, upper=upper, distance=distance):
+                R = r1 - r0
+                rows = np.arange(r0, r1, dtype=np.int32)
+                if not upper:
+                    vals = S.astype(dt, copy=False).reshape(-1)
+                    i_col = np.repeat(rows, n)
+                    j_col = np.tile(all_j, R)
+                else:
+                    counts = (n - 1 - rows).astype(np.int64)
+                    total = int(counts.sum())
+                    if total == 0:
+                        tick(R)
+                        continue
+                    vals = np.empty(total, dtype=dt)
+                    pos = 0
+                    for a in range(R):
+                        m = int(counts[a])
+                        vals[pos : pos + m] = S[a, a + 1 :]
+                        pos += m
+                    i_col = np.repeat(rows, counts)
+                    starts = np.cumsum(counts) - counts  # position of each row's first pair
+                    j_col = (np.arange(total, dtype=np.int64) - np.repeat(starts - rows - 1, counts)).astype(np.int32)
+                count = len(vals)
+                table = pa.Table.from_arrays(
+                    [
+                        pa.DictionaryArray.from_arrays(pa.array(np.full(count, li, dtype=idx_np)), layer_dict),
+                        pa.array(i_col),
+                        pa.array(j_col),
+                        pa.array(ids[i_col]),
+                        pa.array(ids[j_col]),
+                        pa.array(vals),
+                    ],
+                    schema=schema,
+                )
+                writer.write_table(table, row_group_size=count)
+                del table, vals, i_col, j_col
+                tick(R)
+    return tile_rows
+
+
+# ---- .h5 (rsatoolbox RDMs) -------------------------------------------------------
+
+
+def _write_hdf5(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, paths, labels, metric,
+                prov_json) -> int:
+    """rsatoolbox's ``RDMs.save`` layout, with the condensed dissimilarities filled per tile."""
+    import h5py
+    from importlib import metadata as md
+
+    L = len(names)
+    m = n * (n - 1) // 2
+    tile_rows = _tile_rows_for(n, 4 + dt.itemsize, limit)
+    with h5py.File(tmp, "w") as f:
+        try:
+            f.attrs["rsatoolbox_version"] = md.version("rsatoolbox")
+        except md.PackageNotFoundError:
+            pass
+        f.attrs["dissimilarity_measure"] = metric
+        f.attrs["vecsim"] = prov_json
+        f.create_group("descriptors")
+        rd = f.create_group("rdm_descriptors")
+        rd["layer"] = _ascii(names)
+        rd["index"] = np.arange(L, dtype=np.int64)
+        pd = f.create_group("pattern_descriptors")
+        pd["id"] = ids
+        pd["path"] = _ascii(paths)
+        pd["label"] = _ascii(labels)
+        pd["index"] = np.arange(n, dtype=np.int64)
+        dset = f.create_dataset("dissimilarities", shape=(L, m), dtype=dt)
+        buf = np.empty(tile_rows * n, dtype=dt)
+        for li, (V, zero) in enumerate(zip(mats, zeros)):
+            for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=True):
+                start, stop = _condensed_offset(n, r0), _condensed_offset(n, r1)
+                chunk = buf[: stop - start]
+                pos = 0
+                for a in range(r1 - r0):
+                    k = n - (r0 + a) - 1
+                    chunk[pos : pos + k] = S[a, a + 1 :]
+                    pos += k
+                if stop > start:
+                    dset[li, start:stop] = chunk
+                tick(r1 - r0)
+        f.flush()
+    return tile_rows

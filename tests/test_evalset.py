@@ -12,9 +12,10 @@ from conftest import cosine_matrix, raw_features
 
 def test_allot_fits_the_budget_and_prefers_nothing_but_size():
     sizes = allot({"small": 100, "big": 1_000_000}, eval_size=500, budget_bytes=10 * 2**20, n=1000)
-    assert sizes["small"] == 500
-    assert sizes["big"] * (1_000_000 * 2 + 4) <= 10 * 2**20 - 500 * 204
-    assert allot({"a": 10}, 500, 2**30, n=20) == {"a": 20}
+    assert sizes["small"] == (500, "float32")
+    m, dtype = sizes["big"]
+    assert dtype == "float16" and 0 < m * (1_000_000 * 2 + 4) <= 10 * 2**20 - 500 * 404
+    assert allot({"a": 10}, 500, 2**30, n=20) == {"a": (20, "float32")}
 
 
 def test_subset_similarities_equal_those_of_raw_activations(shared_image_set, tmp_path):

@@ -47,3 +47,21 @@ def test_transition_norm_yields_its_own_output_not_the_inplace_relu_result():
     assert (got < 0).any()
     torch.testing.assert_close(got, expected)
     assert _hook_count(model) == 0
+
+
+def test_forward_stops_after_the_deepest_hooked_layer_with_the_same_results():
+    model = load_model("resnet18", weights="none").module
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    handle = model.fc.register_forward_hook(lambda m, i, o: calls.append(1))
+    with LayerCapture(model, ["layer1", "layer2.0.relu"], stop_early=False) as full:
+        expected = full.run(x)
+    assert len(calls) == 1
+    with LayerCapture(model, ["layer1", "layer2.0.relu"]) as capture:
+        first = capture.run(x)   # counts the calls (layer2.0.relu runs twice per pass)
+        second = capture.run(x)
+    handle.remove()
+    assert len(calls) == 2  # only the counting pass reached the head
+    for layer in expected:
+        torch.testing.assert_close(first[layer], expected[layer])
+        torch.testing.assert_close(second[layer], expected[layer])

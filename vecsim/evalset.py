@@ -3,7 +3,8 @@
 A seeded order of the stimuli is drawn once; each layer keeps the first M of it, M
 shrinking per layer so that the held raw copies fit the memory budget (so any two
 layers share the smaller subset). Raw vectors of the subset are held in memory only
-(float16, scaled per vector so nothing overflows), never written; their Gram matrix
+(float32 when the budget allows, else float16 scaled per vector so nothing
+overflows), never written; their Gram matrix
 (inner products, accumulated in float32 block products on the device, stored float64)
 and per-vector sums (for correlation) are. For 4-D outputs, per-channel responses
 pooled to a small grid are kept too (channel redundancy analyses).
@@ -25,17 +26,24 @@ def eval_order(ids: list[int], seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 1]).permutation(np.asarray(ids, dtype=np.int64))
 
 
-def allot(units: dict[str, int], eval_size: int, budget_bytes: int, n: int) -> dict[str, int]:
-    """Per-layer subset sizes: water-filling the budget over layers, smallest layers first."""
+def allot(units: dict[str, int], eval_size: int, budget_bytes: int, n: int) -> dict[str, tuple[int, str]]:
+    """Per-layer (subset size, held dtype): water-filling the budget, smallest layers first.
+
+    A layer whose whole subset fits in float32 is held in float32 (no conversions, exact
+    products); otherwise in scaled float16, which doubles what the budget holds.
+    """
     want = min(eval_size, n)
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, str]] = {}
     remaining = float(budget_bytes)
     layers = sorted(units, key=lambda layer: units[layer])
     for i, layer in enumerate(layers):
         share = remaining / (len(layers) - i)
-        per_vector = units[layer] * 2 + 4  # float16 copy + its scale
-        m = int(min(want, share // per_vector))
-        sizes[layer] = m
+        if want * (units[layer] * 4 + 4) <= share:
+            m, dtype, per_vector = want, "float32", units[layer] * 4 + 4
+        else:
+            per_vector = units[layer] * 2 + 4  # float16 copy + its scale
+            m, dtype = int(min(want, share // per_vector)), "float16"
+        sizes[layer] = (m, dtype)
         remaining -= m * per_vector
     return sizes
 
@@ -53,12 +61,17 @@ class LayerEval:
     units: int
     device: str
     grid: tuple[int, int, int] | None  # (C, gh, gw) of a (C, H, W) output, else None
+    dtype: str = "float16"
 
     def __post_init__(self):
         import torch
 
-        self.held = torch.zeros(self.size, self.units, dtype=torch.float16)
-        self.scale = torch.zeros(self.size, dtype=torch.float32)
+        # rows in arrival order (row r holds slot self.slots[r]), so the held block is
+        # always the view held[:count] and the block products copy nothing; on the
+        # model's device, so they run there without transfers
+        self.held = torch.zeros(self.size, self.units, dtype=getattr(torch, self.dtype), device=self.device)
+        self.scale = torch.ones(self.size, dtype=torch.float32, device=self.device)
+        self.slots: list[int] = []
         self.gram = np.zeros((self.size, self.size), dtype=np.float64)
         self.sums = np.zeros(self.size, dtype=np.float64)
         self.filled = np.zeros(self.size, dtype=bool)
@@ -73,19 +86,26 @@ class LayerEval:
         import torch.nn.functional as F
 
         xs = x.to(torch.float32)
-        old = np.flatnonzero(self.filled)
-        new_block = (xs @ xs.T).double().cpu().numpy()
-        self.gram[np.ix_(slots, slots)] = new_block
-        for start in range(0, len(old), BLOCK_ROWS):
-            part = old[start : start + BLOCK_ROWS]
-            held = (self.held[part].to(xs.device, torch.float32) * self.scale[part].to(xs.device)[:, None])
+        count, b = len(self.slots), len(slots)
+        self.gram[np.ix_(slots, slots)] = (xs @ xs.T).double().cpu().numpy()
+        block = self.size if self.held.dtype == torch.float32 else BLOCK_ROWS
+        for start in range(0, count, block):
+            stop = min(start + block, count)
+            held = self.held[start:stop]
+            if held.dtype != torch.float32:
+                held = held.to(torch.float32) * self.scale[start:stop, None]
             cross = (xs @ held.T).double().cpu().numpy()
-            self.gram[np.ix_(slots, part)] = cross
-            self.gram[np.ix_(part, slots)] = cross.T
-        self.sums[slots] = xs.sum(dim=1, dtype=torch.float64).cpu().numpy()
-        scale = xs.abs().amax(dim=1).clamp(min=1e-30)
-        self.held[slots] = (xs / scale[:, None]).to(torch.float16).cpu()
-        self.scale[slots] = scale.cpu()
+            old = self.slots[start:stop]
+            self.gram[np.ix_(slots, old)] = cross
+            self.gram[np.ix_(old, slots)] = cross.T
+        self.sums[slots] = xs.sum(dim=1).double().cpu().numpy()
+        if self.held.dtype == torch.float32:
+            self.held[count : count + b] = xs
+        else:
+            scale = xs.abs().amax(dim=1).clamp(min=1e-30)
+            self.held[count : count + b] = (xs / scale[:, None]).to(self.held.dtype)
+            self.scale[count : count + b] = scale
+        self.slots.extend(slots)
         self.filled[slots] = True
         if self.channel_responses is not None and output is not None and output.ndim == 4:
             pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
@@ -110,11 +130,12 @@ class EvalSubset:
     def __init__(self, ids: list[int], seed: int, eval_size: int, budget_bytes: int,
                  units: dict[str, int], shapes: dict[str, tuple], device: str):
         self.order = eval_order(ids, seed)
-        self.sizes = allot(units, eval_size, budget_bytes, len(ids))
+        allotted = allot(units, eval_size, budget_bytes, len(ids))
+        self.sizes = {layer: m for layer, (m, _) in allotted.items()}
         self.slot_of = {int(i): s for s, i in enumerate(self.order[: max(self.sizes.values(), default=0)])}
         self.layers = {
-            layer: LayerEval(size, units[layer], device, _grid(shapes[layer]))
-            for layer, size in self.sizes.items()
+            layer: LayerEval(m, units[layer], device, _grid(shapes[layer]), dtype)
+            for layer, (m, dtype) in allotted.items()
         }
         self._batch: dict[str, tuple[list[int], list[int]]] = {}
 
@@ -129,16 +150,16 @@ class EvalSubset:
                     slots.append(slot)
             self._batch[layer] = (pos, slots)
 
-    def capture(self, layer: str, x, output) -> None:
-        """Called inside the hook with the pooled float32 raw vectors of the whole batch."""
+    def capture(self, layer: str, x, output, finite) -> None:
+        """Called inside the hook with the pooled float32 raw vectors of the whole batch
+        and their finite mask (a non-finite stimulus is not part of the subset)."""
         import torch
 
         pos, slots = self._batch.get(layer, ([], []))
         if not pos:
             return
         idx = torch.tensor(pos, device=x.device)
-        finite = torch.isfinite(x[idx]).all(dim=1).cpu().tolist()
-        keep = [i for i, ok in enumerate(finite) if ok]
+        keep = [i for i, ok in enumerate(finite[idx].cpu().tolist()) if ok]
         if not keep:
             return
         sel = idx[keep]
@@ -151,7 +172,7 @@ class EvalSubset:
         np.savez(tmp, **result)
         tmp.replace(directory / "eval.npz")
         return {"size": int(len(result["ids"])), "requested": int(self.layers[layer].size),
-                "channels": result.get("channels") is not None}
+                "held_dtype": self.layers[layer].dtype, "channels": result.get("channels") is not None}
 
 
 def load_eval(directory: Path) -> dict | None:

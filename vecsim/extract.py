@@ -37,21 +37,31 @@ def copy_flat(output) -> Any:
     return output.detach().flatten(1).to(torch.float32, copy=True)
 
 
+class _StopForward(Exception):
+    """Raised from the last hook of a pass: nothing after the deepest hooked layer is needed."""
+
+
 class LayerCapture:
     """Context manager that hooks ``layers`` and always removes the hooks on exit.
 
     ``functions[layer]`` runs inside the hook on the layer's output and its result is
-    what :meth:`pop` returns. A module called several times in one forward pass keeps
-    the result of its last call.
+    what :meth:`run` returns. A module called several times in one forward pass keeps
+    the result of its last call. With ``stop_early``, the first pass counts the calls of
+    each hooked module and later passes stop right after the last of them, so the
+    layers after the deepest hooked one are not computed.
     """
 
-    def __init__(self, model, layers: list[str], functions: dict[str, Callable] | None = None):
+    def __init__(self, model, layers: list[str], functions: dict[str, Callable] | None = None,
+                 stop_early: bool = True):
         check_layers(model, layers)
         self.model = model
         self.layers = list(layers)
         self.functions = functions or {}
+        self.stop_early = stop_early
         self._handles: list[Any] = []
         self._results: dict[str, Any] = {}
+        self._calls: dict[str, int] = {}
+        self._expected: dict[str, int] | None = None
 
     def __enter__(self) -> "LayerCapture":
         modules = dict(self.model.named_modules())
@@ -80,6 +90,9 @@ class LayerCapture:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {layer!r} returns {type(output).__name__}, not a tensor; hook a submodule")
             self._results[layer] = function(output)
+            self._calls[layer] = self._calls.get(layer, 0) + 1
+            if self._expected is not None and self._calls == self._expected:
+                raise _StopForward
 
         return hook
 
@@ -87,9 +100,14 @@ class LayerCapture:
         """One forward pass under inference mode; the per-layer results of this batch."""
         import torch
 
-        self._results = {}
-        with torch.inference_mode():
-            self.model(batch)
+        self._results, self._calls = {}, {}
+        try:
+            with torch.inference_mode():
+                self.model(batch)
+        except _StopForward:
+            pass
+        if self.stop_early and self._expected is None:
+            self._expected = dict(self._calls)
         missing = [layer for layer in self.layers if layer not in self._results]
         if missing:
             raise RuntimeError(f"layer(s) {', '.join(missing)} were not called in the forward pass")

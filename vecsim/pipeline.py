@@ -69,6 +69,15 @@ def _per_layer(spec: str, layers: list[str], what: str) -> dict[str, str]:
     return {layer: per.get(layer, default or "flatten") for layer in layers}
 
 
+def _import_lancedb_in_background() -> None:
+    import threading
+
+    from vecsim.store import _lancedb
+
+    if "lancedb" not in sys.modules:
+        threading.Thread(target=_lancedb, daemon=True).start()
+
+
 class _Indexer:
     def __init__(self, config: IndexConfig, progress: bool):
         self.config = config
@@ -118,6 +127,7 @@ class _Indexer:
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         self.evalset = self._eval_subset(shapes)
         self._plan()  # starts the decoding workers before lancedb's runtime exists in this process
+        _import_lancedb_in_background()  # a second or more of imports, overlapped with the first batches
         self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=cfg.overwrite)
         try:
             torch.manual_seed(cfg.seed)
@@ -145,10 +155,11 @@ class _Indexer:
 
         def function(output):
             x = reducer.pool(output)
+            norms, finite = reducer.measure(x)
             if evalset is not None:
-                evalset.capture(layer, x, output)
-            z, norms, finite = reducer.prepare_pooled(x)
-            return (reducer.project(z) if project else z), norms, finite
+                evalset.capture(layer, x, output, finite)
+            z = reducer.reduce_pooled(x, finite)
+            return (reducer.project(z) if project else z), norms.masked_fill(~finite, 0.0), finite
 
         return function
 
@@ -217,8 +228,7 @@ class _Indexer:
         from tqdm import tqdm
 
         self.failed = list(self.stim_set.failures)
-        if self.failed:
-            self.writer.add_failures(self.failed, self.run_id)
+        self.unsaved_failures = list(self.failed)  # written with the next commit
         bar = tqdm(total=len(self.stim_set), unit="img", desc="indexing", disable=not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
         try:
@@ -243,8 +253,7 @@ class _Indexer:
 
         decode_failures = batch.failures
         self.failed.extend(decode_failures)
-        if decode_failures:
-            self.writer.add_failures(decode_failures, self.run_id)
+        self.unsaved_failures.extend(decode_failures)
         if batch.images is None:
             bar.update(len(decode_failures))
             return [], {}
@@ -259,9 +268,8 @@ class _Indexer:
                 layer_failures.append(Failure(batch.ids[pos], self.by_id[batch.ids[pos]].path, "activation",
                                               "activations contain NaN or Inf", layer))
             finite &= ok
-        if layer_failures:
-            self.failed.extend(layer_failures)
-            self.writer.add_failures(layer_failures, self.run_id)
+        self.failed.extend(layer_failures)
+        self.unsaved_failures.extend(layer_failures)
         keep = torch.nonzero(finite).flatten().cpu().tolist()
         bar.update(len(batch.ids) + len(decode_failures))
         return keep, results
@@ -311,7 +319,7 @@ class _Indexer:
             for layer, reducer in self.reducers.items():
                 z = held[layer][start:stop].to(self.device)
                 vectors[layer] = (ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())
-            self.writer.append(rows[start:stop], vectors, [], self.run_id)
+            self.writer.append(rows[start:stop], vectors, self._take_failures(), self.run_id)
         del held
         return count
 
@@ -342,6 +350,10 @@ class _Indexer:
         count += self._commit(pending_rows, pending)
         return count
 
+    def _take_failures(self) -> list:
+        taken, self.unsaved_failures = self.unsaved_failures, []
+        return taken
+
     def _commit(self, rows: list[dict], pending: dict[str, list]) -> int:
         if not rows:
             return 0
@@ -349,7 +361,7 @@ class _Indexer:
             layer: tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
             for layer, parts in pending.items()
         }
-        self.writer.append(rows, vectors, [], self.run_id)
+        self.writer.append(rows, vectors, self._take_failures(), self.run_id)
         count = len(rows)
         rows.clear()
         for parts in pending.values():
@@ -359,6 +371,8 @@ class _Indexer:
     def _finish(self, indexed: int, failed: int, started: float, seconds: float) -> None:
         from vecsim.store import now, package_versions
 
+        if self.unsaved_failures:
+            self.writer.add_failures(self._take_failures(), self.run_id)
         for layer, reducer in self.reducers.items():
             self.writer.build_index(layer, reducer.dim)
             if self.evalset is not None:

@@ -188,23 +188,31 @@ class LayerReducer:
             raise DimensionMismatchError(f"layer {self.layer} gave {x.shape[1]} units, the reducer expects {self.units}")
         return x
 
-    def prepare_pooled(self, x):
-        """Raw vectors (B, units) → (z (B, dim_in), raw L2 norms (B,), finite mask (B,)); x is consumed."""
+    @staticmethod
+    def measure(x):
+        """Raw L2 norms (B,) and the finite mask (B,): one pass, since a non-finite entry makes the norm non-finite."""
         import torch
 
-        finite = torch.isfinite(x).all(dim=1)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        return norms, torch.isfinite(norms)
+
+    def reduce_pooled(self, x, finite):
+        """Raw vectors (B, units) → z (B, dim_in), the input of the projection; x is consumed.
+
+        Non-finite rows are zeroed so they cannot poison a fit or a batch product.
+        """
         if not bool(finite.all()):
             x[~finite] = 0.0
-        norms = torch.linalg.vector_norm(x, dim=1)
         if self.config.similarity == "correlation":
             x -= x.mean(dim=1, keepdim=True)
-        if self.sketch is not None:
-            x = self.sketch(x)
-        return x, norms, finite
+        return self.sketch(x) if self.sketch is not None else x
 
     def prepare(self, output):
         """Raw layer output → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,))."""
-        return self.prepare_pooled(self.pool(output))
+        x = self.pool(output)
+        norms, finite = self.measure(x)
+        norms = norms.masked_fill(~finite, 0.0)
+        return self.reduce_pooled(x, finite), norms, finite
 
     def project(self, z):
         """(B, dim_in) → (B, k) unit vectors; an all-zero input stays all-zero."""

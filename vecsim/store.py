@@ -349,10 +349,14 @@ class StoreWriter:
         self.manifest = manifest
         self._lock_fh = None
         self._db = None
+        self._stim_schema = None
+        self._tables_ready = False
 
     # lifecycle
     @classmethod
     def create(cls, path: Path, manifest: dict, stim_schema, overwrite: bool = False) -> "StoreWriter":
+        """Lock the folder and write the manifest; the tables are created on first use, so
+        lancedb's import (seconds) can overlap with the first forward passes."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             if (path / MANIFEST_NAME).is_file():
@@ -370,12 +374,18 @@ class StoreWriter:
             writer = cls(path, manifest)
             writer.lock()
         (path / "layers").mkdir(exist_ok=True)
-        db = writer.db
-        db.create_table("stimuli", schema=stim_schema, mode="overwrite")
-        db.create_table("failures", schema=failures_schema(), mode="overwrite")
-        db.create_table("runs", schema=runs_schema(), mode="overwrite")
+        writer._stim_schema = stim_schema
         writer.save_manifest()
         return writer
+
+    def _ensure_tables(self) -> None:
+        if self._tables_ready:
+            return
+        db = self.db
+        db.create_table("stimuli", schema=self._stim_schema, mode="overwrite")
+        db.create_table("failures", schema=failures_schema(), mode="overwrite")
+        db.create_table("runs", schema=runs_schema(), mode="overwrite")
+        self._tables_ready = True
 
     def lock(self) -> None:
         import fcntl
@@ -410,6 +420,7 @@ class StoreWriter:
         return d
 
     def create_vector_table(self, layer: str, dim: int) -> None:
+        self._ensure_tables()
         self.db.create_table(self.manifest["layers"][layer]["table"], schema=vectors_schema(dim), mode="overwrite")
 
     # appends
@@ -418,6 +429,7 @@ class StoreWriter:
         """Commit one chunk: vectors of every layer first, then the stimuli rows, then failures."""
         import pyarrow as pa
 
+        self._ensure_tables()
         for layer, (ids, vecs, norms) in vectors.items():
             if len(ids) == 0:
                 continue
@@ -442,6 +454,7 @@ class StoreWriter:
     def add_failures(self, failures: list, run: int) -> None:
         import pyarrow as pa
 
+        self._ensure_tables()
         rows = [
             {"id": f.id, "path": f.path, "stage": f.stage, "layer": f.layer, "reason": f.reason, "run": run}
             for f in failures
@@ -451,6 +464,7 @@ class StoreWriter:
     def add_run(self, row: dict) -> None:
         import pyarrow as pa
 
+        self._ensure_tables()
         self.db.open_table("runs").add(pa.Table.from_pylist([row], schema=runs_schema()))
 
     def build_index(self, layer: str, dim: int, batch_rows: int = 65_536) -> int:

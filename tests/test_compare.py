@@ -1,0 +1,238 @@
+"""compare / prune / spectrum / channels: library results checked against direct computations, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import vecsim
+from vecsim.compare import EXACT, STORED, channel_redundancy, compare_stores, prune_checkpoint, store_spectra
+from vecsim.errors import ConfigError, OutputExistsError, StimulusSetError, StoreError
+from vecsim.measures import MEASURES, linear_cka, rsa
+from vecsim.store import Store
+from vecsim.structure import dims_for_energy, effective_rank
+
+from conftest import cosine_matrix, make_image_set, raw_features
+
+LAYERS = ["features.relu3", "features.relu4", "pool", "classifier"]
+SIMILAR_IS_ONE = ["cka", "cka_debiased", "rsa_spearman", "rsa_pearson", "rsa_kendall", "svcca", "pwcca"]
+
+
+def _index(source, out, layers=LAYERS, **kw):
+    vecsim.index_stimuli(source=str(source), model="digits-cnn", layers=layers, out=str(out), dim="16",
+                         batch_size=8, progress=False, **kw)
+    return out
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vecsim", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def _no_nan_json(text: str):
+    def refuse(name):
+        raise AssertionError(f"JSON holds {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def stores(shared_image_set, tmp_path_factory):
+    base = tmp_path_factory.mktemp("compare")
+    full = _index(shared_image_set, base / "full")
+    no_eval = _index(shared_image_set, base / "no_eval", layers=["features.relu4", "pool"], eval_size=0)
+    # 15 of the 18 images plus 2 new ones, in another folder: other paths and ids, same bytes for 15
+    partial_src = base / "partial_src"
+    files = sorted(p.relative_to(shared_image_set) for p in shared_image_set.rglob("*") if p.is_file())
+    for rel in files[3:]:
+        (partial_src / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_image_set / rel, partial_src / rel)
+    make_image_set(partial_src / "new", per_class=1, classes=("fox", "emu"), seed=7)
+    partial = _index(partial_src, base / "partial", layers=["features.relu4", "pool"])
+    other = _index(make_image_set(base / "other_src", seed=3), base / "other", layers=["pool"])
+    return {"full": full, "no_eval": no_eval, "partial": partial, "other": other, "source": shared_image_set}
+
+
+# -- compare -----------------------------------------------------------------------------
+
+def test_store_with_itself_has_identity_diagonal_and_records_sources(stores):
+    result = compare_stores(stores["full"], measures="all")
+    assert result.measures == list(MEASURES)
+    assert result.matching.matched == 18 and result.matching.unmatched_a == 0 == result.matching.unmatched_b
+    for measure in result.measures:
+        M = result.matrix(measure)
+        assert M.shape == (4, 4)
+        expected = 0.0 if measure == "procrustes" else 1.0
+        np.testing.assert_allclose(np.diag(M), expected, atol=1e-6, err_msg=measure)
+        if measure != "pwcca":
+            np.testing.assert_allclose(M, M.T, atol=1e-12, err_msg=measure)
+    for cell in result.cells:
+        assert cell["n"] == 18
+        assert cell["source"] == (STORED if cell["measure"] == "pwcca" else EXACT)
+    text = result.format()
+    assert "exact-gram, n=18" in text and "stored-vectors, n=18" in text and "unmatched: 0" in text
+
+
+def test_exact_gram_cka_and_rsa_equal_those_of_raw_activations(stores):
+    store = Store.open(stores["full"])
+    result = compare_stores(store, measures=["cka", "rsa_pearson"], layers_a=["features.relu3"],
+                            layers_b=["features.relu4", "pool"])
+    paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
+    ids = np.sort(store.eval_subset("features.relu3")["ids"])
+    rel = [paths[i] for i in ids]
+    raw3 = raw_features("digits-cnn", stores["source"], rel, "features.relu3", weights="DEFAULT")
+    for layer in ("features.relu4", "pool"):
+        raw = raw_features("digits-cnn", stores["source"], rel, layer, weights="DEFAULT")
+        cell = result.cell("cka", "features.relu3", layer)
+        assert cell["source"] == EXACT and cell["n"] == len(ids) == 18
+        assert cell["value"] == pytest.approx(linear_cka(raw3, raw), abs=2e-3)
+        rdm3, rdm = 1 - cosine_matrix(raw3), 1 - cosine_matrix(raw)
+        assert result.value("rsa_pearson", "features.relu3", layer) == pytest.approx(rsa(rdm3, rdm, "pearson"), abs=2e-3)
+
+
+def test_without_eval_subset_gram_measures_use_rescaled_stored_vectors(stores):
+    store = Store.open(stores["no_eval"])
+    result = compare_stores(store, measures=["cka", "rsa_spearman", "procrustes"])
+    assert {c["source"] for c in result.cells} == {STORED}
+    feats = {}
+    for layer in store.layers:
+        _, vecs = store.vectors(layer)
+        _, norms = store.raw_norms(layer)
+        feats[layer] = vecs.astype(np.float64) * norms[:, None]
+    assert result.value("cka", "features.relu4", "pool") == pytest.approx(
+        linear_cka(feats["features.relu4"], feats["pool"]), abs=1e-12)
+    with pytest.raises(StoreError, match="no evaluation subset"):
+        compare_stores(store, measures="cka", source="exact-gram")
+    # the same store with exact Grams: stored vectors approximate them
+    exact = compare_stores(stores["full"], measures="cka", layers_a=["features.relu4"], layers_b=["pool"])
+    assert result.value("cka", "features.relu4", "pool") == pytest.approx(
+        exact.value("cka", "features.relu4", "pool"), abs=0.05)
+
+
+def test_two_stores_are_matched_by_sha256_and_unmatched_counts_reported(stores):
+    result = compare_stores(stores["full"], stores["partial"], measures=["cka", "pwcca"], pairs="matching",
+                            layers_a=["features.relu4", "pool"])
+    m = result.matching
+    assert (m.matched, m.unmatched_a, m.unmatched_b, m.n_a, m.n_b) == (15, 3, 2, 18, 17)
+    for layer in ("features.relu4", "pool"):
+        cell = result.cell("cka", layer, layer)
+        assert cell["source"] == EXACT and cell["n"] == 15
+        assert cell["value"] == pytest.approx(1.0, abs=1e-3)  # same model, same images: aligned rows
+        assert result.cell("pwcca", layer, layer)["n"] == 15
+    assert "unmatched: 3 in A, 2 in B" in result.format()
+
+
+def test_no_common_stimuli_is_an_error_naming_the_unmatched(stores):
+    with pytest.raises(StimulusSetError, match=r"share 0 stimuli.*18 of A's 18 and 18 of B's 18"):
+        compare_stores(stores["full"], stores["other"])
+    with pytest.raises(ConfigError, match="did you mean"):
+        compare_stores(stores["full"], measures="ckaa")
+
+
+def test_compare_cli_writes_tables_and_heatmaps(stores, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_cli("compare", stores["full"], "--measure", "cka,pwcca", "--layers-a", "features.relu4,pool",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "exact-gram" in result.stdout and "stored-vectors" in result.stdout
+    for name in ("comparison.parquet", "comparison.csv", "comparison.json", "cka_matrix.csv", "cka.png", "pwcca.png"):
+        assert (out / name).is_file(), name
+    table = pq.read_table(out / "comparison.parquet")
+    assert {"layer_a", "layer_b", "value", "source", "n"} <= set(table.column_names)
+    assert table.num_rows == 2 * 2 * 4
+    as_json = run_cli("compare", stores["full"], stores["partial"], "--measure", "all", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = _no_nan_json(as_json.stdout)
+    assert data["matching"]["unmatched_a"] == 3 and data["matching"]["unmatched_b"] == 2
+    bad = run_cli("compare", stores["full"], stores["other"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "do not match" in bad.stderr
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+def test_prune_cli_reaches_the_sparsity_and_its_checkpoint_indexes(stores, tmp_path):
+    ckpt = tmp_path / "pruned.pt"
+    result = run_cli("prune", "--model", "digits-cnn", "--amount", "0.5", "--out", ckpt)
+    assert result.returncode == 0, result.stderr
+    assert "overall" in result.stdout and "50.00%" in result.stdout
+    state = torch.load(ckpt, weights_only=True)
+    weights = [v for k, v in state.items() if k.endswith(".weight") and v.ndim in (2, 4)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(0.5 * sum(w.numel() for w in weights))
+    again = run_cli("prune", "--model", "digits-cnn", "--amount", "0.5", "--out", ckpt)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    out = tmp_path / "store"
+    index = run_cli("index", stores["source"], "--model", "digits-cnn", "--checkpoint", ckpt,
+                    "--layers", "features.relu4", "--out", out, "--dim", "8", "-q")
+    assert index.returncode == 0, index.stderr
+    store = Store.open(out)
+    assert store.manifest["model"]["checkpoint"] == str(ckpt) and len(store.stimuli()) == 18
+
+
+def test_prune_amount_zero_leaves_weights_unchanged_and_layerwise_prunes_each_layer(tmp_path):
+    from vecsim.models import load_model
+
+    original = load_model("digits-cnn").module.state_dict()
+    report = prune_checkpoint("digits-cnn", tmp_path / "same.pt", 0.0)
+    saved = torch.load(tmp_path / "same.pt", weights_only=True)
+    assert report["pruned"] == 0 and saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in original)
+    report = prune_checkpoint("digits-cnn", tmp_path / "lw.pt", 0.3, scope="layerwise")
+    assert all(abs(r["sparsity"] - 0.3) < 0.01 for r in report["layers"].values())
+    with pytest.raises(OutputExistsError):
+        prune_checkpoint("digits-cnn", tmp_path / "lw.pt", 0.3)
+    with pytest.raises(ConfigError):
+        prune_checkpoint("digits-cnn", tmp_path / "x.pt", 1.5)
+
+
+# -- spectrum --------------------------------------------------------------------------------
+
+def test_spectrum_numbers_are_those_of_the_stored_spectrum(stores, tmp_path):
+    store = Store.open(stores["full"])
+    report = store_spectra(store)
+    assert [r["layer"] for r in report.layers] == LAYERS
+    for row in report.layers:
+        lam = store.spectrum(row["layer"])
+        er = effective_rank(lam)
+        assert row["participation_ratio"] == pytest.approx(er["participation_ratio"])
+        assert row["entropy_rank"] == pytest.approx(er["entropy_rank"])
+        assert row["dims_for_energy"] == {str(f): k for f, k in dims_for_energy(lam).items()}
+        assert row["matrix"] == "raw second moment" and row["n_train"] == 18
+    out = tmp_path / "spec"
+    result = run_cli("spectrum", stores["full"], "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    data = _no_nan_json(result.stdout)
+    assert data["layers"][0]["layer"] == "features.relu3"
+    assert all((out / n).is_file() for n in ("spectrum.png", "spectrum.json", "spectrum.csv"))
+    text = run_cli("spectrum", stores["full"]).stdout
+    assert "second moment" in text and "n_train=18" in text
+
+
+# -- channels --------------------------------------------------------------------------------
+
+def test_channel_matrices_and_summary(stores, tmp_path):
+    report = channel_redundancy(stores["full"], "features.relu4", k=5)
+    assert report.similarity.shape == (64, 64) == report.overlap.shape
+    assert report.n_stimuli == 18 and report.grid_cells == 16
+    assert report.summary["n_channels"] == 64 and report.summary["k"] == 5
+    np.testing.assert_allclose(report.similarity, report.similarity.T)
+    with pytest.raises(ConfigError, match="not a .C, H, W. feature map"):
+        channel_redundancy(stores["full"], "classifier")
+    with pytest.raises(StoreError, match="no evaluation subset"):
+        channel_redundancy(stores["no_eval"], "features.relu4")
+    out = tmp_path / "ch"
+    result = run_cli("channels", stores["full"], "--layer", "features.relu3", "--k", "5", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "CW-NNK overlap" in result.stdout
+    for name in ("similarity.npy", "overlap.npy", "similarity.png", "overlap.png", "summary.json"):
+        assert (out / f"features_relu3_{name}").is_file(), name
+    assert np.load(out / "features_relu3_overlap.npy").shape == (64, 64)
+    _no_nan_json((out / "features_relu3_summary.json").read_text())

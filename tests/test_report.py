@@ -1,0 +1,198 @@
+"""The fidelity report: its numbers equal a direct computation, its files are complete."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+import vecsim
+from vecsim.errors import ConfigError, OutputExistsError, StoreError
+from vecsim.evalset import exact_similarity
+from vecsim.report import (
+    NO_LABELS_LINE,
+    build_report,
+    d_prime,
+    fidelity,
+    fidelity_summary,
+    roc_auc,
+)
+from vecsim.store import Store
+
+from conftest import make_image_set
+
+LAYERS = ["features.relu3", "pool"]
+IMG_TAG = '<img src="data:image/png;base64,'
+
+
+def _index(source, out, labels=True, eval_size=18, layers=LAYERS):
+    vecsim.index_stimuli(source=str(source), model="digits-cnn", layers=layers, out=str(out), dim="16",
+                         eval_size=eval_size, labels_from_folders=labels, batch_size=8, progress=False)
+    return Store.open(out)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    return _index(make_image_set(root / "stimuli"), root / "store")
+
+
+@pytest.fixture(scope="module")
+def labelled_report(labelled, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_out") / "r"
+    return out, build_report(labelled.path, out)
+
+
+# -- the measures themselves ---------------------------------------------------------
+
+def _brute_auc(pos, neg):
+    pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def test_auc_of_perfectly_separated_scores_is_one_and_d_prime_positive():
+    pos, neg = [0.9, 0.8, 0.95], [0.1, 0.2, 0.3, 0.25]
+    assert roc_auc(pos, neg) == 1.0
+    assert roc_auc(neg, pos) == 0.0
+    assert d_prime(pos, neg) > 0 and math.isfinite(d_prime(pos, neg))
+    assert d_prime(neg, pos) == pytest.approx(-d_prime(pos, neg))
+
+
+def test_auc_counts_ties_half_and_matches_mann_whitney():
+    assert roc_auc([1, 1], [1, 1, 1]) == 0.5
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 40).astype(float), rng.integers(0, 4, 55).astype(float)  # many ties
+    assert roc_auc(pos, neg) == pytest.approx(_brute_auc(pos, neg), abs=1e-12)
+
+
+def test_d_prime_is_infinite_safe():
+    with np.errstate(all="raise"):
+        assert d_prime([1.0, 1.0], [0.0, 0.0]) == math.inf
+        assert d_prime([0.0], [1.0]) == -math.inf
+        assert d_prime([0.5, 0.5], [0.5]) == 0.0
+    pos, neg = np.array([2.0, 4.0]), np.array([0.0, 1.0, 2.0])
+    expected = (pos.mean() - neg.mean()) / math.sqrt((pos.var() + neg.var()) / 2)
+    assert d_prime(pos, neg) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("pos, neg", [([], [1.0]), ([1.0], []), ([float("nan")], [1.0])])
+def test_measures_reject_empty_or_non_finite_scores(pos, neg):
+    for fn in (roc_auc, d_prime):
+        with pytest.raises(ConfigError):
+            fn(pos, neg)
+
+
+# -- report numbers vs a direct computation ----------------------------------------------
+
+def _direct(store, layer, dim):
+    """Spearman, recall@10 and AUC (exact and reduced) computed here from eval_subset + vectors."""
+    ev = store.eval_subset(layer)
+    exact = exact_similarity(ev, "cosine")
+    ids, vecs = store.vectors(layer)
+    rows = np.searchsorted(ids, ev["ids"])
+    head = vecs[rows, :dim].astype(np.float64)
+    head /= np.linalg.norm(head, axis=1, keepdims=True)
+    reduced = head @ head.T
+    m = len(ev["ids"])
+    iu = np.triu_indices(m, 1)
+    rho = spearmanr(exact[iu], reduced[iu]).statistic
+    k = min(10, m - 1)
+    hits = []
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        top_exact = set(sorted(others, key=lambda j: -exact[i, j])[:k])
+        top_reduced = set(sorted(others, key=lambda j: -reduced[i, j])[:k])
+        hits.append(len(top_exact & top_reduced) / k)
+    stim = store.stimuli()
+    label_of = dict(zip(stim.column("id").to_pylist(), stim.column("label").to_pylist()))
+    labels = np.array([label_of[int(i)] for i in ev["ids"]])
+    same = labels[iu[0]] == labels[iu[1]]
+    aucs = {name: _brute_auc(sim[iu][same], sim[iu][~same]) for name, sim in (("exact", exact), ("reduced", reduced))}
+    return {"M": m, "spearman": rho, "recall": float(np.mean(hits)), **aucs}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_fidelity_equals_a_direct_computation(labelled, layer):
+    fid = fidelity(labelled, layer)
+    assert fid["M"] == 18 and fid["dim"] == 16 and fid["dims"] == [8, 16] and fid["recall_k"] == 10
+    cs = fid["class_separation"]
+    assert cs["n_same"] == 3 * 15 and cs["n_diff"] == 153 - 45
+    for row, level in zip(fid["rows"], cs["levels"]):
+        want = _direct(labelled, layer, row["dim"])
+        assert row["spearman"] == pytest.approx(want["spearman"], abs=1e-6)
+        assert row["recall_at_10"] == pytest.approx(want["recall"], abs=1e-9)
+        assert level["auc"] == pytest.approx(want["reduced"], abs=1e-6)
+        assert cs["exact"]["auc"] == pytest.approx(want["exact"], abs=1e-9)
+        assert 0 <= row["max_abs_delta"] and row["mean_abs_delta"] <= row["max_abs_delta"]
+
+
+def test_fidelity_summary_is_spearman_at_the_stored_dim(labelled):
+    summary = fidelity_summary(labelled)
+    assert set(summary) == set(LAYERS)
+    for layer in LAYERS:
+        assert summary[layer] == pytest.approx(fidelity(labelled, layer)["rows"][-1]["spearman"], abs=1e-12)
+
+
+def test_fidelity_dims_outside_the_stored_dim_are_refused(labelled):
+    assert [r["dim"] for r in fidelity(labelled, "pool", dims=[2, 4])["rows"]] == [2, 4]
+    with pytest.raises(ConfigError, match="1..16"):
+        fidelity(labelled, "pool", dims=[32])
+
+
+# -- the written report --------------------------------------------------------------
+
+def test_report_files_are_complete_and_self_contained(labelled_report):
+    out, report = labelled_report
+    pngs = sorted((out / "figures").glob("*.png"))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    # per layer: energy, fidelity, class histograms; across layers: separation and fidelity
+    assert len(pngs) == 3 * len(LAYERS) + 2
+    assert page.count(IMG_TAG) == len(pngs)
+    assert "http://" not in page and "https://" not in page
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    for png in pngs:
+        assert f"(figures/{png.name})" in markdown
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"),
+                      parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    assert data["labels"] is True and set(data["layers"]) == set(LAYERS)
+    for layer in LAYERS:
+        assert data["layers"][layer]["M"] == 18
+        assert "M = 18" in page and "M = 18" in markdown
+        assert data["layers"][layer]["class_separation"]["exact"]["auc"] > 0.5
+    assert report["files"]["figures"] == [str(p) for p in pngs]
+    assert "Class separation" in page
+
+
+def test_existing_output_needs_overwrite(labelled, labelled_report):
+    out, _ = labelled_report
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        build_report(labelled.path, out)
+    (out / "keep.txt").write_text("mine")
+    build_report(labelled.path, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"  # only the report's own files are replaced
+    with pytest.raises(OutputExistsError, match="vecsim store"):
+        build_report(labelled.path, labelled.path, overwrite=True)
+
+
+def test_unlabelled_store_gets_a_report_without_class_sections(tmp_path):
+    store = _index(make_image_set(tmp_path / "stimuli"), tmp_path / "store", labels=False, layers=["pool"])
+    report = build_report(store.path, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert report["labels"] is False and report["layers"]["pool"]["class_separation"] is None
+    assert NO_LABELS_LINE in page and NO_LABELS_LINE in markdown
+    assert "Class separation" not in page and "AUC" not in page and "AUC" not in markdown
+    pngs = list((tmp_path / "out" / "figures").glob("*.png"))
+    assert len(pngs) == 3 and page.count(IMG_TAG) == 3  # energy, fidelity, depth fidelity
+
+
+def test_store_without_evaluation_subset_is_a_clear_error(tmp_path):
+    store = _index(make_image_set(tmp_path / "stimuli"), tmp_path / "store", eval_size=0, layers=["pool"])
+    with pytest.raises(StoreError, match="--eval-size"):
+        build_report(store.path, tmp_path / "out")
+    with pytest.raises(StoreError, match="--eval-size"):
+        fidelity(store, "pool")
+    assert fidelity_summary(store) == {}

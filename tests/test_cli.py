@@ -93,3 +93,22 @@ def test_config_file_with_flags_taking_precedence(shared_image_set, tmp_path):
     manifest = json.loads((out / "vecsim.json").read_text())
     assert manifest["config"]["dim"] == "5" and manifest["config"]["train_size"] == 10
     assert manifest["layers"]["features.relu1"]["reducer"]["fit"]["n_train"] == 10
+
+
+def test_query_json_csv_and_side_by_side_table(shared_image_set, tmp_path):
+    out = tmp_path / "store"
+    assert run_cli("index", str(shared_image_set), "--model", "digits-cnn", "--layers", "features.relu2,features.relu4",
+                   "--out", str(out), "--dim", "6", "--labels-from-folders", "-q").returncode == 0
+    hits = json.loads(run_cli("query", str(out), "--id", "3", "-k", "2", "--json").stdout)
+    assert len(hits) == 4 and set(hits[0]) == {"layer", "rank", "id", "path", "label", "cosine"}
+    table = run_cli("query", str(out), "--path", "cat/img_00.png", "-k", "2").stdout.splitlines()
+    assert table[0].split()[:3] == ["rank", "features.relu2", "features.relu4"] and len(table) == 3
+    csv_out = run_cli("query", str(out), "--id", "3", "--layer", "features.relu4", "-k", "2", "--csv").stdout
+    assert csv_out.splitlines()[0] == "layer,rank,id,path,label,cosine"
+    bad = run_cli("query", str(out), "--id", "3", "--where", "label ==== 'x'")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --where")
+    npy = tmp_path / "m.npy"
+    done = run_cli("similarity", str(out), "--all-layers", "--out", str(npy), "--distance")
+    assert done.returncode == 0, done.stderr
+    again = run_cli("similarity", str(out), "--all-layers", "--out", str(npy))
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -157,6 +157,144 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+# -- report --------------------------------------------------------------------------
+
+@app.command("report")
+def report_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    out: str = typer.Option(..., "--out", help="Folder for report.html, report.md, report.json and figures/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report's numbers as JSON."),
+) -> None:
+    """Fidelity report: how much the reduction lost, layer by layer, with plots."""
+    from vecsim.report import build_report
+
+    report = build_report(store, out, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    def num(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    files = report["files"]
+    lines = [f"wrote {files['html']} (self-contained), {files['markdown']}, {files['json']} "
+             f"and {len(files['figures'])} figures", ""]
+    width = max(len("layer"), *(len(r["layer"]) for r in report["summary"]))
+    head = f"{'layer':<{width}} {'M':>6} {'dim':>5} {'Spearman':>9} {'recall@10':>9}"
+    lines.append(head + (f" {'AUC raw':>8} {'AUC dim':>8}" if report["labels"] else ""))
+    for r in report["summary"]:
+        row = f"{r['layer']:<{width}} {r['M']:>6,} {r['dim']:>5} {num(r['spearman'], 4):>9} {num(r['recall_at_10'], 3):>9}"
+        lines.append(row + (f" {num(r['auc_exact'], 4):>8} {num(r['auc'], 4):>8}" if report["labels"] else ""))
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+# -- query / neighbors / similarity -----------------------------------------------------
+
+@app.command("query")
+def query_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    stim_id: Optional[int] = typer.Option(None, "--id", help="Query by stimulus id."),
+    path: Optional[str] = typer.Option(None, "--path", help="Query by stimulus path (relative, as stored)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Query by a new image file (through the stored model)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="One layer [default: all, side by side]."),
+    k: int = typer.Option(10, "-k", help="Number of neighbours."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL filter on the stimuli table, e.g. \"label = 'cat'\"."),
+    exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query stimulus out of its results."),
+    device: str = typer.Option("auto", "--device", help="For --image: auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
+) -> None:
+    """Nearest stimuli per layer to a stimulus or a new image."""
+    from vecsim.store import Store
+
+    hits = Store.open(store).query(id=stim_id, path=path, image=image, layer=layer, k=k, where=where,
+                                   exclude_self=exclude_self, device=device)
+    if as_json:
+        typer.echo(json.dumps(hits, indent=2))
+    elif as_csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=["layer", "rank", "id", "path", "label", "cosine"])
+        writer.writeheader()
+        writer.writerows(hits)
+    else:
+        typer.echo(format_hits(hits))
+
+
+def format_hits(hits: list[dict]) -> str:
+    """One layer: a ranked table. Several: rank per row, one column per layer."""
+    if not hits:
+        return "no results"
+    layers = list(dict.fromkeys(h["layer"] for h in hits))
+    cell = lambda h: f"{h['id']} {h['path']}" + (f" [{h['label']}]" if h["label"] is not None else "") + f" {h['cosine']:.3f}"
+    if len(layers) == 1:
+        rows = [f"{'rank':>4}  {'id':>7}  {'cosine':>7}  {'label':<10} path"]
+        rows += [f"{h['rank']:>4}  {h['id']:>7}  {h['cosine']:>7.4f}  {str(h['label'] or ''):<10} {h['path']}" for h in hits]
+        return "\n".join([f"layer {layers[0]}", *rows])
+    by = {(h["layer"], h["rank"]): cell(h) for h in hits}
+    ranks = sorted({h["rank"] for h in hits})
+    width = max(len(v) for v in by.values())
+    width = max(width, *(len(layer) for layer in layers))
+    lines = ["rank  " + "  ".join(f"{layer:<{width}}" for layer in layers)]
+    for r in ranks:
+        lines.append(f"{r:>4}  " + "  ".join(f"{by.get((layer, r), ''):<{width}}" for layer in layers))
+    return "\n".join(lines)
+
+
+@app.command("neighbors")
+def neighbors_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    layer: str = typer.Option(..., "--layer", help="Layer."),
+    k: int = typer.Option(10, "-k", help="Neighbours per stimulus (self excluded)."),
+    out: str = typer.Option(..., "--out", help="Output .parquet (id, rank, neighbor_id, cosine)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """The all-vs-all k-NN graph of one layer, written to Parquet."""
+    from vecsim.store import Store
+
+    result = Store.open(store).neighbors(layer, k, out, overwrite=overwrite, progress=not quiet)
+    typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli × k={k}) to {result['path']} "
+               f"in {result['seconds']:.1f} s")
+
+
+@app.command("similarity")
+def similarity_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    out: str = typer.Option(..., "--out", help="Output: .npy (memory-mapped), .parquet (long form) or .h5 (rsatoolbox)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="One layer."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Several layers, comma-separated."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Every layer of the store."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="cosine or correlation [default: the store's]."),
+    distance: bool = typer.Option(False, "--distance", help="Write 1 - s (an RDM) instead of s."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float16."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL filter on the stimuli table."),
+    triangle: str = typer.Option("full", "--triangle", help="Parquet only: full or upper (i < j)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the tiles are computed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+) -> None:
+    """Export pairwise similarity matrices (tiled, memory-bounded) with their row order and provenance."""
+    from vecsim.config import split_list
+    from vecsim.errors import ConfigError
+    from vecsim.store import Store
+
+    chosen = sum(bool(x) for x in (layer, layers, all_layers))
+    if chosen != 1:
+        raise ConfigError("give one of --layer, --layers or --all-layers")
+    opened = Store.open(store)
+    names = [layer] if layer else split_list(layers) if layers else opened.layers
+    summary = opened.similarity(out, layers=names, metric=metric, distance=distance, dtype=dtype, where=where,
+                                triangle=triangle, overwrite=overwrite, device=device)
+    typer.echo(f"wrote {summary['format']} {tuple(summary['shape'])} {summary['dtype']} "
+               f"{summary['values']} for {', '.join(summary['layers'])} to {summary['path']} "
+               f"({human_bytes(summary['bytes_written'])}, {summary['elapsed_s']:.1f} s)")
+
+
 # -- entry point ---------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:

@@ -266,6 +266,34 @@ class Store:
 
         return load_eval(self.layer_dir(layer))
 
+    def lookup(self):
+        """id ↔ path/label arrays of the indexed stimuli (read once, cached)."""
+        if getattr(self, "_lookup", None) is None:
+            from vecsim.query import StimulusLookup
+
+            self._lookup = StimulusLookup(self.stimuli())
+        return self._lookup
+
+    # what users do with a store (vecsim.query)
+    def query(self, **kwargs) -> list[dict]:
+        """Nearest stimuli: ``query(id=3)``, ``query(path="cat/a.png", layer=..., k=5, where="label = 'cat'")``,
+        ``query(image="new.jpg")``. See :func:`vecsim.query.query`."""
+        from vecsim.query import query
+
+        return query(self, **kwargs)
+
+    def neighbors(self, layer: str, k: int, out, **kwargs) -> dict:
+        """All-vs-all k-NN graph of a layer to Parquet. See :func:`vecsim.query.neighbors`."""
+        from vecsim.query import neighbors
+
+        return neighbors(self, layer, k, out, **kwargs)
+
+    def similarity(self, out=None, **kwargs):
+        """Pairwise similarity matrices, to a file or (when it fits) an array. See :func:`vecsim.query.similarity`."""
+        from vecsim.query import similarity
+
+        return similarity(self, out, **kwargs)
+
     def spectrum(self, layer: str) -> np.ndarray:
         path = self.layer_dir(layer) / "spectrum.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else np.zeros(0)

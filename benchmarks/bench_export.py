@@ -1,0 +1,192 @@
+"""Benchmark: tiled export of a full similarity matrix to .npy (vecsim.similarity).
+
+Exports the float16 (N, N) cosine-similarity matrix of N random unit vectors of
+dimension 256 and compares its write rate with a plain sequential write of the
+same number of bytes to the same folder (zero-filled 8 MiB chunks, fsync at the
+end; the export fsyncs its file too before the clock stops). Peak RSS is
+measured in child processes (os.wait4 rusage of each child, cross-checked
+with RUSAGE_CHILDREN): one child only imports numpy/vecsim and allocates the
+vectors (baseline), another also runs the export, so the export's own memory
+cost is the difference. With --check-flat (default) everything is repeated at
+2N to show the export's peak RSS stays flat when N doubles.
+
+Run with: python benchmarks/bench_export.py [--n 20000]
+
+Options: --dim 256, --dtype float16, --memory-limit-mb 256, --dir DIR (a
+temporary folder is made inside it and removed afterwards), --no-check-flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 8 * 2**20
+
+
+def _make_vectors(n: int, dim: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    V = rng.standard_normal((n, dim), dtype=np.float32)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    return V
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Runs in a fresh interpreter: baseline (imports + vectors) or the export."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from vecsim import similarity  # noqa: F401  (imported in both modes, like for like)
+
+    V = _make_vectors(args.n, args.dim)
+    result = {"mode": args.child, "n": args.n}
+    if args.child == "export":
+        out = Path(args.out)
+        t0 = time.perf_counter()
+        summary = similarity.export_similarity(
+            {"layer": V},
+            out,
+            ids=np.arange(args.n, dtype=np.int64),
+            paths=[f"stim_{i:06d}.png" for i in range(args.n)],
+            labels=[None] * args.n,
+            metadata={"benchmark": "bench_export"},
+            dtype=args.dtype,
+            memory_limit_bytes=args.memory_limit_mb * 2**20,
+        )  # fsyncs the file before returning
+        result["seconds"] = time.perf_counter() - t0
+        result["bytes"] = Path(summary["path"]).stat().st_size
+        result["tile_rows"] = summary["tile_rows"]
+    result["self_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(mode: str, n: int, args: argparse.Namespace, out: Path | None = None) -> dict:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--child", mode, "--n", str(n),
+        "--dim", str(args.dim), "--dtype", args.dtype, "--memory-limit-mb", str(args.memory_limit_mb),
+    ]
+    if out is not None:
+        cmd += ["--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout = proc.stdout.read()
+    proc.stdout.close()
+    # wait4 gives this child's own rusage (RUSAGE_CHILDREN is a max over all children so far)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {mode} (n={n}) failed with exit code {proc.returncode}:\n{stdout}")
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    result["maxrss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["children_maxrss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def plain_write(path: Path, nbytes: int) -> float:
+    """Seconds to write nbytes of zeros in 8 MiB chunks and fsync."""
+    chunk = bytes(CHUNK)
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        left = nbytes
+        while left > 0:
+            k = min(CHUNK, left)
+            fh.write(chunk[:k] if k < CHUNK else chunk)
+            left -= k
+        fh.flush()
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def bench_n(n: int, args: argparse.Namespace, workdir: Path) -> dict:
+    out = workdir / f"sim_{n}.npy"
+    base = run_child("baseline", n, args)
+    exp = run_child("export", n, args, out)
+    nbytes = exp["bytes"]
+    for p in (out, Path(str(out) + ".json")):
+        p.unlink(missing_ok=True)
+    plain_s = plain_write(workdir / f"plain_{n}.bin", nbytes)
+    return {
+        "n": n,
+        "bytes": nbytes,
+        "tile_rows": exp["tile_rows"],
+        "export_s": exp["seconds"],
+        "export_mbs": nbytes / 1e6 / exp["seconds"],
+        "plain_s": plain_s,
+        "plain_mbs": nbytes / 1e6 / plain_s,
+        "ratio": (nbytes / exp["seconds"]) / (nbytes / plain_s),
+        "rss_export_mib": exp["maxrss_mib"],
+        "rss_base_mib": base["maxrss_mib"],
+        "rss_own_mib": exp["maxrss_mib"] - base["maxrss_mib"],
+        "rss_children_mib": exp["children_maxrss_mib"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--memory-limit-mb", type=int, default=256)
+    ap.add_argument("--dir", default=None, help="folder to write in (default: the system temp folder)")
+    ap.add_argument("--check-flat", action=argparse.BooleanOptionalAction, default=True,
+                    help="repeat at 2N to show peak RSS stays flat (default: on)")
+    ap.add_argument("--child", choices=["baseline", "export"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child_main(args)
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="vecsim-bench-", dir=args.dir))
+    print(f"vecsim export benchmark: dim={args.dim} dtype={args.dtype} "
+          f"memory_limit={args.memory_limit_mb} MiB, cpus={os.cpu_count()}, "
+          f"python {platform.python_version()}, folder {workdir}")
+    ns = [args.n, 2 * args.n] if args.check_flat else [args.n]
+    rows = []
+    try:
+        for n in ns:
+            free = shutil.disk_usage(workdir).free
+            itemsize = 2 if args.dtype == "float16" else 4
+            if n * n * itemsize * 1.1 > free:
+                print(f"skipping N={n}: needs {n * n * itemsize / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
+                continue
+            rows.append(bench_n(n, args, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    head = (f"{'N':>7} {'file MB':>9} {'tile rows':>9} {'export s':>9} {'export MB/s':>11} "
+            f"{'plain MB/s':>10} {'ratio':>6} {'RSS export':>10} {'RSS base':>9} {'RSS own':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['n']:>7} {r['bytes'] / 1e6:>9.1f} {r['tile_rows']:>9} {r['export_s']:>9.2f} "
+              f"{r['export_mbs']:>11.1f} {r['plain_mbs']:>10.1f} {r['ratio']:>6.2f} "
+              f"{r['rss_export_mib']:>7.1f} MiB {r['rss_base_mib']:>5.1f} MiB {r['rss_own_mib']:>4.1f} MiB")
+    print("ratio = export MB/s / plain sequential write MB/s (target >= 0.5); RSS = peak RSS of the child "
+          "(export: imports + vectors + export; base: imports + vectors; own = export - base)")
+    print(f"cross-check: RUSAGE_CHILDREN ru_maxrss (largest child so far) = "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.1f} MiB")
+    if len(rows) == 2:
+        a, b = rows
+        growth = b["rss_own_mib"] - a["rss_own_mib"]
+        print(f"flat check: N {a['n']} -> {b['n']}: export's own peak RSS {a['rss_own_mib']:.1f} -> "
+              f"{b['rss_own_mib']:.1f} MiB ({growth:+.1f} MiB) while the file grew "
+              f"{a['bytes'] / 1e6:.0f} -> {b['bytes'] / 1e6:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Query, k-NN graph and similarity export against brute force over the stored vectors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import vecsim
+from vecsim.errors import (ConfigError, ImageDecodeError, OutputExistsError, QueryError, UnknownLayerError,
+                           UnknownStimulusError)
+from vecsim.store import Store
+
+LAYERS = ["features.relu2", "features.relu4"]
+
+
+@pytest.fixture(scope="module")
+def store(shared_image_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "store"
+    vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=LAYERS, out=str(out), dim="8",
+                         train_size=10, labels_from_folders=True, progress=False)
+    return Store.open(out)
+
+
+def brute(store, layer, query_vec, k, allowed=None):
+    ids, vecs = store.vectors(layer)
+    scores = vecs @ query_vec
+    if allowed is not None:
+        scores = np.where(np.isin(ids, allowed), scores, -np.inf)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[order], scores[order]
+
+
+def test_query_by_id_equals_brute_force_in_every_layer(store):
+    hits = store.query(id=4, k=5)
+    assert [h["layer"] for h in hits] == [LAYERS[0]] * 5 + [LAYERS[1]] * 5
+    for layer in LAYERS:
+        ids, vecs = store.vectors(layer)
+        want_ids, want_scores = brute(store, layer, vecs[list(ids).index(4)], 5)
+        got = [h for h in hits if h["layer"] == layer]
+        assert [h["rank"] for h in got] == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose([h["cosine"] for h in got], want_scores, atol=1e-5)
+        assert {h["id"] for h in got[1:]} <= set(want_ids.tolist()) | {h["id"] for h in got}
+        assert got[0]["id"] == 4
+
+
+def test_where_filters_inside_the_search_and_exclude_self(store):
+    hits = store.query(path="cat/img_00.png", layer=LAYERS[1], k=4, where="label = 'dog'")
+    assert len(hits) == 4 and all(h["label"] == "dog" for h in hits)
+    stim = store.stimuli().to_pylist()
+    dog_ids = [r["id"] for r in stim if r["label"] == "dog"]
+    ids, vecs = store.vectors(LAYERS[1])
+    cat0 = next(r["id"] for r in stim if r["path"] == "cat/img_00.png")
+    want_ids, _ = brute(store, LAYERS[1], vecs[list(ids).index(cat0)], 4, allowed=dog_ids)
+    assert [h["id"] for h in hits] == want_ids.tolist()
+    mine = store.query(id=cat0, layer=LAYERS[1], k=3, exclude_self=True)
+    assert cat0 not in [h["id"] for h in mine] and len(mine) == 3
+    mine_where = store.query(id=cat0, layer=LAYERS[1], k=3, exclude_self=True, where="label = 'cat'")
+    assert cat0 not in [h["id"] for h in mine_where] and all(h["label"] == "cat" for h in mine_where)
+
+
+def test_query_by_a_stimulus_file_finds_that_stimulus_first(store, shared_image_set):
+    hits = store.query(image=str(shared_image_set / "owl" / "img_03.jpg"), k=2, device="cpu")
+    for layer in LAYERS:
+        first = [h for h in hits if h["layer"] == layer][0]
+        assert first["path"] == "owl/img_03.jpg" and first["cosine"] >= 0.999
+
+
+def test_query_errors(store, tmp_path):
+    with pytest.raises(UnknownStimulusError, match="no stimulus with id 999"):
+        store.query(id=999)
+    with pytest.raises(UnknownStimulusError, match="cat/img_00.png"):
+        store.query(path="cat/img_0.png")
+    with pytest.raises(UnknownLayerError, match="features.relu4"):
+        store.query(id=1, layer="features.relu5")
+    with pytest.raises(QueryError, match="not a valid filter"):
+        store.query(id=1, where="label === 'x' AND")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageDecodeError):
+        store.query(image=str(bad))
+    with pytest.raises(QueryError, match="exactly one"):
+        store.query(id=1, path="x")
+
+
+def test_neighbors_graph_equals_brute_force(store, tmp_path):
+    out = tmp_path / "nn.parquet"
+    store.neighbors(LAYERS[0], 3, out, progress=False)
+    table = pq.read_table(out).to_pylist()
+    ids, vecs = store.vectors(LAYERS[0])
+    sims = vecs @ vecs.T
+    np.fill_diagonal(sims, -np.inf)
+    for row in table:
+        i = list(ids).index(row["id"])
+        expected = np.sort(sims[i])[::-1][row["rank"] - 1]
+        assert abs(row["cosine"] - expected) < 1e-5
+    assert len(table) == len(ids) * 3
+    with pytest.raises(OutputExistsError):
+        store.neighbors(LAYERS[0], 3, out, progress=False)
+
+
+def test_exports_equal_brute_force_cosine_in_recorded_order(store, tmp_path):
+    ids, vecs = store.vectors(LAYERS[1])
+    exact = np.clip(vecs.astype(np.float64) @ vecs.T.astype(np.float64), -1, 1)
+    np.fill_diagonal(exact, 1.0)
+    store.similarity(tmp_path / "s.npy", layers=[LAYERS[1]])
+    npy = np.load(tmp_path / "s.npy")
+    np.testing.assert_allclose(npy, exact, atol=1e-5)
+    assert np.array_equal(npy, npy.T) and np.all(np.diag(npy) == 1)
+    side = json.loads((tmp_path / "s.npy.json").read_text())
+    assert side["ids"] == ids.tolist() and side["metadata"]["model"]["name"] == "digits-cnn"
+    store.similarity(tmp_path / "h.npy", layers=[LAYERS[1]], dtype="float16")
+    np.testing.assert_allclose(np.load(tmp_path / "h.npy").astype(np.float64), exact, atol=2e-3)
+    store.similarity(tmp_path / "d.parquet", layers=[LAYERS[1]], distance=True)
+    long = pq.read_table(tmp_path / "d.parquet")
+    dense = np.zeros_like(exact)
+    dense[long.column("i").to_numpy(), long.column("j").to_numpy()] = long.column("distance").to_numpy()
+    np.testing.assert_allclose(dense, 1 - npy, atol=1e-6)
+
+
+def test_export_subset_and_hdf5_for_rsatoolbox(store, tmp_path):
+    rsatoolbox = pytest.importorskip("rsatoolbox")
+    out = tmp_path / "rdm.h5"
+    store.similarity(out, layers=LAYERS, where="label != 'owl'")
+    rdms = rsatoolbox.rdm.load_rdm(str(out), file_type="hdf5")
+    assert rdms.n_rdm == 2 and rdms.n_cond == 12
+    assert list(rdms.rdm_descriptors["layer"]) == LAYERS
+    kept = [r for r in store.stimuli().to_pylist() if r["label"] != "owl"]
+    assert [int(i) for i in rdms.pattern_descriptors["id"]] == [r["id"] for r in kept]
+    m, ids = store.similarity(layers=[LAYERS[0]], where="label != 'owl'")
+    np.testing.assert_allclose(rdms.get_matrices()[0], 1 - m, atol=1e-5)
+
+
+def test_export_errors(store, tmp_path):
+    with pytest.raises(ConfigError, match="--similarity correlation"):
+        store.similarity(tmp_path / "c.npy", metric="correlation")
+    (tmp_path / "exists.npy").write_bytes(b"x")
+    with pytest.raises(OutputExistsError):
+        store.similarity(tmp_path / "exists.npy")
+    with pytest.raises(QueryError, match="no stimulus matches"):
+        store.similarity(tmp_path / "none.npy", where="label = 'zebra'")

@@ -1,0 +1,266 @@
+"""What users open vecsim for: nearest stimuli per layer, the all-vs-all k-NN graph, and
+full similarity matrices, all from a store."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vecsim.errors import ConfigError, OutputExistsError, QueryError, UnknownStimulusError, close_matches
+
+
+# -- stimulus lookups ------------------------------------------------------------------
+
+class StimulusLookup:
+    """id ↔ path/label for a store, held as sorted arrays (one read of the stimuli table)."""
+
+    def __init__(self, table):
+        self.ids = table.column("id").to_numpy().astype(np.int64)
+        self.paths = np.array(table.column("path").to_pylist(), dtype=object)
+        self.labels = np.array(table.column("label").to_pylist(), dtype=object)
+        self._by_path = {p: int(i) for p, i in zip(self.paths, self.ids)}
+
+    def position(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.clip(pos, 0, len(self.ids) - 1)
+        return pos
+
+    def check_id(self, stim_id: int) -> None:
+        pos = np.searchsorted(self.ids, stim_id)
+        if pos >= len(self.ids) or self.ids[pos] != stim_id:
+            lo, hi = (int(self.ids[0]), int(self.ids[-1])) if len(self.ids) else (0, -1)
+            raise UnknownStimulusError(f"no stimulus with id {stim_id} in this store (ids run from {lo} to {hi})")
+
+    def id_of_path(self, path: str) -> int:
+        key = Path(path).as_posix().lstrip("./")
+        if key in self._by_path:
+            return self._by_path[key]
+        raise UnknownStimulusError(
+            f"no stimulus with path {path!r} in this store{close_matches(key, list(self._by_path))}"
+        )
+
+
+def allowed_ids(store, where: str | None) -> np.ndarray | None:
+    """Stimulus ids matching a SQL filter over the stimuli table (e.g. ``label = 'cat'``)."""
+    if not where:
+        return None
+    try:
+        table = store.table("stimuli").search().where(where).select(["id"]).limit(None).to_arrow()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QueryError(f"--where {where!r} is not a valid filter on the stimuli table ({first[:160]})") from None
+    return np.sort(table.column("id").to_numpy().astype(np.int64))
+
+
+# -- query -------------------------------------------------------------------------------
+
+def image_vectors(store, image: str | os.PathLike, layers: list[str], device: str = "auto") -> dict[str, np.ndarray]:
+    """A new image through the store's model, preprocessing and fitted reducers: one unit vector per layer."""
+    from vecsim.extract import LayerCapture, resolve_device
+    from vecsim.models import Preprocessing, load_model
+    from vecsim.stimuli import decode_image
+
+    manifest = store.manifest
+    device = resolve_device(device)
+    decoded = decode_image(Path(image), manifest["config"].get("max_pixels") or 0)
+    model_info = manifest["model"]
+    loaded = load_model(model_info["name"], model_info["weights"] or "none", model_info["checkpoint"])
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    batch = preprocessing(decoded.image).unsqueeze(0).to(device)
+    reducers = {layer: store.reducer(layer, device) for layer in layers}
+    with LayerCapture(loaded.module.to(device), layers, reducers) as capture:
+        results = capture.run(batch)
+    out = {}
+    for layer, (vecs, _norms, finite) in results.items():
+        if not bool(finite.all()):
+            raise QueryError(f"the image's activations at {layer} contain NaN or Inf")
+        out[layer] = vecs.cpu().numpy().astype(np.float32)
+    return out
+
+
+def query(store, *, id: int | None = None, path: str | None = None, image: str | None = None,
+          layer: str | None = None, k: int = 10, where: str | None = None, exclude_self: bool = False,
+          device: str = "auto") -> list[dict]:
+    """Nearest stimuli to one stimulus (``id``/``path``) or a new image, in one or all layers.
+
+    Returns one dict per hit: layer, rank (1-based), id, path, label, cosine. ``where``
+    filters inside the search, so k results come back whenever k stimuli match.
+    """
+    given = [x is not None for x in (id, path, image)]
+    if sum(given) != 1:
+        raise QueryError("give exactly one of --id, --path or --image")
+    if k < 1:
+        raise QueryError("-k must be at least 1")
+    layers = [layer] if layer else store.layers
+    for name in layers:
+        store.layer_info(name)
+    lookup = store.lookup()
+    allowed = allowed_ids(store, where)
+    self_id: int | None = None
+    if image is not None:
+        queries = image_vectors(store, image, layers, device)
+    else:
+        self_id = int(id) if id is not None else lookup.id_of_path(path)
+        lookup.check_id(self_id)
+        queries = {name: store.index(name).reconstruct(self_id).reshape(1, -1) for name in layers}
+    if exclude_self and self_id is not None and allowed is not None:
+        allowed = allowed[allowed != self_id]
+    hits = []
+    for name in layers:
+        extra = 1 if exclude_self and self_id is not None and allowed is None else 0
+        scores, found = search_index(store.index(name), queries[name], k + extra, allowed)
+        rank = 0
+        for score, stim_id in zip(scores[0], found[0]):
+            if stim_id < 0 or (exclude_self and stim_id == self_id) or rank >= k:
+                continue
+            rank += 1
+            pos = lookup.position(np.array([stim_id]))[0]
+            hits.append({"layer": name, "rank": rank, "id": int(stim_id), "path": str(lookup.paths[pos]),
+                         "label": lookup.labels[pos], "cosine": float(np.clip(score, -1.0, 1.0))})
+    return hits
+
+
+def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None):
+    from vecsim.index import search
+
+    return search(index, queries, k, allowed)
+
+
+# -- neighbors -----------------------------------------------------------------------------
+
+def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: int = 4096,
+              overwrite: bool = False, progress: bool = True) -> dict:
+    """The all-vs-all k-NN graph of one layer (self excluded) as Parquet: id, rank, neighbor_id, cosine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    out = Path(out)
+    if k < 1:
+        raise QueryError("-k must be at least 1")
+    _check_output(out, overwrite, (".parquet",))
+    index = store.index(layer)
+    ids, vecs = store.vectors(layer)
+    schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
+    schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
+    tmp = out.with_name(out.name + ".tmp")
+    start = time.time()
+    with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(ids), unit="q", desc=f"neighbors {layer}",
+                                                     disable=not progress, file=sys.stderr) as bar:
+        for lo in range(0, len(ids), batch_size):
+            q_ids, q = ids[lo : lo + batch_size], vecs[lo : lo + batch_size]
+            scores, found = index.search(q, k + 1)
+            rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
+            for qi, (srow, frow) in enumerate(zip(scores, found)):
+                keep = [(s, f) for s, f in zip(srow, frow) if f >= 0 and f != q_ids[qi]][:k]
+                rows_id += [q_ids[qi]] * len(keep)
+                rows_rank += list(range(1, len(keep) + 1))
+                rows_nb += [f for _, f in keep]
+                rows_cos += [s for s, _ in keep]
+            writer.write_table(pa.table([
+                pa.array(rows_id, pa.int64()), pa.array(rows_rank, pa.int32()), pa.array(rows_nb, pa.int64()),
+                pa.array(np.clip(np.asarray(rows_cos, np.float32), -1, 1), pa.float32()),
+            ], schema=schema))
+            bar.update(len(q_ids))
+    os.replace(tmp, out)
+    return {"path": str(out), "rows": int(len(ids)) * k, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
+
+
+# -- similarity -----------------------------------------------------------------------------
+
+def _select(store, layers: list[str], where: str | None):
+    allowed = allowed_ids(store, where)
+    lookup = store.lookup()
+    loaded = {}
+    ids = None
+    for layer in layers:
+        layer_ids, vecs = store.vectors(layer)
+        if allowed is not None:
+            mask = np.isin(layer_ids, allowed)
+            layer_ids, vecs = layer_ids[mask], np.ascontiguousarray(vecs[mask])
+        if ids is not None and not np.array_equal(ids, layer_ids):
+            raise QueryError(f"layer {layer} holds other stimuli than {layers[0]}; run `vecsim verify`")
+        ids = layer_ids
+        loaded[layer] = vecs
+    if ids is None or len(ids) == 0:
+        raise QueryError(f"no stimulus matches --where {where!r}" if where else "the store holds no stimuli")
+    pos = lookup.position(ids)
+    return ids, loaded, [str(p) for p in lookup.paths[pos]], list(lookup.labels[pos])
+
+
+def _check_metric(store, layers: list[str], metric: str) -> None:
+    if metric not in ("cosine", "correlation"):
+        raise ConfigError(f"unknown metric {metric!r}; choose cosine or correlation")
+    for layer in layers:
+        built = store.layer_info(layer)["reducer"]["config"]["similarity"]
+        if built != metric:
+            raise ConfigError(
+                f"layer {layer} was indexed for {built} similarity; --metric {metric} needs a store built with "
+                f"`vecsim index --similarity {metric}`"
+            )
+
+
+def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str] | None = None,
+               metric: str | None = None, distance: bool = False, dtype: str = "float32", where: str | None = None,
+               triangle: str = "full", overwrite: bool = False, device: str = "cpu",
+               memory_limit_bytes: int | None = None, progress: Callable | None = None):
+    """Pairwise similarity (or 1 − s) matrices of the stored vectors, tile by tile.
+
+    With ``out`` (.npy, .parquet, .h5) writes the file and returns a summary; without it,
+    returns the (N, N) array of one layer (or (L, N, N)) when it fits in memory.
+    """
+    from vecsim import similarity as sim
+
+    layers = layers or store.layers
+    for layer in layers:
+        store.layer_info(layer)
+    metric = metric or store.layer_info(layers[0])["reducer"]["config"]["similarity"]
+    _check_metric(store, layers, metric)
+    ids, loaded, paths, labels = _select(store, layers, where)
+    if out is None:
+        n = len(ids)
+        need = len(layers) * n * n * (4 if dtype == "float32" else 2)
+        if need > 4 * 2**30:
+            raise QueryError(f"the matrix needs {need / 2**30:.1f} GB; write it to a file with --out instead")
+        mats = [sim.similarity_matrix(loaded[layer], dtype=dtype, distance=distance) for layer in layers]
+        return (mats[0] if len(mats) == 1 else np.stack(mats)), ids
+    extra = {"memory_limit_bytes": memory_limit_bytes} if memory_limit_bytes else {}
+    return sim.export_similarity(
+        loaded, out, ids=ids, paths=paths, labels=labels, metadata=_provenance_dict(store, layers, where),
+        metric=metric, distance=distance, dtype=dtype, triangle=triangle, overwrite=overwrite, device=device,
+        progress=progress, **extra,
+    )
+
+
+def _provenance_dict(store, layers: list[str], where: str | None = None) -> dict:
+    m = store.manifest
+    return {
+        "store": str(store.path.resolve()),
+        "model": m["model"],
+        "preprocessing": m["preprocessing"],
+        "layers": {layer: m["layers"][layer]["reducer"] for layer in layers},
+        "where": where,
+        "seeds": m.get("seeds"),
+        "versions": m.get("versions"),
+        "source": m.get("source"),
+    }
+
+
+def _provenance(store, layers: list[str], ids: np.ndarray) -> str:
+    import json
+
+    return json.dumps({**_provenance_dict(store, layers), "rows": "id order", "n": int(len(ids))})
+
+
+def _check_output(out: Path, overwrite: bool, suffixes: tuple[str, ...]) -> None:
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"{out} must end in {' or '.join(suffixes)}")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise ConfigError(f"folder {out.parent} does not exist")

@@ -30,41 +30,14 @@ sys.path.insert(0, str(REPO))
 
 
 def synthetic_store(path: Path, n: int, dim: int, seed: int = 0):
-    """A complete store of one layer holding n random unit vectors (no model involved)."""
-    from vecsim.store import FORMAT_VERSION, Store, StoreWriter, now, package_versions, stimuli_schema
+    """A complete store of one layer holding n random unit vectors (index chosen automatically)."""
+    from vecsim.store import store_from_vectors
 
     rng = np.random.default_rng(seed)
     vecs = rng.standard_normal((n, dim), dtype=np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    layer = "synthetic"
-    manifest = {
-        "format_version": FORMAT_VERSION, "status": "indexing", "created": now(),
-        "source": {"source": "synthetic", "root": str(path), "manifest": None, "extra_columns": [],
-                   "candidates": n, "ignored_files": 0},
-        "model": {"name": "none", "weights": None, "checkpoint": None, "checkpoint_sha256": None,
-                  "num_classes": None, "init_seed": None},
-        "preprocessing": {"resize": 1, "crop": 1, "mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "bilinear"},
-        "device": "cpu", "config": {}, "seeds": {},
-        "layers": {layer: {"slug": layer, "table": f"vectors_{layer}", "reducer": {
-            "shape": [dim], "units": dim, "dim_in": dim, "sketch": None,
-            "config": {"similarity": "cosine", "center": False, "dim": dim, "max_dim": dim, "energy": 1.0,
-                       "sketch_dim": 0, "sketch_seed": 0, "pooling": "flatten"},
-            "fit": {"n_train": n, "dim_in": dim, "dim": dim, "rank": dim, "energy_kept": 1.0, "exact": True,
-                    "lossless": True}}}},
-        "counts": {"stimuli": n, "failures": 0}, "versions": package_versions(),
-    }
-    writer = StoreWriter.create(path, manifest, stimuli_schema())
-    writer.create_vector_table(layer, dim)
-    ids = np.arange(n, dtype=np.int64)
-    for lo in range(0, n, 20_000):
-        hi = min(lo + 20_000, n)
-        rows = [{"id": int(i), "path": f"img/{i:07d}.png", "sha256": f"{i:064x}", "label": f"c{i % 10}",
-                 "width": 1, "height": 1} for i in range(lo, hi)]
-        writer.append(rows, {layer: (ids[lo:hi], vecs[lo:hi], np.ones(hi - lo, np.float32))}, [], 1)
-    writer.build_index(layer, dim)
-    writer.save_manifest(status="complete")
-    writer.close()
-    return Store.open(path), layer, vecs
+    store = store_from_vectors(path, {"synthetic": vecs}, labels=[f"c{i % 10}" for i in range(n)])
+    return store, "synthetic", vecs
 
 
 def bench_query(n: int, dim: int, queries: int) -> None:
@@ -91,7 +64,10 @@ def bench_query(n: int, dim: int, queries: int) -> None:
             t_numpy.append(time.perf_counter() - t)
         assert hits[0]["id"] == int(qids[-1]) and top[0] == qids[-1]
         v, b = np.array(t_vecsim) * 1e3, np.array(t_numpy) * 1e3
+        index_info = store.layer_info(layer)["index"]
         print(f"query by id: N={n:,} dim={dim} k=10, {queries} queries (store built in {built:.1f} s)")
+        print(f"  index: {index_info['factory']} (automatic choice; recall@10 vs exact "
+              f"{index_info.get('recall_at_10', 1.0):.3f} on {index_info.get('queries', 0)} held-out queries)")
         print(f"  vecsim Store.query   p50 {np.percentile(v, 50):7.3f} ms   p99 {np.percentile(v, 99):7.3f} ms   (target p50 <= 5 ms)")
         print(f"  numpy brute force    p50 {np.percentile(b, 50):7.3f} ms   p99 {np.percentile(b, 99):7.3f} ms")
         print(f"  ratio numpy/vecsim   p50 {np.percentile(b, 50) / np.percentile(v, 50):.2f}x   "

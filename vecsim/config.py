@@ -34,6 +34,7 @@ class IndexConfig:
     sketch_dim: int | None = _opt(None, "count-sketch dims before the projection (default: 16384 for layers above 65536 units; 0: never)")
     sketch_seed: int = _opt(0, "seed of the count sketch")
     pooling: str = _opt("flatten", "flatten, avg, max or grid:K (or per layer 'layer=avg,...')")
+    index: str = _opt("auto", "auto, flat, hnsw, ivf-pq (OPQ + IVF-PQ), or any FAISS factory string")
     train_size: int = _opt(1000, "stimuli in the seeded training sample the projection is fitted on")
     seed: int = _opt(0, "seed of the training sample and of the evaluation subset")
     eval_size: int = _opt(500, "stimuli whose exact raw similarities are kept per layer (0: none)")
@@ -77,7 +78,7 @@ class IndexConfig:
     # what must match for a run to resume the same store
     IDENTITY_FIELDS = (
         "source", "model", "layers", "weights", "checkpoint", "dim", "max_dim", "energy", "similarity", "center",
-        "sketch_dim", "sketch_seed", "pooling", "train_size", "seed", "eval_size", "eval_memory", "manifest", "labels_from_folders",
+        "sketch_dim", "sketch_seed", "pooling", "index", "train_size", "seed", "eval_size", "eval_memory", "manifest", "labels_from_folders",
         "size", "mean", "std", "max_pixels",
     )
 

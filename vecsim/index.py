@@ -78,6 +78,169 @@ def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = 
     k = int(k)
     if allowed_ids is None:
         return index.search(queries, k)
+    keep_alive: list = []
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-    params = faiss.SearchParameters(sel=selector)
-    return index.search(queries, k, params=params)
+    keep_alive.append(selector)
+    return index.search(queries, k, params=_search_params(index, selector, keep_alive))
+
+
+def _search_params(index, selector, keep_alive: list):
+    """SearchParameters of the type the index checks for (IVF and pre-transform indexes insist)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform()
+        inner = _search_params(index.index, selector, keep_alive)
+        params.index_params = inner
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+    elif isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    keep_alive.append(params)
+    return params
+
+
+# -- index kinds -------------------------------------------------------------------------
+
+FLAT_MAX = 50_000  # exact search up to here; above, a single query scans more memory than it should
+HNSW_MAX = 2_000_000
+RECALL_QUERIES = 1_000
+RECALL_K = 10
+
+
+def choose_kind(n: int, dim: int) -> str:
+    """The automatic index choice: exact below FLAT_MAX, HNSW up to HNSW_MAX, else OPQ+IVF-PQ."""
+    if n <= FLAT_MAX:
+        return "flat"
+    return "hnsw" if n <= HNSW_MAX else "ivf-pq"
+
+
+def factory_string(kind: str, n: int, dim: int) -> str:
+    """The FAISS factory string of an index kind (a factory string itself passes through)."""
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return "HNSW32"
+    if kind == "ivf-pq":
+        m = _pq_subquantizers(dim)
+        nlist = max(16, min(65_536, int(4 * np.sqrt(max(n, 1)))))
+        return f"OPQ{m}_{dim},IVF{nlist},PQ{m}"
+    return kind
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """PQ sub-quantizers of about 8 dims each (at most 64): short enough codes to be worth
+    it, long enough sub-vectors for k-means to train quickly."""
+    for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
+        if dim % m == 0 and dim // m >= 8:
+            return m
+    return 1
+
+
+def new_index(kind: str, dim: int, n: int):
+    """An empty index of ``kind`` (flat, hnsw, ivf-pq, or any FAISS factory string), inner product."""
+    import faiss
+
+    from vecsim.errors import ConfigError
+
+    spec = factory_string(kind, n, dim)
+    try:
+        base = faiss.index_factory(int(dim), spec, faiss.METRIC_INNER_PRODUCT)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--index {kind!r} is not a FAISS index factory string ({first[:120]})") from None
+    if isinstance(base, faiss.IndexHNSW):
+        base.hnsw.efConstruction = 80
+        base.hnsw.efSearch = 128
+    if _supports_ids(base):
+        return base, spec
+    return faiss.IndexIDMap2(base), spec
+
+
+def _supports_ids(index) -> bool:
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    return isinstance(inner, faiss.IndexIVF)
+
+
+def needs_training(index) -> bool:
+    return not index.is_trained
+
+
+def training_size(index) -> int:
+    """Vectors to train an index on: ~50 per IVF list (and enough for PQ codebooks)."""
+    import faiss
+
+    inner = index
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        return max(50 * inner.nlist, 10_000)
+    return 10_000
+
+
+def set_search_params(index, nprobe: int = 32) -> None:
+    import faiss
+
+    inner = index
+    for _ in range(3):
+        if isinstance(inner, faiss.IndexIVF):
+            inner.nprobe = min(nprobe, inner.nlist)
+            return
+        if hasattr(inner, "index"):
+            inner = faiss.downcast_index(inner.index)
+
+
+def is_exact(index) -> bool:
+    import faiss
+
+    inner = index
+    while hasattr(inner, "index") and not isinstance(inner, faiss.IndexFlat):
+        inner = faiss.downcast_index(inner.index)
+    return isinstance(inner, faiss.IndexFlat)
+
+
+def to_gpu(index, device: str):
+    """The index on the GPU when faiss has GPU support and ``device`` is CUDA; else unchanged."""
+    import faiss
+
+    if not device.startswith("cuda") or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return index
+    gpu_id = int(device.split(":", 1)[1]) if ":" in device else 0
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu_id, index)
+    except Exception:  # some index types have no GPU version: stay on the CPU
+        return index
+
+
+def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECALL_QUERIES, k: int = RECALL_K,
+                seed: int = 0, exclude: np.ndarray | None = None) -> dict:
+    """recall@k of ``index`` against exact search over ``vectors`` on held-out queries.
+
+    Queries are stored vectors not used to train the index (``exclude``); exact
+    neighbours come from a brute-force scan in blocks.
+    """
+    rng = np.random.default_rng([seed, 7])
+    candidates = np.arange(len(ids)) if exclude is None else np.flatnonzero(~np.isin(ids, exclude))
+    if len(candidates) == 0:
+        candidates = np.arange(len(ids))
+    pick = rng.choice(candidates, size=min(queries, len(candidates)), replace=False)
+    q = np.ascontiguousarray(vectors[pick])
+    k = min(k, len(ids))
+    best_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(q), k), -1, dtype=np.int64)
+    for lo in range(0, len(ids), 65_536):
+        scores = q @ vectors[lo : lo + 65_536].T
+        cand_scores = np.concatenate([best_scores, scores], axis=1)
+        cand_ids = np.concatenate([best_ids, np.broadcast_to(ids[lo : lo + 65_536], scores.shape)], axis=1)
+        top = np.argpartition(-cand_scores, k - 1, axis=1)[:, :k]
+        best_scores = np.take_along_axis(cand_scores, top, axis=1)
+        best_ids = np.take_along_axis(cand_ids, top, axis=1)
+    exact = best_ids
+    _, found = index.search(q, k)
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found))
+    return {"recall_at_10": hits / float(len(q) * k), "queries": int(len(q)), "k": int(k)}

@@ -34,6 +34,8 @@ class IndexSummary:
     seconds: float
     layers: dict[str, dict] = field(default_factory=dict)
 
+    fidelity: dict[str, float] = field(default_factory=dict)  # Spearman(raw, stored) on the evaluation subset
+
     @property
     def images_per_second(self) -> float:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
@@ -137,7 +139,9 @@ class _Indexer:
         finally:
             self.writer.close()
         layers = {layer: r.describe()["fit"] for layer, r in self.reducers.items()}
-        return IndexSummary(out, indexed, failed, seconds, layers)
+        from vecsim.report import fidelity_summary
+
+        return IndexSummary(out, indexed, failed, seconds, layers, fidelity_summary(out))
 
     def _eval_subset(self, shapes):
         from vecsim.evalset import EvalSubset
@@ -374,7 +378,7 @@ class _Indexer:
         if self.unsaved_failures:
             self.writer.add_failures(self._take_failures(), self.run_id)
         for layer, reducer in self.reducers.items():
-            self.writer.build_index(layer, reducer.dim)
+            self.writer.build_index(layer, reducer.dim, self.config.index, self.device, self.config.seed)
             if self.evalset is not None:
                 entry = self.writer.manifest["layers"][layer]
                 entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer))

@@ -107,13 +107,13 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)
-        queries = {name: store.index(name).reconstruct(self_id).reshape(1, -1) for name in layers}
+        queries = {name: store.vector_of(name, self_id) for name in layers}
     if exclude_self and self_id is not None and allowed is not None:
         allowed = allowed[allowed != self_id]
     hits = []
     for name in layers:
         extra = 1 if exclude_self and self_id is not None and allowed is None else 0
-        scores, found = search_index(store.index(name), queries[name], k + extra, allowed)
+        scores, found = search_index(store.index(name), queries[name], k + extra, allowed, store, name)
         rank = 0
         for score, stim_id in zip(scores[0], found[0]):
             if stim_id < 0 or (exclude_self and stim_id == self_id) or rank >= k:
@@ -125,10 +125,26 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     return hits
 
 
-def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None):
-    from vecsim.index import search
+def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None, store=None, layer=None):
+    """FAISS search; with a filter on an approximate index, exact over the allowed stimuli
+    whenever the filtered graph/lists returned fewer than k of them."""
+    from vecsim.index import is_exact, search
 
-    return search(index, queries, k, allowed)
+    scores, found = search(index, queries, k, allowed)
+    if allowed is None or is_exact(index) or store is None:
+        return scores, found
+    wanted = min(k, len(allowed))
+    if (found[0] >= 0).sum() >= wanted:
+        return scores, found
+    ids, vecs = store.vectors(layer)
+    mask = np.isin(ids, allowed)
+    ids, vecs = ids[mask], vecs[mask]
+    s = vecs @ queries[0]
+    order = np.argsort(-s, kind="stable")[:k]
+    out_s = np.full((1, k), -np.inf, np.float32)
+    out_i = np.full((1, k), -1, np.int64)
+    out_s[0, : len(order)], out_i[0, : len(order)] = s[order], ids[order]
+    return out_s, out_i
 
 
 # -- neighbors -----------------------------------------------------------------------------

@@ -120,7 +120,11 @@ MANIFEST_SCHEMA = {
                     "reducer": REDUCER_SCHEMA,
                     "index": {
                         "type": "object",
-                        "properties": {"kind": _STR, "metric": _STR, "ntotal": _INT},
+                        "properties": {
+                            "kind": _STR, "factory": _STR, "metric": _STR, "ntotal": _INT, "exact": {"type": "boolean"},
+                            "recall_at_10": {**_NUM, "description": "approximate index vs exact search, held-out queries"},
+                            "queries": _INT, "k": _INT,
+                        },
                     },
                     "eval": {
                         "type": "object",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -239,6 +240,21 @@ class Store:
         flat = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
         vecs = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), self.dim(layer))
         return ids, vecs
+
+    def vector_of(self, layer: str, stim_id: int) -> np.ndarray:
+        """The stored unit vector of one stimulus, shape (1, dim)."""
+        import faiss
+
+        index = self.index(layer)
+        if isinstance(index, faiss.IndexIDMap2):
+            return index.reconstruct(int(stim_id)).reshape(1, -1)
+        table = self.table(self.layer_info(layer)["table"])
+        found = table.search().where(f"id = {int(stim_id)}").select(["vector"]).limit(1).to_arrow()
+        if found.num_rows == 0:
+            from vecsim.errors import UnknownStimulusError
+
+            raise UnknownStimulusError(f"no vector for stimulus {stim_id} in layer {layer}")
+        return np.asarray(found.column("vector").combine_chunks().values.to_numpy(), dtype=np.float32).reshape(1, -1)
 
     def raw_norms(self, layer: str):
         table = self._read(self.layer_info(layer)["table"], ["id", "raw_norm"]).sort_by("id")
@@ -495,20 +511,105 @@ class StoreWriter:
         self._ensure_tables()
         self.db.open_table("runs").add(pa.Table.from_pylist([row], schema=runs_schema()))
 
-    def build_index(self, layer: str, dim: int, batch_rows: int = 65_536) -> int:
-        """Build the layer's FAISS index from its vectors table (streamed) and save it atomically."""
-        from vecsim.index import add, new_flat_index, save_index
-
-        entry = self.manifest["layers"][layer]
-        index = new_flat_index(dim)
-        query = self.db.open_table(entry["table"]).search().select(["id", "vector"]).limit(None)
+    def _vector_batches(self, layer: str, batch_rows: int = 65_536):
+        dim = None
+        query = self.db.open_table(self.manifest["layers"][layer]["table"]).search().select(["id", "vector"]).limit(None)
         for batch in query.to_batches(batch_size=batch_rows):
             ids = batch.column("id").to_numpy()
-            vecs = batch.column("vector").values.to_numpy(zero_copy_only=False).reshape(len(ids), dim)
-            add(index, vecs, ids)
-        save_index(index, self.layer_dir(layer) / "index.faiss")
-        entry["index"] = {"kind": "flat", "metric": "inner_product", "ntotal": int(index.ntotal)}
-        return int(index.ntotal)
+            vector = batch.column("vector")
+            dim = dim or vector.type.list_size
+            yield ids, vector.values.to_numpy(zero_copy_only=False).reshape(len(ids), dim)
+
+    def build_index(self, layer: str, dim: int, kind: str = "auto", device: str = "cpu", seed: int = 0) -> dict:
+        """Build the layer's FAISS index from its vectors table and save it atomically.
+
+        ``kind``: auto, flat, hnsw, ivf-pq (OPQ + IVF-PQ) or a FAISS factory string. An
+        approximate index is trained on a seeded sample where it needs training, and its
+        recall@10 against exact search on held-out queries is recorded.
+        """
+        from vecsim import index as vindex
+
+        entry = self.manifest["layers"][layer]
+        n = sum(len(ids) for ids, _ in self._vector_batches(layer, 1 << 20)) if kind != "flat" else 0
+        resolved = vindex.choose_kind(n, dim) if kind == "auto" else kind
+        index, spec = vindex.new_index(resolved, dim, n)
+        exact = vindex.is_exact(index)
+        ids = vecs = train_ids = None
+        if not exact:
+            parts = list(self._vector_batches(layer))
+            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            vecs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+            del parts
+        if vindex.needs_training(index):
+            size = min(len(ids), vindex.training_size(index))
+            pick = np.sort(np.random.default_rng([seed, 3]).choice(len(ids), size=size, replace=False))
+            try:
+                index.train(np.ascontiguousarray(vecs[pick]))
+            except RuntimeError as exc:
+                from vecsim.errors import ConfigError
+
+                raise ConfigError(f"cannot train index {spec!r} on {size} vectors of {layer}: {str(exc).splitlines()[0][:160]}; "
+                                  "use --index flat or hnsw for a set this small") from None
+            train_ids = ids[pick]
+        index = vindex.to_gpu(index, device)
+        if exact:
+            for batch_ids, batch_vecs in self._vector_batches(layer):
+                vindex.add(index, batch_vecs, batch_ids)
+        else:
+            vindex.add(index, vecs, ids)
+        vindex.set_search_params(index)
+        description = {"kind": resolved, "factory": spec, "metric": "inner_product", "ntotal": int(index.ntotal),
+                       "exact": exact}
+        if not exact and len(ids):
+            description.update(vindex.recall_at_k(index, vecs, ids, seed=seed, exclude=train_ids))
+        vindex.save_index(index, self.layer_dir(layer) / "index.faiss")
+        entry["index"] = description
+        return description
+
+
+def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list[str] | None = None,
+                       labels: list | None = None, index: str = "auto", overwrite: bool = False) -> Store:
+    """A complete store from unit vectors computed elsewhere (no model): one layer per entry,
+    rows = stimuli in id order. Used for synthetic benchmarks and for importing vectors."""
+    first = next(iter(layers.values()))
+    n = len(first)
+    paths = paths or [f"stimulus_{i:07d}" for i in range(n)]
+    labels = labels or [None] * n
+    manifest = {
+        "format_version": FORMAT_VERSION, "status": "indexing", "created": now(),
+        "source": {"source": "vectors", "root": str(path), "manifest": None, "extra_columns": [],
+                   "candidates": n, "ignored_files": 0},
+        "model": {"name": "none", "weights": None, "checkpoint": None, "checkpoint_sha256": None,
+                  "num_classes": None, "init_seed": None},
+        "preprocessing": {"resize": 1, "crop": 1, "mean": [0.0] * 3, "std": [1.0] * 3, "interpolation": "bilinear"},
+        "device": "cpu", "config": {"index": index}, "seeds": {}, "layers": {},
+        "counts": {"stimuli": n, "failures": 0}, "versions": package_versions(),
+    }
+    for layer, vecs in layers.items():
+        dim = vecs.shape[1]
+        manifest["layers"][layer] = {"slug": layer_slug(layer), "table": f"vectors_{layer_slug(layer)}", "reducer": {
+            "shape": [dim], "units": dim, "dim_in": dim, "sketch": None,
+            "config": {"similarity": "cosine", "center": False, "dim": dim, "max_dim": dim, "energy": 1.0,
+                       "sketch_dim": 0, "sketch_seed": 0, "pooling": "flatten"},
+            "fit": {"n_train": n, "dim_in": dim, "dim": dim, "rank": dim, "energy_kept": 1.0, "exact": True,
+                    "lossless": True}}}
+    writer = StoreWriter.create(Path(path), manifest, stimuli_schema(), overwrite=overwrite)
+    try:
+        for layer, vecs in layers.items():
+            writer.create_vector_table(layer, vecs.shape[1])
+        ids = np.arange(n, dtype=np.int64)
+        for lo in range(0, n, 50_000):
+            hi = min(lo + 50_000, n)
+            rows = [{"id": i, "path": paths[i], "sha256": hashlib.sha256(paths[i].encode()).hexdigest(),
+                     "label": labels[i], "width": 0, "height": 0} for i in range(lo, hi)]
+            chunk = {layer: (ids[lo:hi], vecs[lo:hi], np.ones(hi - lo, np.float32)) for layer, vecs in layers.items()}
+            writer.append(rows, chunk, [], 1)
+        for layer, vecs in layers.items():
+            writer.build_index(layer, vecs.shape[1], index)
+        writer.save_manifest(status="complete")
+    finally:
+        writer.close()
+    return Store.open(path)
 
 
 def _clear_folder(path: Path) -> None:

@@ -1,0 +1,55 @@
+"""Index kinds: exact flat, HNSW, OPQ+IVF-PQ, factory strings; recall recorded; queries still exact-checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vecsim.errors import ConfigError
+from vecsim.index import choose_kind, factory_string, new_index, recall_at_k
+from vecsim.store import store_from_vectors
+
+
+def unit(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((20, d)).astype(np.float32)
+    x = centers[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_automatic_choice_by_size():
+    assert choose_kind(1_000, 256) == "flat"
+    assert choose_kind(100_000, 256) == "hnsw"
+    assert choose_kind(5_000_000, 256) == "ivf-pq"
+    assert factory_string("ivf-pq", 1_000_000, 256) == "OPQ32_256,IVF4000,PQ32"
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq", "IVF16,Flat"])
+def test_approximate_indexes_report_recall_and_queries_work(tmp_path, kind):
+    vecs = unit(2000, 32)
+    store = store_from_vectors(tmp_path / "s", {"v": vecs}, labels=[f"c{i % 4}" for i in range(2000)], index=kind)
+    info = store.layer_info("v")["index"]
+    assert info["kind"] == kind and info["exact"] is False and info["ntotal"] == 2000
+    assert 0.0 <= info["recall_at_10"] <= 1.0 and info["queries"] == 1000
+    if kind != "ivf-pq":
+        assert info["recall_at_10"] > 0.8
+    hits = store.query(id=17, layer="v", k=5)
+    assert hits[0]["id"] == 17
+    filtered = store.query(id=17, layer="v", k=5, where="label = 'c3'")
+    assert len(filtered) == 5 and all(h["label"] == "c3" for h in filtered)
+
+
+def test_recall_of_an_exact_index_is_one():
+    import faiss
+
+    vecs = unit(500, 16)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    index.add_with_ids(vecs, np.arange(500, dtype=np.int64))
+    assert recall_at_k(index, vecs, np.arange(500))["recall_at_10"] == 1.0
+
+
+def test_bad_factory_string_and_untrainable_sets_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="factory string"):
+        new_index("IVFxx,Flat", 16, 100)
+    with pytest.raises(ConfigError, match="cannot train"):
+        store_from_vectors(tmp_path / "s", {"v": unit(50, 32)}, index="IVF256,PQ8")

@@ -196,3 +196,25 @@ def test_store_without_evaluation_subset_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="--eval-size"):
         fidelity(store, "pool")
     assert fidelity_summary(store) == {}
+
+
+def test_cli_report_prints_where_and_a_summary_table(labelled, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "vecsim", *args], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ))
+
+    out = tmp_path / "out"
+    result = run("report", str(labelled.path), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert str(out / "report.html") in result.stdout
+    table = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in ([lay] for lay in LAYERS)]
+    assert [row[:3] for row in table] == [[lay, "18", "16"] for lay in LAYERS]
+    assert "AUC raw" in result.stdout
+    again = run("report", str(labelled.path), "--out", str(out))
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "--overwrite" in again.stderr
+    as_json = run("report", str(labelled.path), "--out", str(out), "--overwrite", "--json")
+    assert json.loads(as_json.stdout)["layers"]["pool"]["M"] == 18

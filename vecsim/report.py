@@ -179,22 +179,26 @@ def _no_subset_error(store, layer: str, why: str) -> StoreError:
     )
 
 
-def _subset_vectors(store, layer: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids found, their stored vectors) for the given ids, read with a filter, not the whole table."""
-    table = store.table(store.layer_info(layer)["table"])
-    dim = store.dim(layer)
-    found_ids, found_vecs = [], []
+def _rows_for_ids(table, ids: np.ndarray, columns: list[str]):
+    """The rows of ``table`` whose id is in ``ids`` (filtered reads, never the whole table)."""
+    import pyarrow as pa
+
+    parts = []
     for start in range(0, len(ids), ID_CHUNK):
-        chunk = ids[start : start + ID_CHUNK]
-        where = "id IN (" + ",".join(str(int(i)) for i in chunk) + ")"
-        arrow = table.search().where(where).select(["id", "vector"]).limit(None).to_arrow()
-        got = arrow.column("id").to_numpy().astype(np.int64, copy=False)
-        flat = arrow.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
-        found_ids.append(got)
-        found_vecs.append(np.asarray(flat, dtype=np.float32).reshape(len(got), dim))
-    if not found_ids:
+        where = "id IN (" + ",".join(str(int(i)) for i in ids[start : start + ID_CHUNK]) + ")"
+        parts.append(table.search().where(where).select(columns).limit(None).to_arrow())
+    return pa.concat_tables(parts) if parts else None
+
+
+def _subset_vectors(store, layer: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids found, their stored vectors) for the given ids."""
+    dim = store.dim(layer)
+    arrow = _rows_for_ids(store.table(store.layer_info(layer)["table"]), ids, ["id", "vector"])
+    if arrow is None or arrow.num_rows == 0:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate(found_ids), np.concatenate(found_vecs)
+    got = arrow.column("id").to_numpy().astype(np.int64, copy=False)
+    flat = arrow.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return got, np.asarray(flat, dtype=np.float32).reshape(len(got), dim)
 
 
 def layer_subset(store, layer: str) -> dict:
@@ -226,14 +230,15 @@ def layer_subset(store, layer: str) -> dict:
 
 
 def _labels(store, ids: np.ndarray) -> np.ndarray | None:
-    stimuli = store.stimuli().select(["id", "label"])
-    label_of = dict(zip(stimuli.column("id").to_pylist(), stimuli.column("label").to_pylist()))
+    arrow = _rows_for_ids(store.table("stimuli"), ids, ["id", "label"])
+    label_of = dict(zip(arrow.column("id").to_pylist(), arrow.column("label").to_pylist()))
     labels = np.array([label_of.get(int(i)) for i in ids], dtype=object)
     return labels if any(lab is not None for lab in labels) else None
 
 
 def _store_has_labels(store) -> bool:
-    return store.stimuli().column("label").null_count < store.stimuli().num_rows
+    labels = store.table("stimuli").search().select(["label"]).limit(None).to_arrow().column("label")
+    return labels.null_count < len(labels)
 
 
 # -- per-layer fidelity ---------------------------------------------------------------
@@ -684,8 +689,10 @@ def _intro(report: dict) -> list[str]:
 
 
 def _md_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(rows[0]), "|" + "---|" * len(rows[0])] + [line(r) for r in rows[1:]]
     return "\n".join(lines)
 
 

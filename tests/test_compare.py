@@ -83,19 +83,35 @@ def test_store_with_itself_has_identity_diagonal_and_records_sources(stores):
 
 def test_exact_gram_cka_and_rsa_equal_those_of_raw_activations(stores):
     store = Store.open(stores["full"])
-    result = compare_stores(store, measures=["cka", "rsa_pearson"], layers_a=["features.relu3"],
-                            layers_b=["features.relu4", "pool"])
+    result = compare_stores(store, measures=["cka", "rsa_pearson"], layers_a=["features.relu3"], layers_b=["pool"])
     paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
     ids = np.sort(store.eval_subset("features.relu3")["ids"])
     rel = [paths[i] for i in ids]
     raw3 = raw_features("digits-cnn", stores["source"], rel, "features.relu3", weights="DEFAULT")
-    for layer in ("features.relu4", "pool"):
+    for layer in ("pool",):
         raw = raw_features("digits-cnn", stores["source"], rel, layer, weights="DEFAULT")
         cell = result.cell("cka", "features.relu3", layer)
         assert cell["source"] == EXACT and cell["n"] == len(ids) == 18
         assert cell["value"] == pytest.approx(linear_cka(raw3, raw), abs=2e-3)
         rdm3, rdm = 1 - cosine_matrix(raw3), 1 - cosine_matrix(raw)
         assert result.value("rsa_pearson", "features.relu3", layer) == pytest.approx(rsa(rdm3, rdm, "pearson"), abs=2e-3)
+
+
+def test_grid_values_equal_the_registered_measures_on_the_subset_grams(stores):
+    store = Store.open(stores["full"])
+    names = ["cka_debiased", "rsa_kendall", "svcca", "procrustes"]
+    result = compare_stores(store, measures=names, layers_a=["features.relu3", "pool"], layers_b=["features.relu4"])
+    grams = {}
+    for layer in ("features.relu3", "features.relu4", "pool"):
+        ev = store.eval_subset(layer)
+        order = np.argsort(ev["ids"])
+        grams[layer] = ev["gram"][np.ix_(order, order)]
+    for measure in names:
+        for layer in ("features.relu3", "pool"):
+            expected = MEASURES[measure].fn(grams[layer], grams["features.relu4"])
+            assert result.value(measure, layer, "features.relu4") == pytest.approx(expected, abs=1e-12), measure
+    stored = compare_stores(store, measures="cka", source="stored-vectors")
+    assert {c["source"] for c in stored.cells} == {STORED}
 
 
 def test_without_eval_subset_gram_measures_use_rescaled_stored_vectors(stores):
@@ -115,6 +131,19 @@ def test_without_eval_subset_gram_measures_use_rescaled_stored_vectors(stores):
     exact = compare_stores(stores["full"], measures="cka", layers_a=["features.relu4"], layers_b=["pool"])
     assert result.value("cka", "features.relu4", "pool") == pytest.approx(
         exact.value("cka", "features.relu4", "pool"), abs=0.05)
+
+
+def test_mixed_sources_are_shown_per_cell(stores, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(stores["full"], copy)
+    store = Store.open(copy)
+    (store.layer_dir("pool") / "eval.npz").unlink()  # this layer falls back to its stored vectors
+    result = compare_stores(copy, measures="cka", layers_a=["features.relu4", "pool"], layers_b=["features.relu4", "pool"])
+    assert result.cell("cka", "features.relu4", "features.relu4")["source"] == EXACT
+    cell = result.cell("cka", "features.relu4", "pool")
+    assert cell["source"] == STORED and "no evaluation subset" in cell["note"]
+    text = result.format()
+    assert "E = exact-gram, S = stored-vectors" in text and "E18" in text and "S18" in text
 
 
 def test_two_stores_are_matched_by_sha256_and_unmatched_counts_reported(stores):
@@ -224,6 +253,7 @@ def test_channel_matrices_and_summary(stores, tmp_path):
     assert report.n_stimuli == 18 and report.grid_cells == 16
     assert report.summary["n_channels"] == 64 and report.summary["k"] == 5
     np.testing.assert_allclose(report.similarity, report.similarity.T)
+    assert channel_redundancy(stores["full"], "pool").summary["kernel"] == "gaussian"  # 1×1 map: signs only
     with pytest.raises(ConfigError, match="not a .C, H, W. feature map"):
         channel_redundancy(stores["full"], "classifier")
     with pytest.raises(StoreError, match="no evaluation subset"):

@@ -50,6 +50,7 @@ from vecsim.errors import (
     StoreError,
     close_matches,
 )
+from vecsim import measures as _measures
 from vecsim.measures import MEASURES, linear_cka, procrustes_distance, pwcca, svcca
 
 MIN_COMMON = 10
@@ -69,6 +70,11 @@ _FEATURE_FORMS = {
     "pwcca": pwcca,
 }
 _ASYMMETRIC = {"pwcca"}  # weights come from the row (A) layer
+# Exact-Gram SVCCA/Procrustes reuse each layer's centred-Gram eigenbasis (the same steps as
+# measures.svcca_gram / procrustes_distance_gram; tests check the values are identical).
+_BASIS_MEASURES = {"svcca", "procrustes"}
+SVCCA_KEEP = 0.99  # measures.MEASURES["svcca"] keeps 99% of the variance
+BASIS_CACHE_BYTES = 1 << 30
 _CORNER = "A \\ B"
 
 
@@ -139,7 +145,8 @@ def _heatmap(path: Path, M: np.ndarray, rows: list[str], cols: list[str], title:
              cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
              row_label: str = "", col_label: str = "", annotate: bool = True) -> None:
     h, w = M.shape
-    fig = _figure(min(3.0 + 0.55 * w, 24.0), min(2.5 + 0.45 * h, 24.0))
+    # Labelled cells grow the figure; past 40 rows/columns there are no labels, so a fixed size.
+    fig = _figure(min(3.0 + 0.55 * w, 24.0) if w <= 40 else 8.0, min(2.5 + 0.45 * h, 24.0) if h <= 40 else 7.0)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
                    interpolation="nearest")
@@ -262,14 +269,13 @@ class _LayerData:
                 raise StoreError(f"{self.store.path}: vectors and raw norms of {self.layer} disagree; run `vecsim verify`")
             self._features = (vec_ids, vecs.astype(np.float64) * norms.astype(np.float64)[:, None])
         vec_ids, X = self._features
-        pos = np.searchsorted(vec_ids, ids)
-        ok = (pos < len(vec_ids)) & (vec_ids[np.minimum(pos, len(vec_ids) - 1)] == ids) if len(vec_ids) else pos < 0
+        ok = _in_sorted(vec_ids, ids)
         if not np.all(ok):
             raise StoreError(
                 f"{self.store.path}: layer {self.layer} has no stored vector for {int((~ok).sum())} indexed "
                 "stimuli; the store is damaged: run `vecsim verify`"
             )
-        return X[pos]
+        return X[np.searchsorted(vec_ids, ids)]
 
     @property
     def eval(self) -> dict | None:
@@ -600,6 +606,8 @@ class _Calculator:
         else:
             keep = np.arange(n)
         self.rsa_rows = keep
+        self._bases: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._bases_bytes = 0
 
     def cell(self, measure: str, da: _LayerData, db: _LayerData) -> dict:
         m = MEASURES[measure]
@@ -607,7 +615,7 @@ class _Calculator:
             ids, why = self._exact_ids(da, db)
             if ids is not None:
                 ids_b = np.array([self.partner[i] for i in ids.tolist()], dtype=np.int64)
-                value = m.fn(da.gram(ids), db.gram(ids_b))
+                value = self._exact(measure, da, ids, db, ids_b)
                 return {"value": float(value), "source": EXACT, "n": int(len(ids)), "note": ""}
             if self.source == EXACT:
                 raise StoreError(f"{measure} of {da.layer} × {db.layer} cannot use exact Grams: {why}; "
@@ -618,6 +626,29 @@ class _Calculator:
         else:
             note = f"{measure} needs features; Grams do not keep individual units"
         return self._stored(measure, da, db, note)
+
+    def _exact(self, measure: str, da: _LayerData, ids_a: np.ndarray, db: _LayerData, ids_b: np.ndarray) -> float:
+        K, L = da.gram(ids_a), db.gram(ids_b)
+        if measure not in _BASIS_MEASURES:
+            return MEASURES[measure].fn(K, L)
+        # SVCCA and Procrustes start from an eigendecomposition of each centred Gram: do it
+        # once per layer and stimulus set, not once per cell (2·L² → L per measure grid).
+        Ux, sx = self._basis(da, ids_a, K)
+        Uy, sy = self._basis(db, ids_b, L)
+        if measure == "svcca":
+            return _measures._svcca_from_bases(Ux, sx, Uy, sy, SVCCA_KEEP)["mean"]
+        return _measures._nuclear_procrustes(Ux * sx, Uy * sy, K, L)
+
+    def _basis(self, data: _LayerData, ids: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = (str(data.store.path), data.layer, ids.tobytes())
+        if key not in self._bases:
+            U, s = _measures._gram_basis(_measures._gram(K, "K"))
+            self._bases[key] = (U, s)
+            self._bases_bytes += U.nbytes
+            while self._bases_bytes > BASIS_CACHE_BYTES and len(self._bases) > 1:
+                oldest = next(iter(self._bases))
+                self._bases_bytes -= self._bases.pop(oldest)[0].nbytes
+        return self._bases[key]
 
     def _exact_ids(self, da: _LayerData, db: _LayerData) -> tuple[np.ndarray | None, str]:
         ea, eb = da.eval, db.eval
@@ -817,7 +848,7 @@ class ChannelReport:
         s = self.summary
         lines = [
             f"{self.layer} of {self.store}: {self.n_channels} channels, responses of {self.n_stimuli} "
-            f"evaluation-subset stimuli pooled to {self.grid_cells} grid cells",
+            f"evaluation-subset stimuli pooled to {self.grid_cells} grid cell{'s' if self.grid_cells != 1 else ''}",
             f"dead channels          {s['n_dead']}" + (f" ({', '.join(map(str, s['dead_channels'][:20]))}"
                                                       f"{', …' if len(s['dead_channels']) > 20 else ''})"
                                                       if s["n_dead"] else ""),
@@ -859,15 +890,18 @@ class ChannelReport:
         return written
 
 
-def channel_redundancy(store, layer: str, k: int = 10, kernel: str = "cosine", top: int = 5) -> ChannelReport:
+def channel_redundancy(store, layer: str, k: int = 10, kernel: str = "auto", top: int = 5) -> ChannelReport:
     """Channel × channel cosine and CW-NNK overlap (:mod:`vecsim.structure`) of one layer.
 
     Uses the per-channel responses (pooled to ≤ 4×4) the evaluation subset keeps for
-    layers with a (C, H, W) output. Raises :class:`ConfigError` for a layer without
+    layers with a (C, H, W) output. ``kernel="auto"`` is the NNK cosine kernel, except
+    for a 1×1 map (one response per channel), where the cosine kernel only sees signs
+    and the Gaussian kernel is used instead. ``top_pairs``: the ``top`` live channel
+    pairs with the highest overlap. Raises :class:`ConfigError` for a layer without
     channel responses (not a feature map) and :class:`StoreError` for a store without
     an evaluation subset.
     """
-    from vecsim.structure import channel_overlap, channel_similarity, redundancy_summary
+    from vecsim.structure import KERNELS, channel_overlap, channel_similarity, redundancy_summary
 
     st = _open(store)
     info = st.layer_info(layer)
@@ -887,6 +921,10 @@ def channel_redundancy(store, layer: str, k: int = 10, kernel: str = "cosine", t
     R = np.asarray(ev["channels"], dtype=np.float64)
     if R.shape[0] < 3:
         raise StoreError(f"the evaluation subset of {layer} holds {R.shape[0]} stimuli; channel overlap needs at least 3")
+    if kernel not in ("auto", *KERNELS):
+        raise ConfigError(f"unknown NNK kernel {kernel!r}; choose auto, {', '.join(KERNELS)}")
+    if kernel == "auto":
+        kernel = "gaussian" if R.shape[2] == 1 else "cosine"
     S = channel_similarity(R)
     O = channel_overlap(R, k, kernel)
     summary = redundancy_summary(R, k, kernel, similarity=S, overlap=O)

@@ -112,3 +112,13 @@ def test_query_json_csv_and_side_by_side_table(shared_image_set, tmp_path):
     assert done.returncode == 0, done.stderr
     again = run_cli("similarity", str(out), "--all-layers", "--out", str(npy))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_index_prints_fidelity_per_layer_and_warns_when_low(shared_image_set, tmp_path):
+    result = run_cli("index", str(shared_image_set), "--model", "digits-cnn", "--layers", "features.relu1,features.relu4",
+                     "--out", str(tmp_path / "s"), "--dim", "features.relu1=1,16", "-q")
+    assert result.returncode == 0, result.stderr
+    lines = {ln.split(":")[0].strip(): ln for ln in result.stdout.splitlines() if "fidelity Spearman" in ln}
+    assert set(lines) == {"features.relu1", "features.relu4"}
+    assert "features.relu4" not in result.stderr  # exact at dim 16 with 18 stimuli: no warning
+    assert "warning: features.relu1 keeps similarities with Spearman" in result.stderr

@@ -56,6 +56,7 @@ def index_cmd(
     center: Optional[bool] = typer.Option(None, "--center/--no-center", help="Centred PCA instead of the uncentred projection."),
     sketch_dim: Optional[int] = typer.Option(None, "--sketch-dim", help="Count-sketch dims (0: never) [default: 16384 above 65536 units]."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K, or per layer 'layer=avg,...'."),
+    index: Optional[str] = typer.Option(None, "--index", help="auto, flat, hnsw, ivf-pq, or a FAISS factory string [default: auto]."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Training sample for the projection [default: 1000]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the training sample [default: 0]."),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV/Parquet with a 'path' column (+ label, metadata)."),
@@ -82,7 +83,12 @@ def index_cmd(
     )
     for layer, fit in summary.layers.items():
         exact = "exact on the training sample" if fit["exact"] else f"{fit['energy_kept']:.1%} of the energy"
-        typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']})")
+        rho = summary.fidelity.get(layer)
+        fidelity = f", fidelity Spearman {rho:.4f} on the evaluation subset" if rho is not None else ""
+        typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']}){fidelity}")
+        if rho is not None and rho < 0.95:
+            _echo_err(f"warning: {layer} keeps similarities with Spearman {rho:.3f} < 0.95; "
+                      "raise --dim (or use --dim auto) and see `vecsim report`")
 
 
 # -- layers --------------------------------------------------------------------------
@@ -127,6 +133,15 @@ def info_cmd(
     typer.echo(format_info(info))
 
 
+def format_index(index: dict) -> str:
+    if not index:
+        return "-"
+    text = index.get("factory", index.get("kind", "?"))
+    if "recall_at_10" in index:
+        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} held-out queries)"
+    return text
+
+
 def format_info(info: dict) -> str:
     model = info["model"]
     b = info["bytes"]
@@ -136,7 +151,7 @@ def format_info(info: dict) -> str:
         f"model       {model['name']} weights={model['weights']}" + (f" checkpoint={model['checkpoint']}" if model.get("checkpoint") else ""),
         f"stimuli     {info['counts']['stimuli']:,} indexed, {info['counts']['failures']:,} failures",
         "",
-        f"{'layer':<28} {'shape':<14} {'units':>11} {'sketch':>7} {'dim':>5} {'projection':<11} {'energy':>7} {'exact':>5}",
+        f"{'layer':<28} {'shape':<14} {'units':>11} {'sketch':>7} {'dim':>5} {'projection':<11} {'energy':>7} {'exact':>5}  index",
     ]
     for name, layer in info["layers"].items():
         shape = "x".join(map(str, layer["shape"]))
@@ -144,7 +159,7 @@ def format_info(info: dict) -> str:
         energy = f"{layer['energy_kept']:.1%}" if layer["energy_kept"] is not None else "-"
         lines.append(
             f"{name:<28} {shape:<14} {layer['units']:>11,} {sketch:>7} {layer['dim']:>5} {layer['projection']:<11} "
-            f"{energy:>7} {'yes' if layer['exact'] else 'no':>5}"
+            f"{energy:>7} {'yes' if layer['exact'] else 'no':>5}  {format_index(layer['index'])}"
         )
     lines += [
         "",
@@ -293,6 +308,93 @@ def similarity_cmd(
     typer.echo(f"wrote {summary['format']} {tuple(summary['shape'])} {summary['dtype']} "
                f"{summary['values']} for {', '.join(summary['layers'])} to {summary['path']} "
                f"({human_bytes(summary['bytes_written'])}, {summary['elapsed_s']:.1f} s)")
+
+
+# -- compare, prune, spectrum, channels ------------------------------------------------
+
+@app.command("compare")
+def compare_cmd(
+    store_a: str = typer.Argument(..., help="Store whose layers are the rows."),
+    store_b: Optional[str] = typer.Argument(None, help="Store whose layers are the columns [default: STORE_A]."),
+    measure: str = typer.Option("cka", "--measure", "-m", help="cka, cka_debiased, rsa_spearman, rsa_pearson, "
+                                "rsa_kendall, svcca, pwcca, procrustes, comma-separated, or all."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for Parquet/CSV/JSON tables and heatmap PNGs."),
+    layers_a: Optional[str] = typer.Option(None, "--layers-a", help="Comma-separated layers of A [default: all]."),
+    layers_b: Optional[str] = typer.Option(None, "--layers-b", help="Comma-separated layers of B [default: all]."),
+    pairs: str = typer.Option("grid", "--pairs", help="grid (every A layer × every B layer) or matching (i-th with i-th)."),
+    source: str = typer.Option("auto", "--source", help="auto, exact-gram or stored-vectors."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
+) -> None:
+    """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two."""
+    from vecsim.compare import compare_stores, dumps_json
+
+    result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
+    written = result.save(out) if out else []
+    if as_json:
+        typer.echo(dumps_json(result.to_dict()))
+        return
+    typer.echo(result.format())
+    if written:
+        typer.echo(f"\nwrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Option(..., "--model", help="torchvision model name or digits-cnn."),
+    out: str = typer.Option(..., "--out", help="File for the pruned state dict (e.g. pruned.pt)."),
+    amount: float = typer.Option(..., "--amount", help="Fraction of weights to zero, in [0, 1)."),
+    scope: str = typer.Option("global", "--scope", help="global (one ranking over all layers) or layerwise."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weight enum name, DEFAULT or none."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local state dict to prune instead."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Magnitude-prune a model's conv/linear weights and save a checkpoint for `vecsim index --checkpoint`."""
+    from vecsim.compare import dumps_json, format_prune, prune_checkpoint
+
+    report = prune_checkpoint(model, out, amount, scope, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
+    typer.echo(dumps_json(report) if as_json else format_prune(report))
+
+
+@app.command("spectrum")
+def spectrum_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for spectrum.png/.json/.csv."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
+) -> None:
+    """Per layer: effective rank and dims for 90/95/99% energy of the stored training spectrum."""
+    from vecsim.compare import dumps_json, store_spectra
+
+    report = store_spectra(store)
+    written = report.save(out) if out else []
+    if as_json:
+        typer.echo(dumps_json(report.to_dict()))
+        return
+    typer.echo(report.format())
+    if written:
+        typer.echo(f"\nwrote {', '.join(str(p) for p in written)}")
+
+
+@app.command("channels")
+def channels_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    layer: str = typer.Option(..., "--layer", help="A feature-map layer of the store."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the matrices (.npy), heatmaps and summary JSON."),
+    k: int = typer.Option(10, "--k", help="NNK candidates per stimulus."),
+    kernel: str = typer.Option("auto", "--kernel", help="NNK kernel: auto (cosine; gaussian for 1x1 maps), cosine or gaussian."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (NaN as null)."),
+) -> None:
+    """Channel redundancy of one layer: cosine similarity and CW-NNK overlap of its channels."""
+    from vecsim.compare import channel_redundancy, dumps_json
+
+    report = channel_redundancy(store, layer, k=k, kernel=kernel)
+    written = report.save(out) if out else []
+    if as_json:
+        typer.echo(dumps_json(report.to_dict()))
+        return
+    typer.echo(report.format())
+    if written:
+        typer.echo(f"\nwrote {', '.join(str(p) for p in written)}")
 
 
 # -- entry point ---------------------------------------------------------------------

@@ -356,7 +356,10 @@ def fidelity_summary(store) -> dict[str, float]:
             continue
         iu = np.triu_indices(len(data["ids"]), 1)
         reduced = truncate(data["vectors"], data["vectors"].shape[1])
-        rho = _correlation(data["exact"][iu], np.clip(reduced @ reduced.T, -1, 1)[iu], rank=True)
+        exact, kept = data["exact"][iu], np.clip(reduced @ reduced.T, -1, 1)[iu]
+        rho = _correlation(exact, kept, rank=True)
+        if rho is None and np.ptp(exact) > 0:
+            rho = 0.0  # the reduction made every similarity equal: nothing of the ranking is kept
         if rho is not None:
             out[layer] = rho
     return out

@@ -2,7 +2,7 @@
 
 Run with:
     python benchmarks/bench_index.py [--n 256] [--size 224] [--model resnet18]
-           [--layers layer1,layer2,layer3] [--batch-size 32] [--repeats 2]
+           [--layers layer1,layer2,layer3] [--batch-size 32] [--repeats 2] [--eval-size 500]
 
 Both sides run in fresh child processes, one after the other, with the same images,
 decoding (vecsim's DataLoader and workers), model, batch size and torch thread count.
@@ -79,7 +79,7 @@ def child_index(args) -> dict:
     summary = vecsim.index_stimuli(
         source=args.images, model=args.model, weights="none", size=args.size, layers=args.layers.split(","),
         out=args.out, dim=str(args.dim), batch_size=args.batch_size, workers=args.workers, progress=False,
-        overwrite=True,
+        overwrite=True, eval_size=args.eval_size,
     )
     seconds = time.perf_counter() - start
     info = Store.open(args.out).info()
@@ -89,7 +89,7 @@ def child_index(args) -> dict:
 def run_child(kind: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--images", args.images, "--n", str(args.n), "--size",
            str(args.size), "--model", args.model, "--layers", args.layers, "--batch-size", str(args.batch_size),
-           "--dim", str(args.dim), *extra]
+           "--dim", str(args.dim), "--eval-size", str(args.eval_size), *extra]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--eval-size", type=int, default=500,
+                   help="vecsim's evaluation subset (exact raw Gram for the fidelity report); 0 = off")
     p.add_argument("--child", choices=["bare", "index"])
     p.add_argument("--images")
     p.add_argument("--out")
@@ -132,7 +134,8 @@ def main() -> None:
         info = best_index["info"]
         b = info["bytes"]
         print(f"vecsim index vs bare decode+forward: {args.model} {args.size}px, {args.n} images, layers {args.layers}, "
-              f"dim {args.dim}, batch {args.batch_size}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+              f"dim {args.dim}, eval subset {min(args.eval_size, args.n)}, batch {args.batch_size}, "
+              f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
         print(f"  bare loop     {bare_rate:8.2f} img/s   ({best_bare['seconds']:.2f} s, peak RSS {best_bare['peak_rss_mb']:.0f} MB)")
         print(f"  vecsim index  {index_rate:8.2f} img/s   ({best_index['seconds']:.2f} s, peak RSS {best_index['peak_rss_mb']:.0f} MB)")
         print(f"  ratio index/bare = {index_rate / bare_rate:.3f}   (target >= 0.85; best of {args.repeats} each)")

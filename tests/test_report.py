@@ -218,3 +218,12 @@ def test_cli_report_prints_where_and_a_summary_table(labelled, tmp_path):
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "--overwrite" in again.stderr
     as_json = run("report", str(labelled.path), "--out", str(out), "--overwrite", "--json")
     assert json.loads(as_json.stdout)["layers"]["pool"]["M"] == 18
+
+
+def test_rankdata_matches_scipy_with_ties():
+    from scipy.stats import rankdata as scipy_rankdata
+
+    from vecsim.report import rankdata
+
+    x = np.random.default_rng(0).integers(0, 20, 500).astype(float)
+    np.testing.assert_array_equal(rankdata(x), scipy_rankdata(x))

@@ -66,7 +66,7 @@ def index_cmd(
     std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default: auto]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass [default: 32]."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding worker processes [default: cores - 1]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads [default: cores; 0 = main thread]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images before decoding."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a store already at --out."),
     config: Optional[str] = typer.Option(None, "--config", help="JSON or TOML file of settings (flags win)."),

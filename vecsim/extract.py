@@ -162,8 +162,8 @@ def _collate(samples) -> DecodedBatch:
 
 
 def default_workers() -> int:
-    """Decoding workers: one fewer than the cores (the forward pass needs the rest), at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decoding threads: as many as the cores, at most 8 (they wait on I/O and overlap the forward pass)."""
+    return max(1, min(8, os.cpu_count() or 2))
 
 
 def iter_decoded(
@@ -175,15 +175,11 @@ def iter_decoded(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     boundaries: Iterable[int] = (),
 ) -> Iterator[DecodedBatch]:
-    """Decode and preprocess ``items`` in a DataLoader with worker processes, in order.
+    """Decode and preprocess ``items`` in a pool of decoding threads, in order.
 
     No batch straddles a position in ``boundaries`` (the pipeline's two passes share
     one loader, so its workers start once and keep decoding across the switch).
     """
-    import sys
-
-    from torch.utils.data import DataLoader
-
     workers = default_workers() if workers is None else workers
     if not items:
         return iter(())
@@ -193,17 +189,37 @@ def iter_decoded(
         for lo, stop in zip(cuts, cuts[1:])
         for start in range(lo, stop, batch_size)
     ]
-    # forking a process that has started lancedb's runtime is unsafe: use a clean server then
-    context = "forkserver" if workers and "lancedb" in sys.modules else None
-    loader = DataLoader(
-        _DecodeDataset(root, items, preprocessing, max_pixels),  # type: ignore[arg-type]
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_collate,
-        prefetch_factor=4 if workers else None,
-        multiprocessing_context=context,
-    )
-    return iter(loader)
+    dataset = _DecodeDataset(root, items, preprocessing, max_pixels)
+    if workers == 0:
+        return (_collate([dataset[i] for i in batch]) for batch in batches)
+    return _threaded_batches(dataset, batches, workers)
+
+
+def _threaded_batches(dataset: "_DecodeDataset", batches: list[list[int]], workers: int) -> Iterator[DecodedBatch]:
+    """Decode in a thread pool, a few batches ahead, in order.
+
+    Threads rather than worker processes: PIL decoding and resizing and torch's tensor
+    ops release the GIL, nothing has to be pickled, nothing starts slowly, and no process
+    is forked from one that already runs lancedb's (or torch's) threads.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    ahead = max(2, workers * 2)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vecsim-decode")
+    try:
+        pending = []
+        submitted = 0
+        for _ in range(min(ahead, len(batches))):
+            pending.append([pool.submit(dataset.__getitem__, i) for i in batches[submitted]])
+            submitted += 1
+        while pending:
+            futures = pending.pop(0)
+            if submitted < len(batches):
+                pending.append([pool.submit(dataset.__getitem__, i) for i in batches[submitted]])
+                submitted += 1
+            yield _collate([f.result() for f in futures])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def batched(items: list, size: int) -> Iterable[list]:

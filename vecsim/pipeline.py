@@ -72,12 +72,25 @@ def _per_layer(spec: str, layers: list[str], what: str) -> dict[str, str]:
 
 
 def _import_lancedb_in_background() -> None:
+    """Import lancedb on a thread while the main thread builds the model and runs the first
+    batches. The import is pure Python and holds the GIL; a short switch interval while it
+    runs hands the GIL back to the forward pass quickly."""
     import threading
 
     from vecsim.store import _lancedb
 
-    if "lancedb" not in sys.modules:
-        threading.Thread(target=_lancedb, daemon=True).start()
+    if "lancedb" in sys.modules:
+        return
+    interval = sys.getswitchinterval()
+
+    def run() -> None:
+        try:
+            _lancedb()
+        finally:
+            sys.setswitchinterval(interval)
+
+    sys.setswitchinterval(min(interval, 0.0005))
+    threading.Thread(target=run, daemon=True, name="vecsim-import-lancedb").start()
 
 
 class _Indexer:
@@ -98,6 +111,7 @@ class _Indexer:
 
         cfg = self.config
         started = time.time()
+        _import_lancedb_in_background()  # about a second of imports, overlapped with model loading and decoding
         out = Path(cfg.out)
         if (out / "vecsim.json").is_file() and not cfg.overwrite:
             from vecsim.errors import StoreExistsError
@@ -128,8 +142,7 @@ class _Indexer:
         }
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         self.evalset = self._eval_subset(shapes)
-        self._plan()  # starts the decoding workers before lancedb's runtime exists in this process
-        _import_lancedb_in_background()  # a second or more of imports, overlapped with the first batches
+        self._plan()
         self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=cfg.overwrite)
         try:
             torch.manual_seed(cfg.seed)
@@ -215,7 +228,7 @@ class _Indexer:
         return set(rng.permutation(ids)[:take].tolist())
 
     def _plan(self) -> None:
-        """Training items first, then the rest, both in id order, through one loader."""
+        """Training items first, then the rest, both in id order, through one loader (decoding starts now)."""
         from vecsim.extract import iter_decoded
 
         cfg = self.config

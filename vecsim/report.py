@@ -132,13 +132,24 @@ def recall_at_k(exact: np.ndarray, approx: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1 with ties averaged (scipy.stats.rankdata's default), in numpy alone:
+    importing scipy.stats costs more than ranking a subset's pairs."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
 def _correlation(a: np.ndarray, b: np.ndarray, rank: bool) -> float | None:
     """Spearman (rank=True) or Pearson; None when undefined (fewer than 2 pairs, a constant side)."""
     if a.size < 2:
         return None
     if rank:
-        from scipy.stats import rankdata
-
         a, b = rankdata(a), rankdata(b)
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt(float(a @ a) * float(b @ b))

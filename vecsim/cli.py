@@ -44,7 +44,7 @@ def human_bytes(n: float) -> str:
 
 @app.command("index")
 def index_cmd(
-    source: str = typer.Argument(..., help="Folder of images (searched recursively) or builtin:digits."),
+    source: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively) or builtin:digits."),
     model: Optional[str] = typer.Option(None, "--model", help="torchvision model name or digits-cnn."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated module names to hook."),
     out: Optional[str] = typer.Option(None, "--out", help="Store folder to create."),
@@ -68,13 +68,20 @@ def index_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass [default: 32]."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads [default: cores; 0 = main thread]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images before decoding."),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Evaluation subset: stimuli with exact raw similarities kept per layer [default: 500; 0 = none]."),
+    eval_memory: Optional[float] = typer.Option(None, "--eval-memory", help="MB for holding the evaluation subset's raw vectors [default: 512]."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Stimuli per committed chunk [default: 1024]."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a store already at --out."),
     config: Optional[str] = typer.Option(None, "--config", help="JSON or TOML file of settings (flags win)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run of this store with its recorded settings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Index a stimulus set: reduce every hooked layer and write a store."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
-    from vecsim.pipeline import index_stimuli
+    """Index a stimulus set: reduce every hooked layer and write a store (rerun to resume)."""
+    options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume")}
+    from vecsim.pipeline import index_stimuli, resume_options
+
+    if resume is not None:
+        options = {**resume_options(resume), **{k: v for k, v in options.items() if v is not None and k == "device"}}
 
     summary = index_stimuli(config_file=config, progress=not quiet, **options)
     typer.echo(

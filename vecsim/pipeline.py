@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from vecsim._faults import kill_point
 from vecsim.config import IndexConfig, resolve
 from vecsim.errors import ConfigError
 from vecsim.stimuli import Failure, StimulusSet
@@ -71,6 +72,28 @@ def _per_layer(spec: str, layers: list[str], what: str) -> dict[str, str]:
     return {layer: per.get(layer, default or "flatten") for layer in layers}
 
 
+def resume_options(store: str | Path) -> dict:
+    """The recorded settings of an unfinished store, to run it again (``vecsim index --resume``)."""
+    from vecsim.errors import StoreError
+    from vecsim.store import read_manifest
+
+    manifest = read_manifest(Path(store))
+    if manifest.get("status") == "complete":
+        raise StoreError(f"{store} is complete; nothing to resume")
+    options = dict(manifest.get("config", {}))
+    options["out"] = str(store)
+    return options
+
+
+def config_differences(previous: dict, config: IndexConfig) -> list[str]:
+    """'name: old → new' for every setting that defines a store's content."""
+    current = config.to_dict()
+    return [f"{name}: {previous.get(name)!r} → {current.get(name)!r}"
+            for name in IndexConfig.IDENTITY_FIELDS if previous.get(name) != current.get(name)]
+
+
+
+
 def _import_lancedb_in_background() -> None:
     """Import lancedb on a thread while the main thread builds the model and runs the first
     batches. The import is pure Python and holds the GIL; a short switch interval while it
@@ -113,14 +136,7 @@ class _Indexer:
         started = time.time()
         _import_lancedb_in_background()  # about a second of imports, overlapped with model loading and decoding
         out = Path(cfg.out)
-        if (out / "vecsim.json").is_file() and not cfg.overwrite:
-            from vecsim.errors import StoreExistsError
-
-            status = read_manifest(out).get("status")
-            raise StoreExistsError(
-                f"a {'complete' if status == 'complete' else 'unfinished'} store already exists at {out}; "
-                "pass --overwrite to replace it"
-            )
+        previous = self._previous_run(out)
         device = resolve_device(cfg.device)
         stim_set = discover(cfg.source, cfg.manifest, cfg.labels_from_folders)
         loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std)
@@ -129,32 +145,102 @@ class _Indexer:
             raise ConfigError("--layers lists a layer twice")
         model = loaded.module.to(device)
         shapes = {i.name: i.shape for i in layer_shapes(model, loaded.preprocessing.crop, cfg.layers)}
-        dims = parse_dims(cfg.dim, cfg.layers)
-        poolings = _per_layer(cfg.pooling, cfg.layers, "pooling")
-        self.reducers = {
-            layer: LayerReducer(
-                layer, shapes[layer],
-                ReducerConfig(cfg.similarity, cfg.center, dims[layer], cfg.max_dim, cfg.energy,
-                              cfg.sketch_dim, cfg.sketch_seed, poolings[layer]),
-                device,
-            )
-            for layer in cfg.layers
-        }
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
+        if previous is not None:
+            self.writer = StoreWriter.reopen(out)
+            self.reducers = {layer: LayerReducer.load(layer, self.writer.manifest["layers"][layer]["reducer"],
+                                                      self.writer.layer_dir(layer), device) for layer in cfg.layers}
+        else:
+            dims = parse_dims(cfg.dim, cfg.layers)
+            poolings = _per_layer(cfg.pooling, cfg.layers, "pooling")
+            self.reducers = {
+                layer: LayerReducer(
+                    layer, shapes[layer],
+                    ReducerConfig(cfg.similarity, cfg.center, dims[layer], cfg.max_dim, cfg.energy,
+                                  cfg.sketch_dim, cfg.sketch_seed, poolings[layer]),
+                    device,
+                )
+                for layer in cfg.layers
+            }
         self.evalset = self._eval_subset(shapes)
-        self._plan()
-        self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=cfg.overwrite)
         try:
+            if previous is not None:
+                committed = self._prepare_resume()
+                self._plan(committed)
+            else:
+                self._plan()
+                self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=True)
             torch.manual_seed(cfg.seed)
-            indexed, failed = self._index_all()
+            if previous is not None:
+                indexed, failed = self._resume_all(committed)
+            else:
+                indexed, failed = self._index_all()
             seconds = time.time() - started
             self._finish(indexed, failed, started, seconds)
         finally:
-            self.writer.close()
+            if getattr(self, "writer", None) is not None:
+                self.writer.close()
         layers = {layer: r.describe()["fit"] for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary
 
         return IndexSummary(out, indexed, failed, seconds, layers, fidelity_summary(out))
+
+    # -- resuming ------------------------------------------------------------------
+    def _previous_run(self, out: Path) -> dict | None:
+        """The manifest of an interrupted run this one resumes, or None to start afresh.
+
+        A complete store is refused without --overwrite; an unfinished one with another
+        configuration is refused naming the difference; one killed before its transforms
+        were saved (status 'fitting') is started afresh.
+        """
+        from vecsim.errors import StoreExistsError
+        from vecsim.store import read_manifest
+
+        if not (out / "vecsim.json").is_file() or self.config.overwrite:
+            return None
+        manifest = read_manifest(out)
+        if manifest.get("status") == "complete":
+            raise StoreExistsError(f"a complete store already exists at {out}; pass --overwrite to replace it")
+        differences = config_differences(manifest.get("config", {}), self.config)
+        if differences:
+            raise StoreExistsError(
+                f"an unfinished store at {out} was started with another configuration ({'; '.join(differences)}); "
+                "run the same command to resume it, or pass --overwrite to start again"
+            )
+        if manifest.get("status") != "indexing":
+            self.config.overwrite = True  # nothing was committed before the transforms: start again
+            return None
+        return manifest
+
+    def _prepare_resume(self) -> set[int]:
+        """Drop what an interrupted chunk left half-written; the committed stimulus ids."""
+        committed = self.writer.committed_ids()
+        by_id = {s.id: s.path for s in self.stim_set.stimuli}
+        known = self.writer.committed_paths()
+        moved = [i for i, path in known.items() if by_id.get(i) != path]
+        if moved:
+            from vecsim.errors import StimulusSetError
+
+            raise StimulusSetError(
+                f"the stimulus set changed since the interrupted run ({len(moved)} ids now name other files); "
+                "restore it or pass --overwrite to start again"
+            )
+        self.writer.drop_uncommitted(committed)
+        self.run_id = self.writer.next_run_id()
+        return committed
+
+    def _resume_all(self, committed: set[int]) -> tuple[int, int]:
+        from tqdm import tqdm
+
+        self.failed = list(self.stim_set.failures)
+        self.unsaved_failures = list(self.failed)
+        bar = tqdm(total=len(self.stim_set) + len(self.eval_only), initial=len(committed), unit="img", desc="resuming",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        try:
+            indexed = len(committed) + self._stream_pass(self.rest_items, bar)
+        finally:
+            bar.close()
+        return indexed, len(self.failed)
 
     def _eval_subset(self, shapes):
         from vecsim.evalset import EvalSubset
@@ -227,15 +313,28 @@ class _Indexer:
         take = min(self.config.train_size, len(ids))
         return set(rng.permutation(ids)[:take].tolist())
 
-    def _plan(self) -> None:
-        """Training items first, then the rest, both in id order, through one loader (decoding starts now)."""
+    def _plan(self, committed: set[int] | None = None) -> None:
+        """Training items first, then the rest, both in id order, through one loader (decoding starts now).
+
+        When resuming, there is no training pass; the rest is what was not committed, plus
+        the committed stimuli of the evaluation subset, forwarded again only to rebuild it
+        (its raw vectors were never written).
+        """
         from vecsim.extract import iter_decoded
 
         cfg = self.config
-        train_ids = self._training_ids()
-        self.train_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id in train_ids]
-        self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id not in train_ids]
         self.by_id = {s.id: s for s in self.stim_set.stimuli}
+        self.eval_only: set[int] = set()
+        if committed is None:
+            train_ids = self._training_ids()
+            self.train_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id in train_ids]
+            self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id not in train_ids]
+        else:
+            if self.evalset is not None:
+                self.eval_only = set(self.evalset.slot_of) & committed
+            self.train_items = []
+            self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli
+                               if s.id not in committed or s.id in self.eval_only]
         self.loader = iter_decoded(
             self.stim_set.root, self.train_items + self.rest_items, self.loaded.preprocessing,
             cfg.batch_size, cfg.workers, cfg.max_pixels, boundaries=(len(self.train_items),),
@@ -250,7 +349,6 @@ class _Indexer:
                    file=sys.stderr, dynamic_ncols=True)
         try:
             indexed = self._fit_pass(self.train_items, bar)
-            self.writer.save_manifest(status="indexing")
             indexed += self._stream_pass(self.rest_items, bar)
         finally:
             bar.close()
@@ -318,6 +416,7 @@ class _Indexer:
                     norms[layer][at : at + len(keep)] = raw_norm[idx.to(z.device)].cpu()
                 rows.extend(self._stimulus_row(batch, pos) for pos in keep)
         count = len(rows)
+        kill_point("fit-pass")
         if count == 0:
             from vecsim.errors import StimulusSetError
 
@@ -328,7 +427,8 @@ class _Indexer:
             self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
             np.save(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))
             self.writer.create_vector_table(layer, reducer.dim)
-        self.writer.save_manifest()
+        self.writer.save_manifest(status="indexing")  # from here on a killed run resumes, no refit
+        kill_point("transforms-saved")
         ids = np.array([r["id"] for r in rows], dtype=np.int64)
         for start in range(0, count, self.config.chunk_size):
             stop = min(start + self.config.chunk_size, count)
@@ -354,6 +454,7 @@ class _Indexer:
         with LayerCapture(self.model, self.config.layers, functions) as capture:
             for batch in self._batches(items):
                 keep, results = self._forward(capture, batch, bar)
+                keep = [p for p in keep if batch.ids[p] not in self.eval_only]
                 if not keep:
                     continue
                 idx = torch.tensor(keep)
@@ -379,6 +480,7 @@ class _Indexer:
             for layer, parts in pending.items()
         }
         self.writer.append(rows, vectors, self._take_failures(), self.run_id)
+        kill_point("chunk")
         count = len(rows)
         rows.clear()
         for parts in pending.values():

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from vecsim._faults import kill_point
 from vecsim.errors import StoreError, StoreExistsError, StoreLockedError, UnknownLayerError, close_matches
 
 FORMAT_VERSION = 1
@@ -64,6 +65,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
+    kill_point("manifest-written")
     os.replace(tmp, path)
 
 
@@ -422,6 +424,37 @@ class StoreWriter:
         writer.save_manifest()
         return writer
 
+    @classmethod
+    def reopen(cls, path: Path) -> "StoreWriter":
+        """An unfinished store, locked for resuming."""
+        writer = cls(Path(path), read_manifest(Path(path)))
+        writer.lock()
+        writer._tables_ready = True
+        return writer
+
+    def committed_ids(self) -> set[int]:
+        table = self.db.open_table("stimuli").search().select(["id"]).limit(None).to_arrow()
+        return set(table.column("id").to_pylist())
+
+    def committed_paths(self) -> dict[int, str]:
+        table = self.db.open_table("stimuli").search().select(["id", "path"]).limit(None).to_arrow()
+        return dict(zip(table.column("id").to_pylist(), table.column("path").to_pylist()))
+
+    def drop_uncommitted(self, committed: set[int]) -> None:
+        """Delete vector rows of a half-written chunk and the failures the rerun will find again."""
+        for layer, entry in self.manifest["layers"].items():
+            table = self.db.open_table(entry["table"])
+            ids = table.search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+            stray = sorted(set(ids) - committed)
+            for lo in range(0, len(stray), 10_000):
+                table.delete(f"id IN ({','.join(map(str, stray[lo:lo + 10_000]))})")
+        self.db.open_table("failures").delete("true")
+
+    def next_run_id(self) -> int:
+        runs = self.db.open_table("runs").search().select(["run"]).limit(None).to_arrow().column("run").to_pylist()
+        failures = self.db.open_table("failures").search().select(["run"]).limit(None).to_arrow().column("run").to_pylist()
+        return max([0, *runs, *failures]) + 1
+
     def _ensure_tables(self) -> None:
         if self._tables_ready:
             return
@@ -489,6 +522,7 @@ class StoreWriter:
                 schema=vectors_schema(dim),
             )
             self.db.open_table(entry["table"]).add(batch)
+        kill_point("vectors-written")
         if stimuli_rows:
             table = self.db.open_table("stimuli")
             table.add(pa.Table.from_pylist(stimuli_rows, schema=table.schema))

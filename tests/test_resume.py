@@ -1,0 +1,96 @@
+"""A killed `vecsim index` (SIGKILL at several points) resumes to exactly the store of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vecsim.errors import StoreExistsError
+from vecsim.store import Store
+
+from conftest import make_image_set
+
+LAYERS = "features.relu2,features.relu4"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_set(tmp_path_factory.mktemp("resume") / "stimuli", per_class=14)  # 42 images
+
+
+def index_cmd(images, out, *extra):
+    return [sys.executable, "-m", "vecsim", "index", str(images), "--model", "digits-cnn", "--layers", LAYERS,
+            "--out", str(out), "--dim", "8", "--train-size", "16", "--eval-size", "20", "--batch-size", "4",
+            "--labels-from-folders", "-q", *extra]
+
+
+def run(cmd, kill_at=None):
+    env = {**os.environ}
+    env.pop("VECSIM_KILL_AT", None)
+    if kill_at:
+        env["VECSIM_KILL_AT"] = kill_at
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "store"
+    result = run(index_cmd(images, out))
+    assert result.returncode == 0, result.stderr
+    return Store.open(out)
+
+
+def assert_same_store(store: Store, reference: Store):
+    assert store.complete
+    assert store.stimuli().column("id").to_pylist() == reference.stimuli().column("id").to_pylist()
+    assert store.stimuli().column("sha256").to_pylist() == reference.stimuli().column("sha256").to_pylist()
+    for layer in reference.layers:
+        ids, vecs = store.vectors(layer)
+        ref_ids, ref_vecs = reference.vectors(layer)
+        assert ids.tolist() == ref_ids.tolist()  # exactly one row per stimulus
+        np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
+        assert store.index(layer).ntotal == len(ids)
+        ev, ref_ev = store.eval_subset(layer), reference.eval_subset(layer)
+        assert ev["ids"].tolist() == ref_ev["ids"].tolist()
+        np.testing.assert_allclose(ev["gram"], ref_ev["gram"], rtol=1e-4)
+    assert store.failures().num_rows == reference.failures().num_rows
+
+
+@pytest.mark.parametrize("kill_at", ["fit-pass", "transforms-saved", "vectors-written:3", "chunk:2",
+                                     "manifest-written:2"])
+def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_path, kill_at):
+    out = tmp_path / "store"
+    killed = run(index_cmd(images, out, "--chunk-size", "8"), kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert Store.open(out).manifest["status"] != "complete"
+    resumed = run(index_cmd(images, out, "--chunk-size", "8"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(Store.open(out), reference)
+
+
+def test_resume_by_store_path_and_a_different_configuration_is_refused(images, reference, tmp_path):
+    out = tmp_path / "store"
+    assert run(index_cmd(images, out, "--chunk-size", "8"), kill_at="chunk:1").returncode == -signal.SIGKILL
+    other = run(index_cmd(images, out, "--chunk-size", "8", "--seed", "3"))
+    assert other.returncode == 2 and "seed: 0 → 3" in other.stderr
+    resumed = run([sys.executable, "-m", "vecsim", "index", "--resume", str(out), "-q"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(Store.open(out), reference)
+    assert Store.open(out).runs().num_rows == 1
+
+
+def test_a_second_writer_is_refused_while_one_holds_the_lock(reference, tmp_path):
+    from vecsim.errors import StoreLockedError
+    from vecsim.store import StoreWriter
+
+    first = StoreWriter.reopen(reference.path)
+    try:
+        with pytest.raises(StoreLockedError, match="another vecsim process"):
+            StoreWriter.reopen(reference.path)
+    finally:
+        first.close()

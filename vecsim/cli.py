@@ -404,6 +404,42 @@ def channels_cmd(
         typer.echo(f"\nwrote {', '.join(str(p) for p in written)}")
 
 
+# -- verify / add ------------------------------------------------------------------------
+
+@app.command("verify")
+def verify_cmd(
+    store: str = typer.Argument(..., help="Store folder."),
+    rehash: bool = typer.Option(False, "--rehash", help="Also check every stimulus file against its recorded sha256."),
+) -> None:
+    """Check a store: ids, rows, dims, transform hashes, vector norms (and files with --rehash)."""
+    from vecsim.maintain import verify
+    from vecsim.store import Store
+
+    problems = verify(Store.open(store), rehash=rehash)
+    for problem in problems:
+        typer.echo(f"problem: {problem}")
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {store} is consistent" + (" and every stimulus file matches its sha256" if rehash else ""))
+
+
+@app.command("add")
+def add_cmd(
+    store: str = typer.Argument(..., help="A complete store."),
+    sources: list[str] = typer.Argument(..., help="Image files and/or folders to add."),
+    label: Optional[str] = typer.Option(None, "--label", help="Label for every added stimulus."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Add stimuli to a complete store through its fitted transforms (no refit; duplicates by sha256 skipped)."""
+    from vecsim.maintain import add
+
+    result = add(store, sources, label=label, device=device, batch_size=batch_size, progress=not quiet)
+    typer.echo(f"added {result['added']} stimuli ({result['skipped_duplicates']} already present, "
+               f"{result['failed']} failed); the store now holds {result['stimuli']} in {result['seconds']:.1f} s")
+
+
 # -- entry point ---------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:

@@ -425,6 +425,9 @@ class _Indexer:
             report = reducer.fit(held[layer][:count])
             layer_dir = self.writer.layer_dir(layer)
             self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
+            from vecsim.maintain import file_sha256
+
+            self.writer.manifest["layers"][layer]["transform_sha256"] = file_sha256(layer_dir / "transform.faiss")
             np.save(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))
             self.writer.create_vector_table(layer, reducer.dim)
         self.writer.save_manifest(status="indexing")  # from here on a killed run resumes, no refit

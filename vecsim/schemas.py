@@ -117,6 +117,7 @@ MANIFEST_SCHEMA = {
                 "properties": {
                     "slug": _STR,
                     "table": _STR,
+                    "transform_sha256": {**_STR, "description": "sha256 of transform.faiss (checked by vecsim verify)"},
                     "reducer": REDUCER_SCHEMA,
                     "index": {
                         "type": "object",
@@ -142,6 +143,11 @@ MANIFEST_SCHEMA = {
             "properties": {"stimuli": _INT, "failures": _INT},
         },
         "versions": {"type": "object", "additionalProperties": _STR},
+        "additions": {
+            "type": "array",
+            "description": "vecsim add runs: stimuli added through the fitted transforms after the fit",
+            "items": {"type": "object", "required": ["run", "added", "skipped_duplicates", "failed", "note"]},
+        },
     },
 }
 

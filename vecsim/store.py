@@ -450,6 +450,16 @@ class StoreWriter:
                 table.delete(f"id IN ({','.join(map(str, stray[lo:lo + 10_000]))})")
         self.db.open_table("failures").delete("true")
 
+    def next_stimulus_id(self) -> int:
+        """One past every id used so far (stimuli and failures), so ids are never reused."""
+        ids = self.db.open_table("stimuli").search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+        failed = self.db.open_table("failures").search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+        candidates = self.manifest.get("source", {}).get("candidates", 0)
+        return max([candidates - 1, *ids, *(i for i in failed if i is not None)]) + 1
+
+    def count_stimuli(self) -> int:
+        return self.db.open_table("stimuli").count_rows()
+
     def next_run_id(self) -> int:
         runs = self.db.open_table("runs").search().select(["run"]).limit(None).to_arrow().column("run").to_pylist()
         failures = self.db.open_table("failures").search().select(["run"]).limit(None).to_arrow().column("run").to_pylist()

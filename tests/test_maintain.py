@@ -1,0 +1,84 @@
+"""vecsim verify finds what is wrong; vecsim add grows a store without refitting."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vecsim
+from vecsim.maintain import add, verify
+from vecsim.store import Store
+
+from conftest import make_image_set
+
+LAYERS = ["features.relu2", "features.relu4"]
+
+
+@pytest.fixture(scope="module")
+def built(shared_image_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maintain") / "store"
+    vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=LAYERS, out=str(out), dim="8",
+                         labels_from_folders=True, progress=False)
+    return out
+
+
+@pytest.fixture
+def store_copy(built, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(built, target)
+    return target
+
+
+def test_a_fresh_store_verifies_clean(built):
+    assert verify(Store.open(built), rehash=True) == []
+
+
+def test_verify_finds_a_damaged_index_and_transform(store_copy):
+    store = Store.open(store_copy)
+    layer_dir = store.layer_dir(LAYERS[0])
+    data = (layer_dir / "index.faiss").read_bytes()
+    (layer_dir / "index.faiss").write_bytes(data[: len(data) // 2])
+    with open(store.layer_dir(LAYERS[1]) / "transform.faiss", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02\x03")
+    problems = verify(Store.open(store_copy))
+    assert any(p.startswith(f"{LAYERS[0]}: cannot read FAISS index") for p in problems), problems
+    assert any("transform.faiss does not have the sha256" in p for p in problems), problems
+
+
+def test_verify_finds_missing_rows_and_changed_files(store_copy, shared_image_set, tmp_path):
+    store = Store.open(store_copy)
+    store.table(store.layer_info(LAYERS[1])["table"]).delete("id = 3")
+    problems = verify(Store.open(store_copy))
+    assert any("1 stimuli without a vector" in p for p in problems), problems
+    moved = tmp_path / "moved"
+    shutil.copytree(shared_image_set, moved)
+    manifest_path = store_copy / "vecsim.json"
+    text = manifest_path.read_text().replace(str(shared_image_set.resolve()), str(moved))
+    manifest_path.write_text(text)
+    Image.new("RGB", (40, 40), "red").save(moved / "cat" / "img_00.png")
+    problems = verify(Store.open(store_copy), rehash=True)
+    assert any("1 stimulus files changed" in p for p in problems), problems
+
+
+def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy, shared_image_set, tmp_path):
+    before = Store.open(store_copy)
+    transform = (before.layer_dir(LAYERS[0]) / "transform.faiss").read_bytes()
+    extra = make_image_set(tmp_path / "extra", per_class=2, classes=("newt",), seed=5)
+    shutil.copy(shared_image_set / "cat" / "img_00.png", extra / "newt" / "dup.png")  # already in the store
+    result = add(store_copy, [str(extra)], label="newt", progress=False)
+    assert result == {**result, "added": 2, "skipped_duplicates": 1, "failed": 0, "stimuli": 20}
+    store = Store.open(store_copy)
+    assert (store.layer_dir(LAYERS[0]) / "transform.faiss").read_bytes() == transform  # no refit
+    assert verify(store) == []
+    assert store.manifest["additions"][0]["added"] == 2 and "evaluation subset" in store.manifest["additions"][0]["note"]
+    added = [r for r in store.stimuli().to_pylist() if r["label"] == "newt"]
+    assert [r["id"] for r in added] == [18, 19]
+    for row in added:
+        hits = store.query(image=row["path"], k=1, device="cpu")
+        assert all(h["id"] == row["id"] and h["cosine"] > 0.999 for h in hits)
+    again = add(store_copy, [str(extra)], progress=False)
+    assert again["added"] == 0 and again["skipped_duplicates"] == 3

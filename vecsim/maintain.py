@@ -1,0 +1,260 @@
+"""Keeping a store honest and growing it: ``vecsim verify`` and ``vecsim add``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vecsim.errors import StimulusSetError, StoreError
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def faiss_ids(index) -> np.ndarray | None:
+    """The ids an index holds, when its type exposes them (IDMap, IVF lists); else None."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        lists = ivf.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist)
+                 if lists.list_size(i)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return None
+
+
+def verify(store, rehash: bool = False) -> list[str]:
+    """Every problem found, one line each (an empty list: the store is consistent).
+
+    Checks that FAISS ids, Lance rows and stimuli agree per layer, that dims and
+    transform hashes match the manifest, that no vector is NaN or off the unit sphere
+    (all-zero vectors are allowed), and with ``rehash`` that the stimulus files still
+    have their recorded sha256.
+    """
+    problems: list[str] = []
+    manifest = store.manifest
+    if manifest.get("status") != "complete":
+        problems.append(f"status is {manifest.get('status')!r}, not complete: rerun the index command to resume it")
+    try:
+        stimuli = store.stimuli()
+    except StoreError as exc:
+        return problems + [str(exc)]
+    ids = stimuli.column("id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        problems.append(f"stimuli table has {len(ids) - len(np.unique(ids))} duplicate ids")
+    if manifest.get("counts", {}).get("stimuli") not in (None, len(ids)):
+        problems.append(f"manifest counts {manifest['counts']['stimuli']} stimuli, the table holds {len(ids)}")
+    for layer in store.layers:
+        problems += [f"{layer}: {p}" for p in _verify_layer(store, layer, ids)]
+    if rehash:
+        problems += _rehash(store, stimuli)
+    return problems
+
+
+def _verify_layer(store, layer: str, stimulus_ids: np.ndarray) -> list[str]:
+    problems = []
+    entry = store.layer_info(layer)
+    dim = int(entry["reducer"]["fit"]["dim"])
+    layer_dir = store.layer_dir(layer)
+    try:
+        vec_ids, vecs = store.vectors(layer)
+    except Exception as exc:  # a damaged table must be reported, not end the check
+        return [f"vectors table unreadable ({type(exc).__name__})"]
+    if vecs.shape[1] != dim:
+        problems.append(f"vectors have {vecs.shape[1]} dims, the manifest says {dim}")
+    if len(vec_ids) != len(np.unique(vec_ids)):
+        problems.append(f"{len(vec_ids) - len(np.unique(vec_ids))} duplicate vector rows")
+    missing, extra = np.setdiff1d(stimulus_ids, vec_ids), np.setdiff1d(vec_ids, stimulus_ids)
+    if len(missing) or len(extra):
+        problems.append(f"{len(missing)} stimuli without a vector, {len(extra)} vectors without a stimulus")
+    bad = ~np.isfinite(vecs).all(axis=1)
+    if bad.any():
+        problems.append(f"{int(bad.sum())} vectors contain NaN or Inf (ids {vec_ids[bad][:5].tolist()})")
+    norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0), axis=1)
+    off = ~bad & (np.abs(norms - 1) > 1e-3) & (norms > 0)
+    if off.any():
+        problems.append(f"{int(off.sum())} vectors are not unit norm (ids {vec_ids[off][:5].tolist()})")
+    try:
+        index = store.index(layer)
+        if index.d != dim:
+            problems.append(f"index.faiss has {index.d} dims, the manifest says {dim}")
+        if index.ntotal != len(stimulus_ids):
+            problems.append(f"index.faiss holds {index.ntotal} vectors for {len(stimulus_ids)} stimuli")
+        held = faiss_ids(index)
+        if held is not None and not np.array_equal(np.sort(held), np.sort(stimulus_ids)):
+            problems.append("index.faiss ids differ from the stimulus ids")
+    except StoreError as exc:
+        problems.append(str(exc))
+    transform = layer_dir / "transform.faiss"
+    recorded = entry.get("transform_sha256")
+    if not transform.is_file():
+        problems.append("transform.faiss is missing")
+    elif recorded and file_sha256(transform) != recorded:
+        problems.append("transform.faiss does not have the sha256 recorded in the manifest")
+    else:
+        try:
+            reducer = store.reducer(layer)
+            if reducer.dim != dim:
+                problems.append(f"transform.faiss maps to {reducer.dim} dims, the manifest says {dim}")
+        except Exception as exc:
+            problems.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return problems
+
+
+def _rehash(store, stimuli) -> list[str]:
+    root = Path(store.manifest["source"]["root"])
+    if not root.is_dir():
+        return [f"cannot rehash: the stimulus folder {root} is not there"]
+    changed, missing = [], []
+    for path, sha in zip(stimuli.column("path").to_pylist(), stimuli.column("sha256").to_pylist()):
+        full = Path(path) if Path(path).is_absolute() else root / path
+        if not full.is_file():
+            missing.append(path)
+        elif file_sha256(full) != sha:
+            changed.append(path)
+    out = []
+    if missing:
+        out.append(f"{len(missing)} stimulus files are missing (e.g. {missing[0]})")
+    if changed:
+        out.append(f"{len(changed)} stimulus files changed since indexing (e.g. {changed[0]})")
+    return out
+
+
+def add(store_path, sources: list[str], *, label: str | None = None, device: str = "auto",
+        batch_size: int = 32, workers: int | None = None, progress: bool = True) -> dict:
+    """Add images (files or folders) to a complete store through its fitted transforms.
+
+    No refit: the transforms, the evaluation subset and reports stay as they were, and the
+    manifest records which stimuli came later. Files whose sha256 is already in the store
+    are skipped.
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    from vecsim.extract import LayerCapture, iter_decoded, resolve_device
+    from vecsim.models import Preprocessing, load_model
+    from vecsim.store import Store, StoreWriter, now
+
+    started = time.time()
+    store = Store.open(store_path)
+    if not store.complete:
+        raise StoreError(f"{store_path} is not complete; finish it first (rerun its index command)")
+    writer = StoreWriter.reopen(store.path)
+    try:
+        manifest = writer.manifest
+        root = Path(manifest["source"]["root"])
+        candidates, failures = _candidates(sources, root)
+        known = set(store.stimuli().column("sha256").to_pylist())
+        hashed = []
+        for path in candidates:
+            sha = file_sha256(path)
+            if sha not in known:
+                known.add(sha)
+                hashed.append(path)
+        skipped = len(candidates) - len(hashed)
+        next_id = writer.next_stimulus_id()
+        items = [(next_id + i, _stored_path(p, root)) for i, p in enumerate(sorted(hashed, key=str))]
+        run = writer.next_run_id()
+        device = resolve_device(device)
+        info = manifest["model"]
+        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"])
+        model = loaded.module.to(device)
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        reducers = {layer: store.reducer(layer, device) for layer in store.layers}
+        vectors: dict[str, list] = {layer: [] for layer in store.layers}
+        rows: list[dict] = []
+        bad = list(failures)
+        with LayerCapture(model, store.layers, reducers) as capture, \
+                tqdm(total=len(items), unit="img", desc="adding", disable=not progress, file=sys.stderr) as bar:
+            for batch in iter_decoded(root, items, preprocessing, batch_size, workers, manifest["config"].get("max_pixels", 0)):
+                bad += batch.failures
+                bar.update(len(batch.ids) + len(batch.failures))
+                if batch.images is None:
+                    continue
+                results = capture.run(batch.images.to(device))
+                ok = np.ones(len(batch.ids), dtype=bool)
+                for layer, (_, _, finite) in results.items():
+                    ok &= finite.cpu().numpy()
+                for layer, (vecs, norms, _) in results.items():
+                    vectors[layer].append((np.array(batch.ids)[ok], vecs.cpu().numpy()[ok], norms.cpu().numpy()[ok]))
+                by_id = dict(items)
+                for pos, stim_id in enumerate(batch.ids):
+                    if ok[pos]:
+                        width, height = batch.sizes[pos]
+                        rows.append({"id": stim_id, "path": by_id[stim_id], "sha256": batch.sha256[pos], "label": label,
+                                     "width": width, "height": height})
+        chunk = {layer: tuple(np.concatenate([p[i] for p in parts]) if parts else np.zeros((0,)) for i in range(3))
+                 for layer, parts in vectors.items()}
+        if rows:
+            writer.append(rows, chunk, bad, run)
+            for layer in store.layers:
+                _extend_index(writer, store, layer, *chunk[layer][:2])
+        elif bad:
+            writer.add_failures(bad, run)
+        total = writer.count_stimuli()
+        additions = manifest.setdefault("additions", [])
+        additions.append({"run": run, "added": len(rows), "skipped_duplicates": skipped, "failed": len(bad),
+                          "ids": [rows[0]["id"], rows[-1]["id"]] if rows else None,
+                          "note": "added through the fitted transforms; the evaluation subset and fidelity "
+                                  "reports cover only the stimuli indexed before"})
+        writer.add_run({"run": run, "command": "add", "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00",
+                        time.gmtime(started)), "finished": now(), "indexed": len(rows), "failed": len(bad),
+                        "seconds": time.time() - started, "config": json.dumps({"sources": [str(s) for s in sources]}),
+                        "versions": json.dumps(manifest.get("versions", {}))})
+        counts = manifest.setdefault("counts", {})
+        counts["stimuli"] = total
+        counts["failures"] = counts.get("failures", 0) + len(bad)
+        writer.save_manifest()
+    finally:
+        writer.close()
+    return {"added": len(rows), "skipped_duplicates": skipped, "failed": len(bad), "stimuli": total,
+            "seconds": time.time() - started}
+
+
+def _candidates(sources: list[str], root: Path):
+    from vecsim.stimuli import Failure, discover
+
+    files, failures = [], []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = discover(path)
+            files += [path / s.path for s in found.stimuli]
+            failures += [Failure(None, str(path / f.path), f.stage, f.reason) for f in found.failures]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise StimulusSetError(f"{source} does not exist")
+    return [f.resolve() for f in files], failures
+
+
+def _stored_path(path: Path, root: Path) -> str:
+    """Relative to the store's stimulus folder when inside it, else absolute."""
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _extend_index(writer, store, layer: str, ids: np.ndarray, vecs: np.ndarray) -> None:
+    from vecsim.index import add as index_add, save_index
+
+    index = store.index(layer)
+    if len(ids):
+        index_add(index, vecs, ids)
+    save_index(index, writer.layer_dir(layer) / "index.faiss")
+    writer.manifest["layers"][layer].setdefault("index", {})["ntotal"] = int(index.ntotal)

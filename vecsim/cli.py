@@ -55,6 +55,7 @@ def index_cmd(
     similarity: Optional[str] = typer.Option(None, "--similarity", help="cosine or correlation [default: cosine]."),
     center: Optional[bool] = typer.Option(None, "--center/--no-center", help="Centred PCA instead of the uncentred projection."),
     sketch_dim: Optional[int] = typer.Option(None, "--sketch-dim", help="Count-sketch dims (0: never) [default: 16384 above 65536 units]."),
+    drop_zero_units: Optional[bool] = typer.Option(None, "--drop-zero-units", help="Drop units zero for every training stimulus (count reported)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K, or per layer 'layer=avg,...'."),
     index: Optional[str] = typer.Option(None, "--index", help="auto, flat, hnsw, ivf-pq, or a FAISS factory string [default: auto]."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Training sample for the projection [default: 1000]."),
@@ -92,6 +93,8 @@ def index_cmd(
         exact = "exact on the training sample" if fit["exact"] else f"{fit['energy_kept']:.1%} of the energy"
         rho = summary.fidelity.get(layer)
         fidelity = f", fidelity Spearman {rho:.4f} on the evaluation subset" if rho is not None else ""
+        if fit.get("dropped_zero_units"):
+            exact += f", {fit['dropped_zero_units']:,} always-zero units dropped"
         typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']}){fidelity}")
         if rho is not None and rho < 0.95:
             _echo_err(f"warning: {layer} keeps similarities with Spearman {rho:.3f} < 0.95; "

@@ -33,6 +33,7 @@ class IndexConfig:
     center: bool = _opt(False, "classic centred PCA instead of the uncentred projection")
     sketch_dim: int | None = _opt(None, "count-sketch dims before the projection (default: 16384 for layers above 65536 units; 0: never)")
     sketch_seed: int = _opt(0, "seed of the count sketch")
+    drop_zero_units: bool = _opt(False, "drop units that are zero for every training stimulus before the sketch (cosine only)")
     pooling: str = _opt("flatten", "flatten, avg, max or grid:K (or per layer 'layer=avg,...')")
     index: str = _opt("auto", "auto, flat, hnsw, ivf-pq (OPQ + IVF-PQ), or any FAISS factory string")
     train_size: int = _opt(1000, "stimuli in the seeded training sample the projection is fitted on")
@@ -78,7 +79,7 @@ class IndexConfig:
     # what must match for a run to resume the same store
     IDENTITY_FIELDS = (
         "source", "model", "layers", "weights", "checkpoint", "dim", "max_dim", "energy", "similarity", "center",
-        "sketch_dim", "sketch_seed", "pooling", "index", "train_size", "seed", "eval_size", "eval_memory", "manifest", "labels_from_folders",
+        "sketch_dim", "sketch_seed", "drop_zero_units", "pooling", "index", "train_size", "seed", "eval_size", "eval_memory", "manifest", "labels_from_folders",
         "size", "mean", "std", "max_pixels",
     )
 

@@ -157,7 +157,7 @@ class _Indexer:
                 layer: LayerReducer(
                     layer, shapes[layer],
                     ReducerConfig(cfg.similarity, cfg.center, dims[layer], cfg.max_dim, cfg.energy,
-                                  cfg.sketch_dim, cfg.sketch_seed, poolings[layer]),
+                                  cfg.sketch_dim, cfg.sketch_seed, poolings[layer], cfg.drop_zero_units),
                     device,
                 )
                 for layer in cfg.layers
@@ -180,7 +180,8 @@ class _Indexer:
         finally:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
-        layers = {layer: r.describe()["fit"] for layer, r in self.reducers.items()}
+        layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"]}
+                  for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary
 
         return IndexSummary(out, indexed, failed, seconds, layers, fidelity_summary(out))
@@ -423,6 +424,7 @@ class _Indexer:
             raise StimulusSetError("no stimulus of the training sample could be decoded; see the failures table")
         for layer, reducer in self.reducers.items():
             report = reducer.fit(held[layer][:count])
+            reducer.drop_zero_units()
             layer_dir = self.writer.layer_dir(layer)
             self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
             from vecsim.maintain import file_sha256
@@ -437,7 +439,7 @@ class _Indexer:
             stop = min(start + self.config.chunk_size, count)
             vectors = {}
             for layer, reducer in self.reducers.items():
-                z = held[layer][start:stop].to(self.device)
+                z = reducer.restrict_prepared(held[layer][start:stop].to(self.device))
                 vectors[layer] = (ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())
             self.writer.append(rows[start:stop], vectors, self._take_failures(), self.run_id)
         del held

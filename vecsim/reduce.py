@@ -42,6 +42,7 @@ class ReducerConfig:
     sketch_dim: int | None = None  # None: automatic; 0: never
     sketch_seed: int = 0
     pooling: str = "flatten"
+    drop_zero_units: bool = False
 
     def validate(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -52,6 +53,8 @@ class ReducerConfig:
             raise ConfigError(f"energy must be in (0, 1], not {self.energy}")
         if self.sketch_dim is not None and self.sketch_dim < 0:
             raise ConfigError("sketch dim must be 0 (off) or positive")
+        if self.drop_zero_units and self.similarity != "cosine":
+            raise ConfigError("--drop-zero-units needs --similarity cosine (a unit's mean would change the others)")
         pooling_grid(self.pooling)
 
 
@@ -108,6 +111,12 @@ class CountSketch:
     def describe(self) -> dict:
         return {"kind": "count_sketch", "units": self.units, "dim": self.dim, "seed": self.seed}
 
+    def restrict(self, kept) -> None:
+        """Keep only the units ``kept`` (same buckets and signs): a vector that is zero on the
+        dropped units sketches exactly as before."""
+        kept = kept.to(self.buckets.device)
+        self.buckets, self.signs = self.buckets[kept], self.signs[kept]
+
 
 @dataclass
 class FitReport:
@@ -139,6 +148,8 @@ class LayerReducer:
         self.matrix = None  # (k, dim_in) float32 torch tensor once fitted
         self.bias = None  # (k,) for centred PCA
         self.report: FitReport | None = None
+        self.kept = None  # unit indices kept by --drop-zero-units, once fitted
+        self.nonzero = None  # units seen non-zero in the training sample (while fitting)
 
     @staticmethod
     def sketch_dim_for(units: int, requested: int | None) -> int:
@@ -160,6 +171,8 @@ class LayerReducer:
 
     def to(self, device: str) -> "LayerReducer":
         self.device = device
+        if self.kept is not None:
+            self.kept = self.kept.to(device)
         if self.sketch is not None:
             self.sketch.to(device)
         if self.matrix is not None:
@@ -203,9 +216,40 @@ class LayerReducer:
         """
         if not bool(finite.all()):
             x[~finite] = 0.0
+        if self.config.drop_zero_units:
+            if self.kept is None:  # fitting: remember which units were ever non-zero
+                seen = (x != 0).any(dim=0)
+                self.nonzero = seen if self.nonzero is None else self.nonzero | seen
+            else:
+                x = x.index_select(1, self.kept)
         if self.config.similarity == "correlation":
             x -= x.mean(dim=1, keepdim=True)
         return self.sketch(x) if self.sketch is not None else x
+
+    def drop_zero_units(self) -> int:
+        """After fitting: drop the units that were zero for every training stimulus; their count.
+
+        Training vectors are zero there, so their reduced vectors do not change; later
+        stimuli lose whatever they have on those units.
+        """
+        import torch
+
+        if not self.config.drop_zero_units or self.nonzero is None:
+            return 0
+        self.kept = torch.nonzero(self.nonzero).flatten()
+        if self.sketch is not None:
+            self.sketch.restrict(self.kept)
+        else:
+            self.matrix = self.matrix[:, self.kept.to(self.matrix.device)].contiguous()
+            self.dim_in = int(self.kept.numel())
+        self.nonzero = None
+        return self.units - int(self.kept.numel())
+
+    def restrict_prepared(self, z):
+        """A training vector prepared before :meth:`drop_zero_units`, as the projection now expects it."""
+        if self.kept is not None and self.sketch is None:
+            return z.index_select(1, self.kept.to(z.device))
+        return z
 
     def prepare(self, output):
         """Raw layer output → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,))."""
@@ -278,6 +322,8 @@ class LayerReducer:
         bias = self.bias.cpu().numpy() if self.bias is not None else np.zeros(matrix.shape[0], np.float32)
         faiss.copy_array_to_vector(np.ascontiguousarray(bias, dtype=np.float32), transform.b)
         transform.is_trained = True
+        if self.kept is not None:
+            _save_array(directory / "kept_units.npy", self.kept.cpu().numpy().astype(np.int64))
         target = directory / "transform.faiss"
         tmp = target.with_suffix(".faiss.tmp")
         faiss.write_VectorTransform(transform, str(tmp))
@@ -291,6 +337,7 @@ class LayerReducer:
             "config": asdict(self.config),
             "sketch": self.sketch.describe() if self.sketch is not None else None,
             "dim_in": self.dim_in,
+            "dropped_zero_units": 0 if self.kept is None else self.units - int(self.kept.numel()),
             "fit": self.report.to_manifest() if self.report else None,
         }
 
@@ -310,6 +357,13 @@ class LayerReducer:
             from vecsim.errors import StoreError
 
             raise StoreError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        kept_path = directory / "kept_units.npy"
+        if kept_path.is_file():
+            reducer.kept = torch.from_numpy(np.load(kept_path, allow_pickle=False))
+            if reducer.sketch is not None:
+                reducer.sketch.restrict(reducer.kept)
+            else:
+                reducer.dim_in = int(reducer.kept.numel())
         k, d = transform.d_out, transform.d_in
         if d != reducer.dim_in:
             raise DimensionMismatchError(f"{path} maps {d} dims, the manifest says {reducer.dim_in}")
@@ -320,6 +374,14 @@ class LayerReducer:
         if fit:
             reducer.report = FitReport(**fit, spectrum=[])
         return reducer.to(device)
+
+
+def _save_array(path: Path, array) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    _fsync_replace(tmp, path)
 
 
 def _top_directions(z):

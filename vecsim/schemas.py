@@ -21,7 +21,7 @@ _NULLABLE_STR = {"type": ["string", "null"]}
 
 REDUCER_SCHEMA = {
     "type": "object",
-    "required": ["shape", "units", "config", "sketch", "dim_in", "fit"],
+    "required": ["shape", "units", "config", "sketch", "dim_in", "dropped_zero_units", "fit"],
     "properties": {
         "shape": {"type": "array", "items": _INT, "description": "layer output per stimulus (no batch dim)"},
         "units": {**_INT, "description": "units after pooling: the raw vector whose cosine is preserved"},
@@ -37,6 +37,7 @@ REDUCER_SCHEMA = {
                 "sketch_dim": {"type": ["integer", "null"]},
                 "sketch_seed": _INT,
                 "pooling": _STR,
+                "drop_zero_units": {"type": "boolean"},
             },
         },
         "sketch": {
@@ -50,6 +51,7 @@ REDUCER_SCHEMA = {
             ]
         },
         "dim_in": {**_INT, "description": "input dims of the projection (sketch dim, or units)"},
+        "dropped_zero_units": {**_INT, "description": "units zero for every training stimulus, dropped (--drop-zero-units)"},
         "fit": {
             "anyOf": [
                 {"type": "null"},

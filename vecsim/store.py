@@ -634,7 +634,7 @@ def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list
         manifest["layers"][layer] = {"slug": layer_slug(layer), "table": f"vectors_{layer_slug(layer)}", "reducer": {
             "shape": [dim], "units": dim, "dim_in": dim, "sketch": None,
             "config": {"similarity": "cosine", "center": False, "dim": dim, "max_dim": dim, "energy": 1.0,
-                       "sketch_dim": 0, "sketch_seed": 0, "pooling": "flatten"},
+                       "sketch_dim": 0, "sketch_seed": 0, "pooling": "flatten"}, "dropped_zero_units": 0,
             "fit": {"n_train": n, "dim_in": dim, "dim": dim, "rank": dim, "energy_kept": 1.0, "exact": True,
                     "lossless": True}}}
     writer = StoreWriter.create(Path(path), manifest, stimuli_schema(), overwrite=overwrite)

@@ -1,0 +1,202 @@
+"""The case vecsim exists for: DenseNet121 at 400x400 hooked at transition1/2/3.norm
+(2,560,000 / 1,280,000 / 640,000 units per image).
+
+Run with:
+    python benchmarks/bench_huge_layers.py [--n 300] [--size 400] [--batch-size 16] [--exact 100] [--dim 256]
+
+Three child processes over the same N generated images (random weights unless the
+torchvision cache holds DenseNet121's; same decoding, batch size and threads):
+
+* bare:   decode + forward, no hooks, nothing kept (the baseline for speed and memory);
+* index:  `vecsim.index_stimuli` (sketch inside the hook → projection → normalise → store);
+* exact:  plain hooks on a seeded subset of `--exact` images, raw activations copied and
+          multiplied into an exact Gram matrix (held in memory only, never written).
+
+Reports per layer Spearman(raw cosine, indexed cosine) and max |Δcos| over the subset's
+pairs, peak RSS of each child, throughput ratio index/bare, and bytes stored per stimulus
+against its raw float32 activation bytes (fitted transforms reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYERS = ["features.transition1.norm", "features.transition2.norm", "features.transition3.norm"]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def weights_available() -> str:
+    """DEFAULT when the torch hub cache already holds DenseNet121's weights, else none."""
+    import torch
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return "DEFAULT" if any(cache.glob("densenet121-*.pth")) else "none"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_bare(args) -> dict:
+    import torch
+
+    from vecsim.extract import iter_decoded
+    from vecsim.models import load_model
+    from vecsim.stimuli import discover
+
+    items = [(s.id, s.path) for s in discover(args.images).stimuli]
+    start = time.perf_counter()
+    loaded = load_model("densenet121", args.weights, size=args.size)
+    with torch.inference_mode():
+        for batch in iter_decoded(Path(args.images), items, loaded.preprocessing, args.batch_size):
+            loaded.module(batch.images)
+    return {"seconds": time.perf_counter() - start, "images": len(items), "peak_rss_mb": peak_rss_mb()}
+
+
+def child_index(args) -> dict:
+    import torch  # noqa: F401  imported before the clock, as in the bare loop
+    import torchvision  # noqa: F401
+
+    import vecsim
+    from vecsim.store import Store
+
+    start = time.perf_counter()
+    summary = vecsim.index_stimuli(source=args.images, model="densenet121", weights=args.weights, size=args.size,
+                                   layers=LAYERS, out=args.out, dim=str(args.dim), batch_size=args.batch_size,
+                                   progress=False)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "images": summary.indexed, "peak_rss_mb": peak_rss_mb(),
+            "info": Store.open(args.out).info(), "fidelity_eval_subset": summary.fidelity}
+
+
+def child_exact(args) -> dict:
+    """Exact raw Gram of a seeded subset, from plain hooks (independent of vecsim's reducers)."""
+    import torch
+
+    from vecsim.extract import iter_decoded
+    from vecsim.models import load_model
+    from vecsim.stimuli import discover
+
+    stimuli = discover(args.images).stimuli
+    pick = np.sort(np.random.default_rng(11).choice(len(stimuli), size=min(args.exact, len(stimuli)), replace=False))
+    items = [(stimuli[i].id, stimuli[i].path) for i in pick]
+    loaded = load_model("densenet121", args.weights, size=args.size)
+    modules = dict(loaded.module.named_modules())
+    grabbed: dict[str, torch.Tensor] = {}
+    handles = [modules[layer].register_forward_hook(
+        lambda m, i, o, layer=layer: grabbed.__setitem__(layer, o.detach().flatten(1).clone()))  # copy: in-place ReLU follows
+        for layer in LAYERS]
+    held: dict[str, list] = {layer: [] for layer in LAYERS}
+    ids = []
+    with torch.inference_mode():
+        for batch in iter_decoded(Path(args.images), items, loaded.preprocessing, args.batch_size):
+            loaded.module(batch.images)
+            ids += batch.ids
+            for layer in LAYERS:
+                held[layer].append(grabbed[layer])
+    for h in handles:
+        h.remove()
+    out = {"ids": ids}
+    for layer in LAYERS:
+        x = torch.cat(held[layer]).double()
+        held[layer] = []
+        gram = (x @ x.T).numpy()
+        out[layer] = gram.tolist()
+        del x
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def run_child(kind: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--images", args.images, "--n", str(args.n), "--size",
+           str(args.size), "--batch-size", str(args.batch_size), "--exact", str(args.exact), "--dim", str(args.dim),
+           "--weights", args.weights, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from vecsim.report import rankdata
+
+    ra, rb = rankdata(a) - (len(a) + 1) / 2, rankdata(b) - (len(b) + 1) / 2
+    return float(ra @ rb / np.sqrt((ra @ ra) * (rb @ rb)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--size", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--exact", type=int, default=100, help="subset whose exact raw cosines are computed")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--child", choices=["bare", "index", "exact"])
+    p.add_argument("--images")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.child:
+        fn = {"bare": child_bare, "index": child_index, "exact": child_exact}[args.child]
+        print(json.dumps(fn(args)))
+        return
+
+    import torch
+
+    from bench_index import make_images
+    from vecsim.store import Store
+
+    args.weights = args.weights or weights_available()
+    work = Path(tempfile.mkdtemp(prefix="vecsim-bench-huge-"))
+    try:
+        args.images = str(work / "images")
+        make_images(Path(args.images), args.n, side=args.size)
+        bare = run_child("bare", args, [])
+        index = run_child("index", args, ["--out", str(work / "store")])
+        exact = run_child("exact", args, [])
+        store = Store.open(work / "store")
+        print(f"DenseNet121 {args.size}x{args.size} (weights {args.weights}), N={args.n}, batch {args.batch_size}, "
+              f"dim {args.dim}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+        bare_rate, index_rate = bare["images"] / bare["seconds"], index["images"] / index["seconds"]
+        print(f"  bare loop     {bare_rate:7.2f} img/s  ({bare['seconds']:.1f} s)  peak RSS {bare['peak_rss_mb']:7.0f} MB")
+        print(f"  vecsim index  {index_rate:7.2f} img/s  ({index['seconds']:.1f} s)  peak RSS {index['peak_rss_mb']:7.0f} MB")
+        print(f"  throughput ratio index/bare = {index_rate / bare_rate:.3f} (target >= 0.85)")
+        print(f"  peak RSS index - bare = {index['peak_rss_mb'] - bare['peak_rss_mb']:+.0f} MB (target <= +1024 MB; "
+              f"the raw training sample alone would be {args.n * 4_480_000 * 4 / 2**30:.1f} GB)")
+        ids = np.asarray(exact["ids"])
+        iu = np.triu_indices(len(ids), 1)
+        info = index["info"]
+        print(f"  exact raw cosines on {len(ids)} images (plain hooks, exact child peak RSS {exact['peak_rss_mb']:.0f} MB):")
+        for layer in LAYERS:
+            gram = np.asarray(exact[layer])
+            norms = np.sqrt(np.diag(gram))
+            raw_cos = gram / np.outer(norms, norms)
+            stored_ids, vecs = store.vectors(layer)
+            rows = vecs[np.searchsorted(stored_ids, ids)]
+            got = rows @ rows.T
+            layer_info = info["layers"][layer]
+            print(f"    {layer:<27} units {layer_info['units']:>9,}  sketch {layer_info['sketch_dim']}  dim {layer_info['dim']}  "
+                  f"Spearman {spearman(raw_cos[iu], got[iu]):.4f}  max|dcos| {np.abs(raw_cos - got)[iu].max():.4f}  "
+                  f"(eval-subset Spearman {index['fidelity_eval_subset'].get(layer, float('nan')):.4f})")
+        b = info["bytes"]
+        print(f"  stored per stimulus {b['data_per_stimulus']:.0f} B vs raw {b['raw_per_stimulus']:,.0f} B "
+              f"= {b['ratio']:.4%} of raw (target <= 0.1%); fixed costs: transforms {b['transforms'] / 2**20:.0f} MB, "
+              f"evaluation subset {b['eval_subset'] / 2**20:.0f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -375,14 +375,7 @@ def spectrum_cmd(
     """Per layer: effective rank and dims for 90/95/99% energy of the stored training spectrum."""
     from vecsim.compare import dumps_json, store_spectra
 
-    report = store_spectra(store)
-    written = report.save(out) if out else []
-    if as_json:
-        typer.echo(dumps_json(report.to_dict()))
-        return
-    typer.echo(report.format())
-    if written:
-        typer.echo(f"\nwrote {', '.join(str(p) for p in written)}")
+    _emit(store_spectra(store), out, as_json, dumps_json)
 
 
 @app.command("channels")
@@ -397,7 +390,11 @@ def channels_cmd(
     """Channel redundancy of one layer: cosine similarity and CW-NNK overlap of its channels."""
     from vecsim.compare import channel_redundancy, dumps_json
 
-    report = channel_redundancy(store, layer, k=k, kernel=kernel)
+    _emit(channel_redundancy(store, layer, k=k, kernel=kernel), out, as_json, dumps_json)
+
+
+def _emit(report, out: Optional[str], as_json: bool, dumps_json) -> None:
+    """Save a report's files when asked, then print it as JSON or as its table."""
     written = report.save(out) if out else []
     if as_json:
         typer.echo(dumps_json(report.to_dict()))

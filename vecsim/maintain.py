@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -10,14 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vecsim.errors import StimulusSetError, StoreError
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from vecsim.stimuli import file_sha256
 
 
 def faiss_ids(index) -> np.ndarray | None:

@@ -427,7 +427,7 @@ class _Indexer:
             reducer.drop_zero_units()
             layer_dir = self.writer.layer_dir(layer)
             self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
-            from vecsim.maintain import file_sha256
+            from vecsim.stimuli import file_sha256
 
             self.writer.manifest["layers"][layer]["transform_sha256"] = file_sha256(layer_dir / "transform.faiss")
             np.save(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))

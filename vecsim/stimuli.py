@@ -9,10 +9,12 @@ same ids.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
-import warnings
+import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,10 +111,20 @@ def _builtin_root(source: str) -> Path:
     return materialize_digits()
 
 
-def _walk_files(root: Path) -> list[str]:
-    """Relative POSIX paths of regular files and file symlinks, hidden entries skipped."""
+def _walk_files(root: Path, unreadable: list[tuple[str, str]] | None = None) -> list[str]:
+    """Relative POSIX paths of the non-directory entries, hidden entries skipped.
+
+    Folders that cannot be listed are appended to ``unreadable`` as (relative path, reason).
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def onerror(exc: OSError) -> None:
+        if unreadable is not None:
+            where = Path(exc.filename or root)
+            rel = where.relative_to(root).as_posix() if where != root and where.is_relative_to(root) else "."
+            unreadable.append((rel, f"cannot list this folder ({exc.strerror or type(exc).__name__}); its files were not searched"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):
@@ -122,40 +134,109 @@ def _walk_files(root: Path) -> list[str]:
     return sorted(found)
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_image(source: Path | bytes):
+    """``PIL.Image.open`` (header only) without PIL's own decompression-bomb limit.
+
+    vecsim applies its ``max_pixels`` itself, from the header, before any pixel is
+    decoded; PIL's global ``MAX_IMAGE_PIXELS`` would otherwise raise
+    DecompressionBombError (not an OSError) or warn while a folder is being searched.
+    The global is switched off only around the header read, under a lock, and restored.
+    """
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_file(path: Path) -> int:
+    """The size of a regular file, or ImageDecodeError saying why ``path`` is not one.
+
+    Never opens the path, so a FIFO or a device cannot block or flood the reader.
+    """
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError as exc:
+        raise ImageDecodeError(_os_reason(exc, path)) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a folder"
+                if stat.S_ISDIR(st.st_mode) else "not a file")
+        raise ImageDecodeError(f"not a regular file ({kind})")
+    if st.st_size == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    return st.st_size
+
+
+def _os_reason(exc: OSError, path: Path) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symbolic link (its target does not exist)"
+    return f"cannot read the file ({exc.strerror or _short_reason(exc)})"
+
+
 def sniff_image(path: Path) -> tuple[str, int, int]:
     """Identify an image from its header alone: (format, width, height). Raises ImageDecodeError."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
+    _check_file(path)
     try:
-        with Image.open(path) as img:
+        with _open_image(Path(path)) as img:
             return str(img.format), int(img.width), int(img.height)
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (content not recognised)") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # ELOOP, EACCES, broken headers
+    except OSError as exc:
+        raise ImageDecodeError(_os_reason(exc, path) if exc.errno else _short_reason(exc)) from None
+    except Exception as exc:  # a hostile header may raise anything; discovery must go on
         raise ImageDecodeError(_short_reason(exc)) from None
 
 
 def _short_reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _printable(rel: str) -> str:
+    """A relative path as stored: itself, or with undecodable bytes escaped (\\xff) when
+    the file name is not valid UTF-8 (such a path cannot be stored as it is)."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
 def _from_folder(root: Path, labels_from_folders: bool) -> StimulusSet:
     stimuli, failures, ignored = [], [], 0
+    unreadable: list[tuple[str, str]] = []
     next_id = 0
-    for rel in _walk_files(root):
+    for rel in _walk_files(root, unreadable):
         try:
             sniff_image(root / rel)
         except ImageDecodeError as exc:
             if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
-                failures.append(Failure(next_id, rel, "discover", str(exc)))
+                failures.append(Failure(next_id, _printable(rel), "discover", str(exc)))
                 next_id += 1
             else:
                 ignored += 1
             continue
+        if _printable(rel) != rel:
+            failures.append(Failure(next_id, _printable(rel), "discover",
+                                    "file name is not valid UTF-8 and cannot be stored; rename the file"))
+            next_id += 1
+            continue
         label = rel.split("/", 1)[0] if labels_from_folders and "/" in rel else None
         stimuli.append(Stimulus(next_id, rel, label))
         next_id += 1
+    failures += [Failure(None, _printable(rel), "discover", reason) for rel, reason in unreadable]
     return StimulusSet("", root, stimuli, failures, [], ignored)
 
 
@@ -236,38 +317,40 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
     composited on white; an animated image gives its first frame. Images above
     ``max_pixels`` are rejected from the header, before any pixel is decoded.
     """
+    _check_file(Path(path))
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ImageDecodeError(_short_reason(exc)) from None
+        raise ImageDecodeError(_os_reason(exc, Path(path))) from None
     if not data:
-        raise ImageDecodeError("empty file")
+        raise ImageDecodeError("empty file (0 bytes)")
     return decode_bytes(data, max_pixels)
 
 
 def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     sha = hashlib.sha256(data).hexdigest()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if max_pixels and width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
-                    f"{max_pixels:,} (raise --max-pixels to accept it)"
-                )
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = to_rgb(img)
+        # no warnings.catch_warnings() here: it is not thread-safe (decoding runs in a
+        # thread pool) and could leave its filter installed for the whole process.
+        # PIL's bomb warning cannot fire: _open_image lifts PIL's limit, ours applies.
+        img = _open_image(bytes(data))
+        width, height = img.size
+        if max_pixels and width * height > max_pixels:
+            raise ImageDecodeError(
+                f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                f"{max_pixels:,} (raise --max-pixels to accept it)"
+            )
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = to_rgb(img)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (content not recognised)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # hostile data may raise anything (struct.error, IndexError, MemoryError...)
         raise ImageDecodeError(_short_reason(exc)) from None
     return DecodedImage(sha, width, height, rgb)
 

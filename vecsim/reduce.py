@@ -357,19 +357,32 @@ class LayerReducer:
             from vecsim.errors import StoreError
 
             raise StoreError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        from vecsim.errors import StoreError
+
+        if not isinstance(transform, faiss.LinearTransform):
+            raise StoreError(f"{path} holds a {type(transform).__name__}, not a linear projection; it is not this store's transform")
         kept_path = directory / "kept_units.npy"
         if kept_path.is_file():
-            reducer.kept = torch.from_numpy(np.load(kept_path, allow_pickle=False))
+            try:
+                kept = np.load(kept_path, allow_pickle=False)
+            except Exception as exc:
+                raise StoreError(f"cannot read {kept_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            reducer.kept = torch.from_numpy(kept)
             if reducer.sketch is not None:
                 reducer.sketch.restrict(reducer.kept)
             else:
                 reducer.dim_in = int(reducer.kept.numel())
         k, d = transform.d_out, transform.d_in
-        if d != reducer.dim_in:
-            raise DimensionMismatchError(f"{path} maps {d} dims, the manifest says {reducer.dim_in}")
-        reducer.matrix = torch.from_numpy(faiss.vector_to_array(transform.A).reshape(k, d).copy())
+        fit_dim = (description.get("fit") or {}).get("dim")
+        if d != reducer.dim_in or (fit_dim is not None and k != fit_dim):
+            raise StoreError(f"{path} maps {d} to {k} dims, the manifest says {reducer.dim_in} to {fit_dim}; "
+                             "it is not this store's transform")
+        matrix, bias = faiss.vector_to_array(transform.A), faiss.vector_to_array(transform.b)
+        if matrix.size != k * d or (transform.have_bias and bias.size != k):
+            raise StoreError(f"{path} is damaged: its matrix has {matrix.size} values for {k}x{d}")
+        reducer.matrix = torch.from_numpy(matrix.reshape(k, d).copy())
         if transform.have_bias:
-            reducer.bias = torch.from_numpy(faiss.vector_to_array(transform.b).copy())
+            reducer.bias = torch.from_numpy(bias.copy())
         fit = description.get("fit")
         if fit:
             reducer.report = FitReport(**fit, spectrum=[])

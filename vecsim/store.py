@@ -89,15 +89,35 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StoreError(f"{manifest_path} is damaged ({exc.__class__.__name__}: {exc}); it is not valid JSON") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {manifest_path} ({exc.strerror or type(exc).__name__})") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise StoreError(f"{manifest_path} is not a vecsim manifest (no format_version)")
     version = manifest["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StoreError(f"{manifest_path} is damaged: format_version {version!r} is not a store format number")
+    if version > FORMAT_VERSION:
         raise StoreError(
             f"{path} was written by a newer vecsim (store format {version}, this vecsim reads up to "
             f"{FORMAT_VERSION}); upgrade vecsim to open it"
         )
+    _check_manifest_shape(manifest_path, manifest)
     return manifest
+
+
+def _check_manifest_shape(manifest_path: Path, manifest: dict) -> None:
+    """The keys every reader indexes directly, with their types: a damaged or hand-edited
+    manifest is one StoreError here, not a KeyError deep inside a command. Layer folder
+    names must be plain names, so a manifest cannot point vecsim at files outside the store."""
+    for key, kind in (("status", str), ("model", dict), ("source", dict), ("layers", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise StoreError(f"{manifest_path} is damaged: {key!r} is missing or not a{'n object' if kind is dict else ' string'}")
+    for layer, entry in manifest["layers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("reducer"), dict) or not isinstance(entry.get("table"), str):
+            raise StoreError(f"{manifest_path} is damaged: layer {layer!r} has no reducer or table")
+        slug = entry.get("slug")
+        if not isinstance(slug, str) or not re.fullmatch(r"[A-Za-z0-9_]+", slug):
+            raise StoreError(f"{manifest_path} is damaged: layer {layer!r} has an invalid folder name {slug!r}")
 
 
 # -- schemas ---------------------------------------------------------------------
@@ -249,7 +269,13 @@ class Store:
 
         index = self.index(layer)
         if isinstance(index, faiss.IndexIDMap2):
-            return index.reconstruct(int(stim_id)).reshape(1, -1)
+            try:
+                return index.reconstruct(int(stim_id)).reshape(1, -1)
+            except RuntimeError:  # faiss: "key N not found"
+                raise StoreError(
+                    f"stimulus {stim_id} is not in the FAISS index of {layer}; the index does not match the store "
+                    "(run `vecsim verify`)"
+                ) from None
         table = self.table(self.layer_info(layer)["table"])
         found = table.search().where(f"id = {int(stim_id)}").select(["vector"]).limit(1).to_arrow()
         if found.num_rows == 0:
@@ -264,9 +290,19 @@ class Store:
 
     def index(self, layer: str):
         if layer not in self._indexes:
-            from vecsim.index import load_index
+            import faiss
 
-            self._indexes[layer] = load_index(self.layer_dir(layer) / "index.faiss")
+            from vecsim.index import _supports_ids, load_index
+
+            path = self.layer_dir(layer) / "index.faiss"
+            index = load_index(path)
+            dim = self.dim(layer)
+            if index.d != dim:
+                raise StoreError(f"{path} holds {index.d}-dim vectors, layer {layer} has {dim}; "
+                                 "it is not this store's index (run `vecsim verify`)")
+            if not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) and not _supports_ids(index):
+                raise StoreError(f"{path} is a {type(index).__name__} without stimulus ids; it is not this store's index")
+            self._indexes[layer] = index
         return self._indexes[layer]
 
     def reducer(self, layer: str, device: str = "cpu"):
@@ -406,8 +442,8 @@ class StoreWriter:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             if (path / MANIFEST_NAME).is_file():
-                status = read_manifest(path).get("status")
-                if not overwrite:
+                if not overwrite:  # a damaged manifest must not stop --overwrite from replacing the store
+                    status = read_manifest(path).get("status")
                     hint = "" if status == "complete" else " (an unfinished run; resume is not possible with a different configuration)"
                     raise StoreExistsError(f"a store already exists at {path}{hint}; pass --overwrite to replace it")
             elif not overwrite:
@@ -605,7 +641,7 @@ class StoreWriter:
         description = {"kind": resolved, "factory": spec, "metric": "inner_product", "ntotal": int(index.ntotal),
                        "exact": exact}
         if not exact and len(ids):
-            description.update(vindex.recall_at_k(index, vecs, ids, seed=seed, exclude=train_ids))
+            description.update(vindex.tune_for_recall(index, vecs, ids, exclude=train_ids, seed=seed))
         vindex.save_index(index, self.layer_dir(layer) / "index.faiss")
         entry["index"] = description
         return description

@@ -32,7 +32,7 @@ def test_approximate_indexes_report_recall_and_queries_work(tmp_path, kind):
     assert info["kind"] == kind and info["exact"] is False and info["ntotal"] == 2000
     assert 0.0 <= info["recall_at_10"] <= 1.0 and info["queries"] == 1000
     if kind != "ivf-pq":
-        assert info["recall_at_10"] > 0.8
+        assert info["recall_at_10"] >= 0.95  # the search setting is raised until it gets there
     hits = store.query(id=17, layer="v", k=5)
     assert hits[0]["id"] == 17
     filtered = store.query(id=17, layer="v", k=5, where="label = 'c3'")

@@ -148,7 +148,8 @@ def format_index(index: dict) -> str:
         return "-"
     text = index.get("factory", index.get("kind", "?"))
     if "recall_at_10" in index:
-        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} held-out queries)"
+        knob = next((f", {k} {index[k]}" for k in ("efSearch", "nprobe") if k in index), "")
+        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} held-out queries{knob})"
     return text
 
 

@@ -195,6 +195,42 @@ def set_search_params(index, nprobe: int = 32) -> None:
             inner = faiss.downcast_index(inner.index)
 
 
+RECALL_TARGET = 0.95
+
+
+def _knob(index):
+    """(object, attribute, candidate values) of the index's speed/recall setting, or None."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    for _ in range(4):
+        if isinstance(inner, faiss.IndexHNSW):
+            return inner.hnsw, "efSearch", [64, 128, 256, 512, 1024, 2048]
+        if isinstance(inner, faiss.IndexIVF):
+            return inner, "nprobe", [n for n in (8, 16, 32, 64, 128, 256, 512) if n <= inner.nlist] or [inner.nlist]
+        if not hasattr(inner, "index"):
+            return None
+        inner = faiss.downcast_index(inner.index)
+    return None
+
+
+def tune_for_recall(index, vectors: np.ndarray, ids: np.ndarray, exclude: np.ndarray | None = None,
+                    target: float = RECALL_TARGET, seed: int = 0) -> dict:
+    """Raise efSearch (HNSW) or nprobe (IVF) until recall@10 on held-out queries reaches
+    ``target`` (or the largest setting); returns the recall measured and the setting kept."""
+    knob = _knob(index)
+    result = recall_at_k(index, vectors, ids, seed=seed, exclude=exclude)
+    if knob is None:
+        return result
+    holder, name, values = knob
+    for value in values:
+        setattr(holder, name, value)
+        result = {**recall_at_k(index, vectors, ids, seed=seed, exclude=exclude), name: value}
+        if result["recall_at_10"] >= target:
+            break
+    return {**result, "recall_target": target}
+
+
 def is_exact(index) -> bool:
     import faiss
 

@@ -126,7 +126,9 @@ MANIFEST_SCHEMA = {
                         "properties": {
                             "kind": _STR, "factory": _STR, "metric": _STR, "ntotal": _INT, "exact": {"type": "boolean"},
                             "recall_at_10": {**_NUM, "description": "approximate index vs exact search, held-out queries"},
-                            "queries": _INT, "k": _INT,
+                            "queries": _INT, "k": _INT, "recall_target": _NUM,
+                            "efSearch": {**_INT, "description": "HNSW search setting tuned to reach recall_target"},
+                            "nprobe": {**_INT, "description": "IVF lists probed, tuned to reach recall_target"},
                         },
                     },
                     "eval": {

@@ -3,6 +3,7 @@
 
 Run with:
     python benchmarks/bench_huge_layers.py [--n 300] [--size 400] [--batch-size 16] [--exact 100] [--dim 256]
+                                           [--sketch-dim M]
 
 Three child processes over the same N generated images (random weights unless the
 torchvision cache holds DenseNet121's; same decoding, batch size and threads):
@@ -75,7 +76,7 @@ def child_index(args) -> dict:
     start = time.perf_counter()
     summary = vecsim.index_stimuli(source=args.images, model="densenet121", weights=args.weights, size=args.size,
                                    layers=LAYERS, out=args.out, dim=str(args.dim), batch_size=args.batch_size,
-                                   progress=False)
+                                   sketch_dim=args.sketch_dim, progress=False)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "images": summary.indexed, "peak_rss_mb": peak_rss_mb(),
             "info": Store.open(args.out).info(), "fidelity_eval_subset": summary.fidelity}
@@ -122,7 +123,7 @@ def child_exact(args) -> dict:
 def run_child(kind: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--images", args.images, "--n", str(args.n), "--size",
            str(args.size), "--batch-size", str(args.batch_size), "--exact", str(args.exact), "--dim", str(args.dim),
-           "--weights", args.weights, *extra]
+           "--weights", args.weights, *(["--sketch-dim", str(args.sketch_dim)] if args.sketch_dim else []), *extra]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--exact", type=int, default=100, help="subset whose exact raw cosines are computed")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--weights", default=None)
+    p.add_argument("--sketch-dim", type=int, default=None, help="count-sketch dims (default: vecsim's automatic choice)")
     p.add_argument("--child", choices=["bare", "index", "exact"])
     p.add_argument("--images")
     p.add_argument("--out")

@@ -19,7 +19,8 @@ def unit(n, d, seed=0):
 
 def test_automatic_choice_by_size():
     assert choose_kind(1_000, 256) == "flat"
-    assert choose_kind(100_000, 256) == "hnsw"
+    assert choose_kind(100_000, 256) == "flat"
+    assert choose_kind(500_000, 256) == "hnsw"
     assert choose_kind(5_000_000, 256) == "ivf-pq"
     assert factory_string("ivf-pq", 1_000_000, 256) == "OPQ32_256,IVF4000,PQ32"
 

@@ -82,3 +82,38 @@ def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy,
         assert all(h["id"] == row["id"] and h["cosine"] > 0.999 for h in hits)
     again = add(store_copy, [str(extra)], progress=False)
     assert again["added"] == 0 and again["skipped_duplicates"] == 3
+
+
+def test_readers_see_only_committed_chunks_while_a_writer_appends(store_copy):
+    """A chunk's vectors are written before its stimuli rows; a reader in between sees the old version."""
+    from vecsim.store import StoreWriter
+
+    reader = Store.open(store_copy)
+    before_ids, before = reader.vectors(LAYERS[0])
+    writer = StoreWriter.reopen(store_copy)
+    try:
+        dim = before.shape[1]
+        half = {LAYERS[0]: (np.array([100]), np.ones((1, dim), np.float32) / np.sqrt(dim), np.ones(1, np.float32))}
+        writer.append([], half, [], 2)  # vectors written, stimuli row not yet: a half-written chunk
+        fresh = Store.open(store_copy)
+        ids, vecs = fresh.vectors(LAYERS[0])
+        assert ids.tolist() == before_ids.tolist()
+        assert fresh.query(id=0, layer=LAYERS[0], k=3)[0]["id"] == 0
+        fresh.similarity(store_copy.parent / "sim.npy", layers=[LAYERS[0]])
+        assert np.load(store_copy.parent / "sim.npy").shape == (18, 18)
+    finally:
+        writer.close()
+
+
+def test_half_precision_activations_are_reduced_in_float32():
+    import torch
+
+    from vecsim.reduce import LayerReducer, ReducerConfig
+
+    x = torch.rand(6, 4, 5, 5)
+    reducer = LayerReducer("l", (4, 5, 5), ReducerConfig(dim=4, sketch_dim=0))
+    reducer.fit(reducer.prepare(x)[0])
+    for dtype in (torch.float16, torch.bfloat16):
+        vecs, norms, finite = reducer(x.to(dtype))
+        assert vecs.dtype == torch.float32 and norms.dtype == torch.float32 and bool(finite.all())
+        torch.testing.assert_close(vecs, reducer(x)[0], atol=1e-2, rtol=0)

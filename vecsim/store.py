@@ -256,6 +256,13 @@ class Store:
         """(ids int64, vectors float32 (n, dim)) in id order, or the Arrow table with ``as_arrow``."""
         info = self.layer_info(layer)
         table = self._read(info["table"]).sort_by("id")
+        # only committed stimuli: a writer appending right now writes a chunk's vectors
+        # before its stimuli rows, and a reader must not see the half-written chunk
+        committed = self.lookup().ids
+        if table.num_rows != len(committed) or not np.array_equal(table.column("id").to_numpy(), committed):
+            import pyarrow.compute as pc
+
+            table = table.filter(pc.is_in(table.column("id"), value_set=pa_array(committed)))
         if as_arrow:
             return table
         ids = table.column("id").to_numpy().astype(np.int64, copy=False)
@@ -408,6 +415,12 @@ class Store:
                 "ratio": data_bytes / raw_total if raw_total else 0.0,
             },
         }
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values)
 
 
 def _size(path: Path) -> int:

@@ -54,3 +54,24 @@ def test_bad_factory_string_and_untrainable_sets_are_clear_errors(tmp_path):
         new_index("IVFxx,Flat", 16, 100)
     with pytest.raises(ConfigError, match="cannot train"):
         store_from_vectors(tmp_path / "s", {"v": unit(50, 32)}, index="IVF256,PQ8")
+
+
+def test_half_precision_scan_returns_exactly_the_float32_result():
+    import faiss
+
+    from vecsim.index import exact_search_one
+
+    vecs = unit(30_000, 64, seed=3)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(64))
+    ids = np.arange(30_000, dtype=np.int64) * 7 + 5
+    index.add_with_ids(vecs, ids)
+    answered = 0
+    for i in range(0, 30_000, 600):
+        want_scores, want_ids = index.search(vecs[i : i + 1], 10)
+        got = exact_search_one(index, vecs[i : i + 1], 10)
+        if got is None:  # not provably exact: the caller falls back to the float32 scan
+            continue
+        answered += 1
+        assert got[1].tolist() == want_ids.tolist()
+        np.testing.assert_allclose(got[0], want_scores, atol=1e-5)
+    assert answered > 0

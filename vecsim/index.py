@@ -283,3 +283,56 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
     _, found = index.search(q, k)
     hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found))
     return {"recall_at_10": hits / float(len(q) * k), "queries": int(len(q)), "k": int(k)}
+
+
+# -- exact single queries, faster than a float32 scan ------------------------------------
+
+HALF_SCAN_MIN = 20_000  # below this a float32 scan is already fast
+HALF_SCAN_CANDIDATES = 256
+HALF_SCAN_ERROR = 1e-2  # bound on |float16 score - exact score| for unit vectors (2 roundings + accumulation)
+_half_copies: dict[int, tuple] = {}
+
+
+def _half_copy(index):
+    """A float16 torch copy of a flat IDMap index's vectors and its id array (built once per index)."""
+    import faiss
+    import torch
+
+    key = id(index)
+    if key not in _half_copies:
+        flat = faiss.downcast_index(index.index)
+        xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        _half_copies.clear()  # one store's layer at a time: the copy costs N x dim x 2 bytes
+        _half_copies[key] = (index, torch.from_numpy(np.ascontiguousarray(xb)).half(), xb, ids)
+    return _half_copies[key][1:]
+
+
+def exact_search_one(index, query: np.ndarray, k: int):
+    """Exact top-k of one unit query over a large flat index, or None when not applicable.
+
+    A float16 scan (half the memory traffic of float32) picks candidates, their exact
+    float32 scores decide, and the result is returned only when provably exact: the k-th
+    exact score beats every non-candidate's largest possible score (its float16 score
+    plus the rounding bound). Otherwise None, and the caller scans in float32.
+    """
+    import faiss
+    import torch
+
+    if not isinstance(index, faiss.IndexIDMap2) or not isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP):
+        return None
+    if index.ntotal < max(HALF_SCAN_MIN, 4 * HALF_SCAN_CANDIDATES) or k > HALF_SCAN_CANDIDATES // 2:
+        return None
+    half, xb, ids = _half_copy(index)
+    q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+    if abs(float(np.linalg.norm(q)) - 1.0) > 1e-3:
+        return None
+    approx = torch.mv(half, torch.from_numpy(q).half()).float()
+    top = torch.topk(approx, HALF_SCAN_CANDIDATES)
+    cand = top.indices.numpy()
+    exact = xb[cand] @ q
+    order = np.argsort(-exact, kind="stable")[:k]
+    floor = float(top.values[-1]) + HALF_SCAN_ERROR  # best any non-candidate could really score
+    if exact[order[-1]] <= floor:
+        return None
+    return exact[order].reshape(1, -1).astype(np.float32), ids[cand[order]].reshape(1, -1)

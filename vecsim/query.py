@@ -128,8 +128,12 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
 def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None, store=None, layer=None):
     """FAISS search; with a filter on an approximate index, exact over the allowed stimuli
     whenever the filtered graph/lists returned fewer than k of them."""
-    from vecsim.index import is_exact, search
+    from vecsim.index import exact_search_one, is_exact, search
 
+    if allowed is None and len(queries) == 1:
+        fast = exact_search_one(index, queries, k)
+        if fast is not None:
+            return fast
     scores, found = search(index, queries, k, allowed)
     if allowed is None or is_exact(index) or store is None:
         return scores, found

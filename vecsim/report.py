@@ -518,8 +518,10 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
                 raise
             notes.append(f"{layer}: left out: {exc}")
     if not fids:
-        raise _no_subset_error(store, store.layers[0] if store.layers else "?",
-                               "has no evaluation subset (nor does any other layer)")
+        n = store.manifest.get("counts", {}).get("stimuli", 0)
+        if n < 2:
+            raise StoreError(f"store {store.path} holds {n} stimulus(es); a fidelity report needs at least 2")
+        raise StoreError(f"no layer of {store.path} has a usable evaluation subset ({notes[0] if notes else 'none'})")
     if not labelled:
         notes.insert(0, NO_LABELS_LINE)
     for fid in fids:

@@ -159,7 +159,9 @@ def format_info(info: dict) -> str:
     lines = [
         f"store       {info['path']} (format {info['format_version']}, {info['status']})",
         f"source      {info['source']['source']}",
-        f"model       {model['name']} weights={model['weights']}" + (f" checkpoint={model['checkpoint']}" if model.get("checkpoint") else ""),
+        f"model       {model['name']} " + (f"checkpoint={model['checkpoint']}" if model.get("checkpoint") else
+                                           f"weights={model['weights']}" if model.get("weights") else
+                                           f"weights=none (random init, seed {model.get('init_seed', 0)})"),
         f"stimuli     {info['counts']['stimuli']:,} indexed, {info['counts']['failures']:,} failures",
         "",
         f"{'layer':<28} {'shape':<14} {'units':>11} {'sketch':>7} {'dim':>5} {'projection':<11} {'energy':>7} {'exact':>5}  index",

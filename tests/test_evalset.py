@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import vecsim
 from vecsim.evalset import allot, eval_order, exact_similarity

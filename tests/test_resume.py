@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from vecsim.errors import StoreExistsError
 from vecsim.store import Store
 
 from conftest import make_image_set

@@ -7,7 +7,6 @@ Nothing heavy is imported at module level, so ``vecsim --help`` stays fast. Only
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional
 

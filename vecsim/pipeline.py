@@ -24,7 +24,7 @@ import numpy as np
 from vecsim._faults import kill_point
 from vecsim.config import IndexConfig, resolve
 from vecsim.errors import ConfigError
-from vecsim.stimuli import Failure, StimulusSet
+from vecsim.stimuli import Failure
 
 
 @dataclass
@@ -130,7 +130,7 @@ class _Indexer:
         from vecsim.models import check_layers, layer_shapes, load_model
         from vecsim.reduce import LayerReducer, ReducerConfig, parse_dims
         from vecsim.stimuli import discover
-        from vecsim.store import StoreWriter, read_manifest
+        from vecsim.store import StoreWriter
 
         cfg = self.config
         started = time.time()

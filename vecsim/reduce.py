@@ -19,7 +19,6 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from vecsim.errors import ConfigError, DimensionMismatchError
 

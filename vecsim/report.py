@@ -26,7 +26,6 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 

@@ -207,7 +207,7 @@ def _torch_matmul(V: np.ndarray, device: str):
 
         yield mm
     finally:
-        del Vd
+        Vd = None  # release the device copy before emptying the cache
         torch.set_float32_matmul_precision(previous)
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()

@@ -122,7 +122,7 @@ def _check_manifest_shape(manifest_path: Path, manifest: dict) -> None:
 
 # -- schemas ---------------------------------------------------------------------
 
-def stimuli_schema(extra: "pa.Schema | None" = None, extra_columns: Iterable[str] = ()):
+def stimuli_schema(extra=None, extra_columns: Iterable[str] = ()):
     import pyarrow as pa
 
     fields = [

@@ -39,7 +39,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from vecsim.errors import (
     close_matches,
 )
 from vecsim import measures as _measures
+from vecsim.store import dumps_json, json_safe  # noqa: F401  (dumps_json is the CLI's)
 from vecsim.measures import MEASURES, linear_cka, procrustes_distance, pwcca, svcca
 
 MIN_COMMON = 10
@@ -79,30 +80,6 @@ _CORNER = "A \\ B"
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: NaN/±inf → None."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def dumps_json(obj: Any) -> str:
-    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -221,7 +221,3 @@ def _threaded_batches(dataset: "_DecodeDataset", batches: list[list[int]], worke
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
-
-def batched(items: list, size: int) -> Iterable[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

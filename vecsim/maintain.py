@@ -138,7 +138,6 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
     from tqdm import tqdm
 
     from vecsim.extract import LayerCapture, iter_decoded, resolve_device
-    from vecsim.models import Preprocessing, load_model
     from vecsim.store import Store, StoreWriter, now
 
     started = time.time()
@@ -162,10 +161,7 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
         items = [(next_id + i, _stored_path(p, root)) for i, p in enumerate(sorted(hashed, key=str))]
         run = writer.next_run_id()
         device = resolve_device(device)
-        info = manifest["model"]
-        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"])
-        model = loaded.module.to(device)
-        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        model, preprocessing = store.load_model(device)
         reducers = {layer: store.reducer(layer, device) for layer in store.layers}
         vectors: dict[str, list] = {layer: [] for layer in store.layers}
         rows: list[dict] = []

@@ -56,22 +56,6 @@ def index_stimuli(config: IndexConfig | None = None, *, config_file: str | None 
     return _Indexer(config, progress).run()
 
 
-def _per_layer(spec: str, layers: list[str], what: str) -> dict[str, str]:
-    """'value' or 'layer=value,...,value' → value per layer (used for pooling)."""
-    from vecsim.errors import UnknownLayerError, close_matches
-
-    default, per = None, {}
-    for item in (p.strip() for p in spec.split(",") if p.strip()):
-        if "=" in item and not item.startswith("grid:"):
-            name, value = item.rsplit("=", 1)
-            if name not in layers:
-                raise UnknownLayerError(f"--{what} names layer {name!r}, which is not hooked{close_matches(name, layers)}")
-            per[name] = value
-        else:
-            default = item
-    return {layer: per.get(layer, default or "flatten") for layer in layers}
-
-
 def resume_options(store: str | Path) -> dict:
     """The recorded settings of an unfinished store, to run it again (``vecsim index --resume``)."""
     from vecsim.errors import StoreError
@@ -128,7 +112,7 @@ class _Indexer:
 
         from vecsim.extract import resolve_device
         from vecsim.models import check_layers, layer_shapes, load_model
-        from vecsim.reduce import LayerReducer, ReducerConfig, parse_dims
+        from vecsim.reduce import LayerReducer, ReducerConfig, parse_dims, per_layer
         from vecsim.stimuli import discover
         from vecsim.store import StoreWriter
 
@@ -152,7 +136,7 @@ class _Indexer:
                                                       self.writer.layer_dir(layer), device) for layer in cfg.layers}
         else:
             dims = parse_dims(cfg.dim, cfg.layers)
-            poolings = _per_layer(cfg.pooling, cfg.layers, "pooling")
+            poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
             self.reducers = {
                 layer: LayerReducer(
                     layer, shapes[layer],

@@ -62,18 +62,14 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 def image_vectors(store, image: str | os.PathLike, layers: list[str], device: str = "auto") -> dict[str, np.ndarray]:
     """A new image through the store's model, preprocessing and fitted reducers: one unit vector per layer."""
     from vecsim.extract import LayerCapture, resolve_device
-    from vecsim.models import Preprocessing, load_model
     from vecsim.stimuli import decode_image
 
-    manifest = store.manifest
     device = resolve_device(device)
-    decoded = decode_image(Path(image), manifest["config"].get("max_pixels") or 0)
-    model_info = manifest["model"]
-    loaded = load_model(model_info["name"], model_info["weights"] or "none", model_info["checkpoint"])
-    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    decoded = decode_image(Path(image), store.manifest["config"].get("max_pixels") or 0)
+    model, preprocessing = store.load_model(device)
     batch = preprocessing(decoded.image).unsqueeze(0).to(device)
     reducers = {layer: store.reducer(layer, device) for layer in layers}
-    with LayerCapture(loaded.module.to(device), layers, reducers) as capture:
+    with LayerCapture(model, layers, reducers) as capture:
         results = capture.run(batch)
     out = {}
     for layer, (vecs, _norms, finite) in results.items():

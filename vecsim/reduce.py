@@ -14,7 +14,6 @@ preserves distances to the mean instead, which is a different quantity.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -447,28 +446,29 @@ def _fsync_replace(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def parse_dims(spec: str | int | None, layers: list[str]) -> dict[str, int | None]:
-    """'256', 'auto', or 'layer=N,...[,N]' → per-layer dim (None = auto)."""
-    if spec is None:
-        return {layer: 256 for layer in layers}
-    if isinstance(spec, int):
-        return {layer: spec for layer in layers}
-    default: int | None = 256
-    per_layer: dict[str, int | None] = {}
-    for item in str(spec).split(","):
-        item = item.strip()
+def per_layer(spec: str, layers: list[str], flag: str, parse, default):
+    """'value' or 'layer=value,...[,value]' → parsed value per layer (a bare value is the default)."""
+    from vecsim.errors import UnknownLayerError, close_matches
+
+    chosen: dict = {}
+    for item in (part.strip() for part in str(spec).split(",")):
         if not item:
             continue
         if "=" in item:
-            name, value = item.rsplit("=", 1)
-            if name.strip() not in layers:
-                from vecsim.errors import UnknownLayerError, close_matches
-
-                raise UnknownLayerError(f"--dim names layer {name.strip()!r}, which is not hooked{close_matches(name.strip(), layers)}")
-            per_layer[name.strip()] = _parse_dim_value(value)
+            name, value = (part.strip() for part in item.rsplit("=", 1))
+            if name not in layers:
+                raise UnknownLayerError(f"--{flag} names layer {name!r}, which is not hooked{close_matches(name, layers)}")
+            chosen[name] = parse(value)
         else:
-            default = _parse_dim_value(item)
-    return {layer: per_layer.get(layer, default) for layer in layers}
+            default = parse(item)
+    return {layer: chosen.get(layer, default) for layer in layers}
+
+
+def parse_dims(spec: str | int | None, layers: list[str]) -> dict[str, int | None]:
+    """'256', 'auto', or 'layer=N,...[,N]' → per-layer dim (None = auto)."""
+    if spec is None or isinstance(spec, int):
+        return {layer: 256 if spec is None else spec for layer in layers}
+    return per_layer(spec, layers, "dim", _parse_dim_value, 256)
 
 
 def _parse_dim_value(value: str) -> int | None:
@@ -483,6 +483,3 @@ def _parse_dim_value(value: str) -> int | None:
         raise ConfigError(f"--dim must be at least 1, not {dim}")
     return dim
 
-
-def describe_json(description: dict) -> str:
-    return json.dumps(description, sort_keys=True)

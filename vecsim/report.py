@@ -27,11 +27,11 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
+from vecsim.store import json_safe
 
 RECALL_K = 10
 HIST_BINS = 60
@@ -539,7 +539,7 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
         "depth_figures": {k: str(p.relative_to(out)) for k, p in figures.get("", {}).items()},
         "summary": [_summary_row(f) for f in fids],
     }
-    payload = _finite(report)
+    payload = json_safe(report)
     (out / "report.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(_markdown(payload), encoding="utf-8")
     (out / "report.html").write_text(_html(payload, out), encoding="utf-8")
@@ -613,23 +613,6 @@ def _summary_row(fid: dict) -> dict:
         "auc_exact": cs["exact"]["auc"] if cs else None,
         "auc": cs["levels"][-1]["auc"] if cs else None,
     }
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-ready copy: numpy scalars to Python, NaN and ±inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _finite(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def _nan(value, default=float("nan")) -> float:

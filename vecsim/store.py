@@ -17,6 +17,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -77,6 +78,30 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: numpy to Python, NaN/±inf → None."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 
 def read_manifest(path: Path) -> dict:
@@ -260,9 +285,10 @@ class Store:
         # before its stimuli rows, and a reader must not see the half-written chunk
         committed = self.lookup().ids
         if table.num_rows != len(committed) or not np.array_equal(table.column("id").to_numpy(), committed):
+            import pyarrow as pa
             import pyarrow.compute as pc
 
-            table = table.filter(pc.is_in(table.column("id"), value_set=pa_array(committed)))
+            table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(committed)))
         if as_arrow:
             return table
         ids = table.column("id").to_numpy().astype(np.int64, copy=False)
@@ -355,6 +381,14 @@ class Store:
 
         return similarity(self, out, **kwargs)
 
+    def load_model(self, device: str = "cpu"):
+        """The store's model on ``device`` and its recorded preprocessing, for new images."""
+        from vecsim.models import Preprocessing, load_model
+
+        info = self.manifest["model"]
+        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"])
+        return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
+
     def spectrum(self, layer: str) -> np.ndarray:
         path = self.layer_dir(layer) / "spectrum.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else np.zeros(0)
@@ -415,12 +449,6 @@ class Store:
                 "ratio": data_bytes / raw_total if raw_total else 0.0,
             },
         }
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values)
 
 
 def _size(path: Path) -> int:
@@ -623,7 +651,7 @@ class StoreWriter:
         from vecsim import index as vindex
 
         entry = self.manifest["layers"][layer]
-        n = sum(len(ids) for ids, _ in self._vector_batches(layer, 1 << 20)) if kind != "flat" else 0
+        n = self.db.open_table(entry["table"]).count_rows()  # sizes the automatic choice and IVF lists
         resolved = vindex.choose_kind(n, dim) if kind == "auto" else kind
         index, spec = vindex.new_index(resolved, dim, n)
         exact = vindex.is_exact(index)

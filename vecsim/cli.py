@@ -341,13 +341,8 @@ def compare_cmd(
     from vecsim.compare import compare_stores, dumps_json
 
     result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
-    written = result.save(out) if out else []
-    if as_json:
-        typer.echo(dumps_json(result.to_dict()))
-        return
-    typer.echo(result.format())
-    if written:
-        typer.echo(f"\nwrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
+    _emit(result, out, as_json, dumps_json,
+          lambda written: f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
 
 
 @app.command("prune")
@@ -395,7 +390,7 @@ def channels_cmd(
     _emit(channel_redundancy(store, layer, k=k, kernel=kernel), out, as_json, dumps_json)
 
 
-def _emit(report, out: Optional[str], as_json: bool, dumps_json) -> None:
+def _emit(report, out: Optional[str], as_json: bool, dumps_json, describe=None) -> None:
     """Save a report's files when asked, then print it as JSON or as its table."""
     written = report.save(out) if out else []
     if as_json:
@@ -403,7 +398,7 @@ def _emit(report, out: Optional[str], as_json: bool, dumps_json) -> None:
         return
     typer.echo(report.format())
     if written:
-        typer.echo(f"\nwrote {', '.join(str(p) for p in written)}")
+        typer.echo("\n" + (describe(written) if describe else f"wrote {', '.join(str(p) for p in written)}"))
 
 
 # -- verify / add ------------------------------------------------------------------------

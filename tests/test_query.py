@@ -24,9 +24,12 @@ def store(shared_image_set, tmp_path_factory):
     return Store.open(out)
 
 
-def brute(store, layer, query_vec, k, allowed=None):
+def brute(store, layer, query_vec, k, allowed=None, selves=()):
+    """Inner products with the stored vectors, with the documented exception: the query
+    stimulus itself (``selves``) has cosine exactly 1."""
     ids, vecs = store.vectors(layer)
-    scores = vecs @ query_vec
+    scores = (vecs @ query_vec).astype(np.float64)
+    scores[np.isin(ids, list(selves))] = 1.0
     if allowed is not None:
         scores = np.where(np.isin(ids, allowed), scores, -np.inf)
     order = np.argsort(-scores, kind="stable")[:k]
@@ -38,12 +41,32 @@ def test_query_by_id_equals_brute_force_in_every_layer(store):
     assert [h["layer"] for h in hits] == [LAYERS[0]] * 5 + [LAYERS[1]] * 5
     for layer in LAYERS:
         ids, vecs = store.vectors(layer)
-        want_ids, want_scores = brute(store, layer, vecs[list(ids).index(4)], 5)
+        assert np.linalg.norm(vecs, axis=1).min() < 0.99  # dim 8 < 10 training stimuli: not exact
+        want_ids, want_scores = brute(store, layer, vecs[list(ids).index(4)], 5, selves=[4])
         got = [h for h in hits if h["layer"] == layer]
         assert [h["rank"] for h in got] == [1, 2, 3, 4, 5]
         np.testing.assert_allclose([h["cosine"] for h in got], want_scores, atol=1e-5)
         assert {h["id"] for h in got[1:]} <= set(want_ids.tolist()) | {h["id"] for h in got}
-        assert got[0]["id"] == 4
+        assert got[0]["id"] == 4 and got[0]["cosine"] == 1.0
+
+
+def test_the_query_stimulus_and_identical_files_have_cosine_exactly_one(store, shared_image_set, tmp_path):
+    """The stored vectors estimate a stimulus's cosine with itself as the share the projection
+    keeps (< 1 here); the query reports the exact value, 1, for it and for byte-identical
+    files, and the estimate for every other stimulus."""
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes((shared_image_set / "owl" / "img_03.jpg").read_bytes())
+    owl = store.lookup().id_of_path("owl/img_03.jpg")
+    for layer in LAYERS:
+        ids, vecs = store.vectors(layer)
+        own = vecs[list(ids).index(owl)]
+        hits = store.query(image=str(copy), layer=layer, k=4, device="cpu")
+        assert hits[0]["id"] == owl and hits[0]["cosine"] == 1.0
+        want_ids, want_scores = brute(store, layer, own, 4, selves=[owl])
+        assert [h["id"] for h in hits] == want_ids.tolist()
+        np.testing.assert_allclose([h["cosine"] for h in hits], want_scores, atol=1e-4)
+        excluded = store.query(image=str(copy), layer=layer, k=3, exclude_self=True, device="cpu")
+        assert owl not in [h["id"] for h in excluded] and len(excluded) == 3
 
 
 def test_where_filters_inside_the_search_and_exclude_self(store):

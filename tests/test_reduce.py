@@ -31,6 +31,37 @@ def test_uncentred_projection_is_exact_when_dim_covers_the_training_sample():
     np.testing.assert_allclose(y @ y.T, cosine_matrix(x.double().numpy()), atol=1e-5)
 
 
+def test_a_new_vector_against_training_vectors_is_exact_when_the_projection_is():
+    """Normalised before the projection, not after: once the training sample is spanned,
+    P x̂ · P ŷ = cos(x, y) for any x and training y, though ‖P x̂‖ < 1 for a new x."""
+    x = _data(n=30)
+    reducer = _fit(x[:20], dim=64)
+    assert reducer.report.exact
+    y_train, y_new = reducer(x[:20])[0].numpy(), reducer(x[20:])[0].numpy()
+    np.testing.assert_allclose(np.linalg.norm(y_train, axis=1), 1, atol=1e-5)
+    assert np.linalg.norm(y_new, axis=1).max() < 0.999  # the new vectors stick out of the span
+    np.testing.assert_allclose(y_new @ y_train.T, cosine_matrix(x.double().numpy())[20:, :20], atol=1e-5)
+
+
+def test_truncated_projection_estimates_cosines_better_than_renormalising():
+    """At dim < rank the stored inner products beat the same vectors renormalised (the
+    per-stimulus 1/‖P x̂‖ factor inflates whoever the projection keeps least of)."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)  # a common direction, shared structure, unique parts of varying size
+    common, shared = rng.normal(size=300), rng.normal(size=(8, 300))
+    unique = rng.normal(size=(120, 300)) * rng.uniform(0.5, 2.0, size=(120, 1))
+    x = torch.tensor(4 * common + rng.normal(size=(120, 8)) @ shared + unique, dtype=torch.float32)
+    reducer = _fit(x, dim=24)
+    y = reducer(x)[0].numpy().astype(np.float64)
+    iu = np.triu_indices(len(x), 1)
+    exact = cosine_matrix(x.double().numpy())[iu]
+    renormed = y / np.linalg.norm(y, axis=1, keepdims=True)
+    stored, other = (y @ y.T)[iu], (renormed @ renormed.T)[iu]
+    assert np.abs(stored - exact).max() < 0.5 * np.abs(other - exact).max()
+    assert spearmanr(exact, stored).statistic > spearmanr(exact, other).statistic
+
+
 def test_uncentred_keeps_raw_cosines_better_than_centred_pca():
     from scipy.stats import spearmanr
 

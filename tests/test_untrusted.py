@@ -282,6 +282,13 @@ def test_newer_format_message_names_both_versions(store_copy):
         Store.open(store_copy)
 
 
+def test_older_format_is_refused_with_what_to_do(store_copy):
+    manifest = json.loads((store_copy / MANIFEST_NAME).read_text())
+    (store_copy / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(StoreError, match=rf"older vecsim \(store format {FORMAT_VERSION - 1}.*index the stimuli again"):
+        Store.open(store_copy)
+
+
 def test_command_line_errors_have_no_traceback_in_a_real_process(built_store, tmp_path):
     """The same errors through ``python -m vecsim`` in a fresh interpreter."""
     newer = tmp_path / "newer"

@@ -21,8 +21,8 @@ Where each number of a comparison comes from (every cell records ``source`` and 
     with ``similarity="correlation"`` the Gram is that of the row-centred activations
     (``G − s sᵀ / units``), the representation that store describes.
 ``stored-vectors``
-    The stored unit vectors, each row rescaled by its raw L2 norm to recover the
-    projected (unnormalised) activations. Used for PWCCA always (it needs features),
+    The stored vectors (each the unit activation vector, projected), each row
+    rescaled by its raw L2 norm to recover the projected activations. Used for PWCCA always (it needs features),
     and for Gram measures when the subsets are missing or share fewer than
     :data:`MIN_COMMON` stimuli. CKA/SVCCA/Procrustes use the feature forms on all
     matched stimuli; RSA, which needs all n² pairs, uses a seeded subsample of at most
@@ -238,7 +238,7 @@ class _LayerData:
         self._eval: dict | None | bool = False
 
     def features(self, ids: np.ndarray) -> np.ndarray:
-        """Stored unit vectors × raw norm (float64), one row per id in ``ids``."""
+        """Stored vectors × raw norm (float64) = the projected activations, one row per id in ``ids``."""
         if self._features is None:
             vec_ids, vecs = self.store.vectors(self.layer)
             norm_ids, norms = self.store.raw_norms(self.layer)

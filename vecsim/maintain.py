@@ -76,9 +76,10 @@ def _verify_layer(store, layer: str, stimulus_ids: np.ndarray) -> list[str]:
     if bad.any():
         problems.append(f"{int(bad.sum())} vectors contain NaN or Inf (ids {vec_ids[bad][:5].tolist()})")
     norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0), axis=1)
-    off = ~bad & (np.abs(norms - 1) > 1e-3) & (norms > 0)
+    off = ~bad & (norms > 1 + 1e-3)
     if off.any():
-        problems.append(f"{int(off.sum())} vectors are not unit norm (ids {vec_ids[off][:5].tolist()})")
+        problems.append(f"{int(off.sum())} vectors are longer than unit norm (ids {vec_ids[off][:5].tolist()}); "
+                        "a projected unit vector cannot be")
     try:
         index = store.index(layer)
         if index.d != dim:

@@ -23,12 +23,17 @@ class StimulusLookup:
         self.ids = table.column("id").to_numpy().astype(np.int64)
         self.paths = np.array(table.column("path").to_pylist(), dtype=object)
         self.labels = np.array(table.column("label").to_pylist(), dtype=object)
+        self.sha256 = np.array(table.column("sha256").to_pylist(), dtype=object)
         self._by_path = {p: int(i) for p, i in zip(self.paths, self.ids)}
 
     def position(self, ids: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.ids, ids)
         pos = np.clip(pos, 0, len(self.ids) - 1)
         return pos
+
+    def same_bytes(self, sha256: str) -> np.ndarray:
+        """Ids of the stimuli whose file has this sha256 (identical inputs), sorted."""
+        return np.sort(self.ids[self.sha256 == sha256])
 
     def check_id(self, stim_id: int) -> None:
         pos = np.searchsorted(self.ids, stim_id)
@@ -97,27 +102,37 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
         store.layer_info(name)
     lookup = store.lookup()
     allowed = allowed_ids(store, where)
-    self_id: int | None = None
     if image is not None:
+        from vecsim.stimuli import file_sha256
+
         queries = image_vectors(store, image, layers, device)
+        selves = lookup.same_bytes(file_sha256(Path(image)))
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)
         queries = {name: store.vector_of(name, self_id) for name in layers}
-    if exclude_self and self_id is not None and allowed is not None:
-        allowed = allowed[allowed != self_id]
+        selves = lookup.same_bytes(lookup.sha256[lookup.position(np.array([self_id]))[0]])
+    if allowed is not None:
+        selves_allowed = np.intersect1d(selves, allowed)
+        if exclude_self:
+            allowed = np.setdiff1d(allowed, selves)
+    else:
+        selves_allowed = selves
     hits = []
     for name in layers:
-        extra = 1 if exclude_self and self_id is not None and allowed is None else 0
+        extra = len(selves) if allowed is None or not exclude_self else 0
         scores, found = search_index(store.index(name), queries[name], k + extra, allowed, store, name)
-        rank = 0
-        for score, stim_id in zip(scores[0], found[0]):
-            if stim_id < 0 or (exclude_self and stim_id == self_id) or rank >= k:
-                continue
-            rank += 1
+        # The stimulus itself (and any file with the same bytes) has cosine exactly 1; the stored
+        # vectors estimate it as the share of the activation the projection keeps, which is less.
+        exact_self = not exclude_self and bool(np.any(queries[name]))
+        ranked = [(float(np.clip(score, -1.0, 1.0)), int(stim_id)) for score, stim_id in zip(scores[0], found[0])
+                  if stim_id >= 0 and not ((exclude_self or exact_self) and stim_id in selves)]
+        if exact_self:
+            ranked = [(1.0, int(stim_id)) for stim_id in selves_allowed] + ranked
+        for rank, (score, stim_id) in enumerate(ranked[:k], start=1):
             pos = lookup.position(np.array([stim_id]))[0]
-            hits.append({"layer": name, "rank": rank, "id": int(stim_id), "path": str(lookup.paths[pos]),
-                         "label": lookup.labels[pos], "cosine": float(np.clip(score, -1.0, 1.0))})
+            hits.append({"layer": name, "rank": rank, "id": stim_id, "path": str(lookup.paths[pos]),
+                         "label": lookup.labels[pos], "cosine": score})
     return hits
 
 

@@ -3,8 +3,8 @@
 Everything is measured on each layer's evaluation subset (``vecsim index --eval-size``),
 whose exact similarities of the *raw* activations the store keeps. The stored vectors'
 coordinates are sorted by eigenvalue, so the reduction to any k ≤ the stored dim is the
-first k coordinates renormalised (an all-zero row stays zero); "fidelity vs dims" uses
-that. The similarity is the store's (cosine or correlation): the stored vectors already
+first k coordinates (renormalised for a centred store, whose vectors are renormalised after
+the projection); "fidelity vs dims" uses that. The similarity is the store's (cosine or correlation): the stored vectors already
 encode it.
 
 Per layer, over all pairs i < j of the subset: Spearman and Pearson between exact and
@@ -101,11 +101,21 @@ def compression_dims(stored_dim: int) -> list[int]:
     return dims + [int(stored_dim)]
 
 
-def truncate(vectors: np.ndarray, k: int) -> np.ndarray:
-    """The first k coordinates, renormalised; an all-zero row stays zero."""
+def truncate(vectors: np.ndarray, k: int, renormalise: bool = False) -> np.ndarray:
+    """The first k coordinates: what the same chain stores at dim k (the projection's rows are
+    sorted by eigenvalue). ``renormalise`` for a centred store, whose chain renormalises after
+    the projection; an all-zero row stays zero."""
     head = np.asarray(vectors[:, :k], dtype=np.float64)
+    if not renormalise:
+        return head
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     return head / np.where(norms > 0, norms, 1.0)
+
+
+def _renormalised(store, layer: str) -> bool:
+    """Whether the layer's chain renormalises after the projection (centred PCA)."""
+    reducer = store.manifest["layers"][layer].get("reducer") or {}
+    return bool((reducer.get("config") or {}).get("center"))
 
 
 def energy_curve(spectrum: np.ndarray) -> np.ndarray:
@@ -298,7 +308,7 @@ def fidelity(store, layer: str, dims=None) -> dict:
 
     rows, level_pairs = [], {}
     for d in dims:
-        reduced = truncate(vectors, d)
+        reduced = truncate(vectors, d, _renormalised(store, layer))
         approx = np.clip(reduced @ reduced.T, -1.0, 1.0)
         level_pairs[d] = approx[iu]
         rows.append({
@@ -365,7 +375,7 @@ def fidelity_summary(store) -> dict[str, float]:
         except StoreError:
             continue
         iu = np.triu_indices(len(data["ids"]), 1)
-        reduced = truncate(data["vectors"], data["vectors"].shape[1])
+        reduced = np.asarray(data["vectors"], dtype=np.float64)
         exact, kept = data["exact"][iu], np.clip(reduced @ reduced.T, -1, 1)[iu]
         rho = _correlation(exact, kept, rank=True)
         if rho is None and np.ptp(exact) > 0:
@@ -682,7 +692,7 @@ def _intro(report: dict) -> list[str]:
         f"{report['stimuli']:,} stimuli, {len(report['layers'])} layer(s). Created {report['created']}.",
         "Every number compares the stored (reduced) similarities with the exact similarities of the raw "
         "activations, over all pairs of each layer's evaluation subset (M stimuli). Fewer dims = the first "
-        "k stored coordinates, renormalised.",
+        "k stored coordinates (what the same chain stores at dim k).",
     ]
 
 

@@ -78,7 +78,7 @@ MANIFEST_SCHEMA = {
         "seeds", "layers", "counts", "versions",
     ],
     "properties": {
-        "format_version": {"type": "integer", "maximum": FORMAT_VERSION},
+        "format_version": {"type": "integer", "minimum": FORMAT_VERSION, "maximum": FORMAT_VERSION},
         "status": {"enum": list(STATUSES)},
         "created": _STR,
         "updated": _STR,

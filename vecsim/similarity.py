@@ -1,12 +1,15 @@
 """Full pairwise similarity matrices (RDMs), computed and written tile by tile.
 
-The store layer hands this module already-loaded, L2-normalised vectors (one
-``(N, k)`` float32 array per layer, rows in stimulus order). Similarity is the
-dot product of the unit rows (cosine, or Pearson correlation when the reducer
-centred the rows first; the vectors already encode which, ``metric`` only
-records it), clipped to ``[-1, 1]``. The diagonal is set explicitly: exactly 1
-for a unit row, exactly 0 for an all-zero row (cosine 0 with everything,
-itself included, never NaN). The distance form is ``1 - s``.
+The store layer hands this module the stored vectors (one ``(N, k)`` float32
+array per layer, rows in stimulus order): unit activation vectors projected, so
+each row's norm is at most 1 (the share the projection keeps) and the dot
+product of two rows estimates their cosine (or Pearson correlation when the
+reducer centred the rows first; the vectors already encode which, ``metric``
+only records it). It is clipped to ``[-1, 1]``. The diagonal is set
+explicitly: exactly 1 for a non-zero row (a stimulus's cosine with itself,
+which the projected vectors would estimate as less), exactly 0 for an all-zero
+row (cosine 0 with everything, itself included, never NaN). The distance form
+is ``1 - s``.
 
 Memory stays bounded by ``memory_limit_bytes``: rows are processed in tiles of
 ``rows x N`` entries, and no output is ever held whole in RAM. Output formats
@@ -78,7 +81,7 @@ _FORMATS = {".npy": "npy", ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 _METRICS = ("cosine", "correlation")
 _TRIANGLES = ("full", "upper")
-_UNIT_TOL = 1e-2  # |norm - 1| allowed for a row that counts as unit length
+_UNIT_TOL = 1e-2  # how far above 1 a row norm may be (float16 storage, rounding)
 _PROVENANCE_VERSION = 1
 
 
@@ -106,7 +109,7 @@ def _as_vectors(vectors, name: str = "vectors") -> np.ndarray:
 
 
 def _zero_rows(V: np.ndarray, name: str = "vectors") -> np.ndarray:
-    """Boolean mask of all-zero rows; raises if a row is neither unit length nor zero."""
+    """Boolean mask of all-zero rows; raises if a row is non-finite or longer than unit length."""
     sq = np.einsum("ij,ij->i", V, V, dtype=np.float64)
     bad = ~np.isfinite(sq)
     if bad.any():
@@ -116,13 +119,13 @@ def _zero_rows(V: np.ndarray, name: str = "vectors") -> np.ndarray:
             "fix or drop those stimuli before computing similarities"
         )
     zero = sq == 0.0
-    off = np.abs(np.sqrt(sq) - 1.0) > _UNIT_TOL
-    off &= ~zero
+    off = np.sqrt(sq) - 1.0 > _UNIT_TOL
     if off.any():
         row = int(np.flatnonzero(off)[0])
         raise ConfigError(
-            f"{name} row {row} has L2 norm {math.sqrt(sq[row]):.4g}, not 1 "
-            f"({int(off.sum())} such rows); pass L2-normalised vectors (all-zero rows are allowed)"
+            f"{name} row {row} has L2 norm {math.sqrt(sq[row]):.4g}, above 1 "
+            f"({int(off.sum())} such rows); pass L2-normalised vectors, or unit vectors projected "
+            "as vecsim stores them (norm at most 1)"
         )
     return zero
 
@@ -312,7 +315,7 @@ def similarity_tiles(vectors: np.ndarray, tile_rows: int | None = None, device: 
     """Yield ``(row_start, row_stop, block)`` with ``block = vectors[row_start:row_stop] @ vectors.T``.
 
     ``vectors`` is ``(N, k)`` float32, C-contiguous (a ``np.memmap`` works), rows
-    unit norm or all-zero. Each block is a fresh float32 ``(rows, N)`` array,
+    norm at most 1 or all-zero. Each block is a fresh float32 ``(rows, N)`` array,
     clipped to [-1, 1] with the exact diagonal (1, or 0 for an all-zero row).
     ``tile_rows`` defaults to what fits in :data:`DEFAULT_MEMORY_LIMIT`.
     ``device="cuda"`` does the matmul with torch on the GPU.
@@ -467,7 +470,7 @@ def export_similarity(
 ) -> dict:
     """Write the full pairwise similarity matrix of every layer to ``out``.
 
-    ``layers`` maps layer name to ``(N, k)`` float32 unit-norm vectors (same N
+    ``layers`` maps layer name to ``(N, k)`` float32 vectors of norm at most 1 (same N
     and row order for all; k may differ). The suffix of ``out`` picks the
     format (``.npy``, ``.parquet``, ``.h5``/``.hdf5``; see the module doc).
     ``distance`` writes ``1 - s`` (HDF5 always holds ``1 - s``). ``triangle``
@@ -574,7 +577,7 @@ def export_similarity(
         "distance": values_name == "distance",
         "dtype": dtype,
         "triangle": triangle,
-        "diagonal": "similarity 1 for unit rows, 0 for all-zero rows (distance = 1 - similarity)",
+        "diagonal": "similarity 1 for non-zero rows, 0 for all-zero rows (distance = 1 - similarity)",
         "zero_rows": {name: np.flatnonzero(z).tolist() for name, z in zip(names, zeros)},
         "ids": ids_arr.tolist(),
         "paths": [str(p) for p in paths],

@@ -29,7 +29,7 @@ import numpy as np
 from vecsim._faults import kill_point
 from vecsim.errors import StoreError, StoreExistsError, StoreLockedError, UnknownLayerError, close_matches
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vectors normalised before the projection (norm ≤ 1), not renormalised after
 MANIFEST_NAME = "vecsim.json"
 STATUSES = ("fitting", "indexing", "complete")
 
@@ -125,6 +125,11 @@ def read_manifest(path: Path) -> dict:
         raise StoreError(
             f"{path} was written by a newer vecsim (store format {version}, this vecsim reads up to "
             f"{FORMAT_VERSION}); upgrade vecsim to open it"
+        )
+    if version < FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written by an older vecsim (store format {version}, whose vectors were renormalised "
+            "after the projection, so new queries would not be comparable); index the stimuli again"
         )
     _check_manifest_shape(manifest_path, manifest)
     return manifest

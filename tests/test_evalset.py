@@ -40,3 +40,25 @@ def test_subset_similarities_equal_those_of_raw_activations(shared_image_set, tm
         if layer == "features.relu4":
             assert ev["channels"].shape == (len(ev["ids"]), 64, 16)
     assert sizes["features.relu4"] == 12 and sizes["features.relu1"] < 12
+
+
+def test_held_subset_gram_over_column_chunks_equals_the_exact_one(monkeypatch):
+    """float16-held vectors of very different magnitudes, added batch by batch, with a chunk
+    size that splits the columns: the Gram computed once at the end matches float64."""
+    import torch
+
+    import vecsim.evalset as evalset
+
+    monkeypatch.setattr(evalset, "CHUNK_BYTES", 4 * 9 * 37)  # 37 columns per chunk for 9 rows
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(9, 500)) * np.logspace(-3, 4, 9)[:, None]
+    for dtype in ("float16", "float32"):
+        ev = evalset.LayerEval(size=9, units=500, device="cpu", grid=None, dtype=dtype)
+        slots = [4, 0, 7, 1, 8, 2, 6, 3, 5]
+        for start in range(0, 9, 4):
+            batch = slots[start : start + 4]
+            ev.add(batch, torch.tensor(x[batch], dtype=torch.float32), None)
+        got = ev.result(np.arange(9))
+        np.testing.assert_allclose(exact_similarity(got), cosine_matrix(x), atol=2e-3 if dtype == "float16" else 1e-5)
+        np.testing.assert_allclose(np.diag(got["gram"]), (x * x).sum(1), rtol=2e-3 if dtype == "float16" else 1e-5)
+        np.testing.assert_allclose(got["sums"], x.sum(1), rtol=1e-4)

@@ -132,3 +132,18 @@ def test_reducer_config_and_dim_parsing_errors():
         parse_dims("many", ["a"])
     with pytest.raises(ConfigError):
         ReducerConfig(pooling="median").validate()
+
+
+@pytest.mark.parametrize("cfg", [dict(similarity="correlation"), dict(sketch_dim=64), dict(drop_zero_units=True), {}])
+def test_the_chain_never_writes_into_the_layer_output(cfg):
+    """pool() may hand back a view of the model's tensor; nothing downstream may change it
+    (the forward pass continues from it), not even zeroing a non-finite row."""
+    out = torch.tensor(np.random.default_rng(1).normal(size=(5, 4, 6, 6)), dtype=torch.float32)
+    out[2, 0, 0, 0] = float("nan")
+    reducer = LayerReducer("l", (4, 6, 6), ReducerConfig(**{"sketch_dim": 0, "dim": 3, **cfg}))
+    before = out.clone()
+    x = reducer.pool(out)
+    norms, finite = reducer.measure(x)
+    z = reducer.reduce_pooled(x, finite)
+    assert z.data_ptr() != out.data_ptr() and not bool(finite[2]) and bool(torch.all(z[2] == 0))
+    torch.testing.assert_close(out, before, equal_nan=True)

@@ -673,7 +673,7 @@ def describe_spectrum_matrix(info: dict) -> dict:
     centred = bool(cfg.get("center"))
     moment = "centred covariance (× n)" if centred else "uncentred second moment"
     text = (f"eigenvalues of ZᵀZ, the {moment} of Z = {of} {rows}{pooling}-pooled raw activations "
-            f"of the n_train={n_train} training stimuli")
+            f"of the n_train={n_train} training stimuli, each row scaled to unit length")
     return {"matrix": f"{kind} {'centred covariance' if centred else 'second moment'}", "sketched": bool(sketch),
             "sketch_dim": sketch["dim"] if sketch else None, "centred": centred,
             "similarity": cfg.get("similarity", "cosine"), "pooling": pooling, "units": units,

@@ -5,8 +5,10 @@ shrinking per layer so that the held raw copies fit the memory budget (so any tw
 layers share the smaller subset). Raw vectors of the subset are held in memory only
 (float32 when the budget allows, else float16 scaled per vector so nothing
 overflows), never written; their Gram matrix
-(inner products, accumulated in float32 block products on the device, stored float64)
-and per-vector sums (for correlation) are. For 4-D outputs, per-channel responses
+(inner products of the held copies, computed once when the subset is complete, in float32
+products over column chunks on the device, stored float64) and per-vector sums (for
+correlation) are. Computing it once, not batch by batch against everything held so far,
+converts each float16 value to float32 once instead of once per later batch. For 4-D outputs, per-channel responses
 pooled to a small grid are kept too (channel redundancy analyses).
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 CHANNEL_GRID = 4
-BLOCK_ROWS = 64
+CHUNK_BYTES = 64 * 2**20  # float32 working copy of the held block, per column chunk
 
 
 def eval_order(ids: list[int], seed: int) -> np.ndarray:
@@ -75,6 +77,7 @@ class LayerEval:
         self.gram = np.zeros((self.size, self.size), dtype=np.float64)
         self.sums = np.zeros(self.size, dtype=np.float64)
         self.filled = np.zeros(self.size, dtype=bool)
+        self._gram_done = False
         self.channel_responses = (
             np.zeros((self.size, self.grid[0], self.grid[1] * self.grid[2]), dtype=np.float32)
             if self.grid else None
@@ -87,17 +90,6 @@ class LayerEval:
 
         xs = x.to(torch.float32)
         count, b = len(self.slots), len(slots)
-        self.gram[np.ix_(slots, slots)] = (xs @ xs.T).double().cpu().numpy()
-        block = self.size if self.held.dtype == torch.float32 else BLOCK_ROWS
-        for start in range(0, count, block):
-            stop = min(start + block, count)
-            held = self.held[start:stop]
-            if held.dtype != torch.float32:
-                held = held.to(torch.float32) * self.scale[start:stop, None]
-            cross = (xs @ held.T).double().cpu().numpy()
-            old = self.slots[start:stop]
-            self.gram[np.ix_(slots, old)] = cross
-            self.gram[np.ix_(old, slots)] = cross.T
         self.sums[slots] = xs.sum(dim=1).double().cpu().numpy()
         if self.held.dtype == torch.float32:
             self.held[count : count + b] = xs
@@ -107,11 +99,34 @@ class LayerEval:
             self.scale[count : count + b] = scale
         self.slots.extend(slots)
         self.filled[slots] = True
+        self._gram_done = False
         if self.channel_responses is not None and output is not None and output.ndim == 4:
             pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
             self.channel_responses[slots] = pooled.cpu().numpy()
 
+    def compute_gram(self) -> None:
+        """The Gram matrix of everything held: float32 products over column chunks."""
+        import torch
+
+        count = len(self.slots)
+        if count == 0 or self._gram_done:
+            return
+        held = self.held[:count]
+        if held.dtype == torch.float32:
+            gram = (held @ held.T).double()
+        else:
+            gram = torch.zeros(count, count, dtype=torch.float32, device=held.device)
+            chunk = max(1, CHUNK_BYTES // (4 * count))
+            for start in range(0, self.units, chunk):
+                block = held[:, start : start + chunk].to(torch.float32)
+                gram.addmm_(block, block.T)
+            scale = self.scale[:count].double()
+            gram = gram.double() * scale[:, None] * scale[None, :]
+        self.gram[np.ix_(self.slots, self.slots)] = gram.cpu().numpy()
+        self._gram_done = True
+
     def result(self, order: np.ndarray) -> dict:
+        self.compute_gram()
         keep = np.flatnonzero(self.filled)
         out = {
             "ids": order[: self.size][keep],

@@ -191,9 +191,12 @@ class LayerReducer:
 
     # -- the hook side ---------------------------------------------------------
     def pool(self, output):
-        """Raw layer output (B, ...) → the raw vectors (B, units) as a float32 copy.
+        """Raw layer output (B, ...) → the raw vectors (B, units), float32.
 
-        The copy matters: a later in-place operation may rewrite ``output``.
+        For ``flatten`` pooling of a float32 output this is a *view* of ``output``: callers
+        must not modify it in place, and must not keep it past the hook (a later in-place
+        operation, such as DenseNet's ReLU after a transition norm, rewrites it).
+        :meth:`reduce_pooled` always returns a new tensor, so nothing of the view survives.
         """
         import torch
         import torch.nn.functional as F
@@ -205,7 +208,7 @@ class LayerReducer:
             x = x.float().amax(dim=(2, 3))
         elif self.config.pooling != "flatten":
             x = F.adaptive_avg_pool2d(x.float(), pooling_grid(self.config.pooling))
-        x = x.flatten(1).to(torch.float32, copy=True)
+        x = x.flatten(1).to(torch.float32)
         if x.shape[1] != self.units:
             raise DimensionMismatchError(f"layer {self.layer} gave {x.shape[1]} units, the reducer expects {self.units}")
         return x
@@ -219,21 +222,26 @@ class LayerReducer:
         return norms, torch.isfinite(norms)
 
     def reduce_pooled(self, x, finite):
-        """Raw vectors (B, units) → z (B, dim_in), the input of the projection; x is consumed.
+        """Raw vectors (B, units) → z (B, dim_in), the input of the projection: always a new
+        tensor (``x`` may be a view of the layer's output and is never modified).
 
         Non-finite rows are zeroed so they cannot poison a fit or a batch product.
         """
+        fresh = False
         if not bool(finite.all()):
+            x, fresh = x.clone(), True
             x[~finite] = 0.0
         if self.config.drop_zero_units:
             if self.kept is None:  # fitting: remember which units were ever non-zero
                 seen = (x != 0).any(dim=0)
                 self.nonzero = seen if self.nonzero is None else self.nonzero | seen
             else:
-                x = x.index_select(1, self.kept)
+                x, fresh = x.index_select(1, self.kept), True
         if self.config.similarity == "correlation":
-            x -= x.mean(dim=1, keepdim=True)
-        return self.sketch(x) if self.sketch is not None else x
+            x, fresh = x - x.mean(dim=1, keepdim=True), True
+        if self.sketch is not None:
+            return self.sketch(x)
+        return x if fresh else x.clone()
 
     def drop_zero_units(self) -> int:
         """After fitting: drop the units that were zero for every training stimulus; their count.

@@ -56,12 +56,16 @@ def test_bad_factory_string_and_untrainable_sets_are_clear_errors(tmp_path):
         store_from_vectors(tmp_path / "s", {"v": unit(50, 32)}, index="IVF256,PQ8")
 
 
-def test_half_precision_scan_returns_exactly_the_float32_result():
+@pytest.mark.parametrize("shrink", [False, True])
+def test_half_precision_scan_returns_exactly_the_float32_result(shrink):
+    """Unit vectors, and vectors of norm <= 1 as vecsim stores them (projected unit vectors)."""
     import faiss
 
     from vecsim.index import exact_search_one
 
     vecs = unit(30_000, 64, seed=3)
+    if shrink:
+        vecs *= np.random.default_rng(4).uniform(0.8, 1.0, size=(30_000, 1)).astype(np.float32)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(64))
     ids = np.arange(30_000, dtype=np.int64) * 7 + 5
     index.add_with_ids(vecs, ids)

@@ -25,6 +25,7 @@ class StimulusLookup:
         self.labels = np.array(table.column("label").to_pylist(), dtype=object)
         self.sha256 = np.array(table.column("sha256").to_pylist(), dtype=object)
         self._by_path = {p: int(i) for p, i in zip(self.paths, self.ids)}
+        self._by_sha: dict[str, list[int]] | None = None
 
     def position(self, ids: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.ids, ids)
@@ -33,7 +34,11 @@ class StimulusLookup:
 
     def same_bytes(self, sha256: str) -> np.ndarray:
         """Ids of the stimuli whose file has this sha256 (identical inputs), sorted."""
-        return np.sort(self.ids[self.sha256 == sha256])
+        if self._by_sha is None:
+            self._by_sha = {}
+            for stim_id, digest in zip(self.ids.tolist(), self.sha256.tolist()):
+                self._by_sha.setdefault(digest, []).append(stim_id)
+        return np.array(sorted(self._by_sha.get(sha256, [])), dtype=np.int64)
 
     def check_id(self, stim_id: int) -> None:
         pos = np.searchsorted(self.ids, stim_id)

@@ -95,6 +95,11 @@ class CountSketch:
 
     Linear, O(units) parameters regenerated from the seed, and unbiased for inner
     products: E[<Sx, Sy>] = <x, y>, with variance ≤ 2‖x‖²‖y‖²/m.
+
+    Applied without multiplying the batch by the signs: each unit is summed into one of
+    2m accumulators, ``2 h(i) + [s(i) < 0]``, and bucket b is accumulator 2b minus 2b+1.
+    Same result, one pass over the batch instead of three (the signed copy costs more
+    than the scatter on a 2.56M-unit layer).
     """
 
     def __init__(self, units: int, dim: int, seed: int, device: str = "cpu"):
@@ -102,20 +107,32 @@ class CountSketch:
 
         gen = torch.Generator().manual_seed(int(seed))
         self.units, self.dim, self.seed = int(units), int(dim), int(seed)
-        self.buckets = torch.randint(0, dim, (units,), generator=gen, dtype=torch.int64).to(device)
-        self.signs = (torch.randint(0, 2, (units,), generator=gen, dtype=torch.int8) * 2 - 1).to(
-            device=device, dtype=torch.float32
-        )
+        buckets = torch.randint(0, dim, (units,), generator=gen, dtype=torch.int64)
+        negative = torch.randint(0, 2, (units,), generator=gen, dtype=torch.int8) == 0
+        self.slots = (buckets * 2 + negative).to(device)
+
+    @property
+    def buckets(self):
+        """h(i) per unit (int64)."""
+        return self.slots // 2
+
+    @property
+    def signs(self):
+        """s(i) per unit (float32, ±1)."""
+        import torch
+
+        return (1 - 2 * (self.slots % 2)).to(torch.float32)
 
     def to(self, device) -> "CountSketch":
-        self.buckets, self.signs = self.buckets.to(device), self.signs.to(device)
+        self.slots = self.slots.to(device)
         return self
 
     def __call__(self, x):
         import torch
 
-        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32, device=x.device)
-        return out.index_add_(1, self.buckets, x * self.signs)
+        acc = torch.zeros(x.shape[0], 2 * self.dim, dtype=torch.float32, device=x.device)
+        acc.index_add_(1, self.slots, x.to(torch.float32))
+        return acc[:, 0::2] - acc[:, 1::2]
 
     def describe(self) -> dict:
         return {"kind": "count_sketch", "units": self.units, "dim": self.dim, "seed": self.seed}
@@ -123,8 +140,7 @@ class CountSketch:
     def restrict(self, kept) -> None:
         """Keep only the units ``kept`` (same buckets and signs): a vector that is zero on the
         dropped units sketches exactly as before."""
-        kept = kept.to(self.buckets.device)
-        self.buckets, self.signs = self.buckets[kept], self.signs[kept]
+        self.slots = self.slots[kept.to(self.slots.device)]
 
 
 @dataclass

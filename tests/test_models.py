@@ -86,3 +86,21 @@ def test_layer_shapes_and_unknown_layer_close_matches():
     assert shapes["features.transition1.norm"].units == 2_560_000
     with pytest.raises(UnknownLayerError, match="features.transition1.norm"):
         check_layers(loaded.module, ["features.transition1.nrom"])
+
+
+def test_layer_shapes_falls_back_to_a_real_forward_when_an_op_has_no_meta_kernel():
+    import torch
+
+    from vecsim.models import layer_shapes
+
+    class NumpyInside(torch.nn.Module):  # .numpy() cannot run on the meta device
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * float(y.mean().cpu().numpy() * 0 + 1)
+
+    infos = layer_shapes(NumpyInside(), 10)
+    assert [(i.name, i.shape) for i in infos] == [("conv", (4, 8, 8))]

@@ -289,16 +289,25 @@ def layer_shapes(module, size: int, names: list[str] | None = None) -> list[Laye
                 seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]))
         return hook
 
-    modules = [(n, m) for n, m in module.named_modules() if n and (wanted is None or n in wanted)]
-    try:
-        for n, m in modules:
-            handles.append(m.register_forward_hook(make_hook(n, type(m).__name__)))
+    def run(net, device) -> None:
+        modules = [(n, m) for n, m in net.named_modules() if n and (wanted is None or n in wanted)]
+        try:
+            for n, m in modules:
+                handles.append(m.register_forward_hook(make_hook(n, type(m).__name__)))
+            with torch.inference_mode():
+                net(torch.zeros(1, 3, size, size, device=device))
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+
+    try:  # shapes only: a copy on the meta device computes no activations (and warms nothing up)
+        import copy
+
+        run(copy.deepcopy(module).to("meta"), "meta")
+    except Exception:  # an operation without a meta kernel: one real forward at batch 1
+        seen.clear()
         param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    order = [n for n, _ in modules]
+        run(module, param.device if param is not None else torch.device("cpu"))
+    order = [n for n, m in module.named_modules() if n and (wanted is None or n in wanted)]
     return [seen[n] for n in order if n in seen]

@@ -8,7 +8,7 @@ no disk, so the numbers are the model's and the reducers' alone):
     the pass there);
 (b) the forward with vecsim's hooks (``LayerCapture`` + ``LayerReducer``) at
     ``features.transition{1,2,3}.norm`` (2,560,000 / 1,280,000 / 640,000 units at 400×400):
-    pool (a float32 copy) → count sketch (16,384) → uncentred projection → L2 normalise, with
+    pool → count sketch (16,384) → L2 normalise → uncentred projection, with
     only the (B, 256) vectors (and the (B,) norms and finite masks) copied to the host per
     layer; the projection is fitted first (``LayerReducer.fit``) on the sketches of the first
     ``--train`` images, which are copied to the host as the pipeline's fit pass does. Images/s,
@@ -246,7 +246,7 @@ def fit_reducers(model, images, args, device):
 
 
 def hooked_forward(model, reducers, images, batch, device):
-    """vecsim's hooks: pool → sketch → projection → normalise; only (B, dim) + (B,) + (B,) to the host."""
+    """vecsim's hooks: pool → sketch → normalise → projection; only (B, dim) + (B,) + (B,) to the host."""
     from vecsim.extract import LayerCapture
 
     copied = [0]

@@ -260,9 +260,10 @@ def test_low_precision_models_are_reduced_in_float32_on_cuda(exact_fp32, dtype, 
         assert y.dtype == torch.float32 and norms.dtype == torch.float32
         assert y.device.type == "cuda" and y.shape == (12, reducers[layer].dim)
         assert bool(finite.all()) and bool(torch.isfinite(y).all()) and bool(torch.isfinite(norms).all())
-        assert torch.allclose(y.norm(dim=1), torch.ones(12, device=GPU), atol=1e-5)
+        assert bool((y.norm(dim=1) <= 1 + 1e-5).all())  # projected unit vectors
         # the same vectors up to the model's own rounding
-        cos = (y * reference[layer][0]).sum(1)
+        ref = reference[layer][0]
+        cos = (y * ref).sum(1) / (y.norm(dim=1) * ref.norm(dim=1)).clamp(min=1e-30)
         assert float(cos.min()) > (0.99 if dtype == torch.float16 else 0.95), cos
 
 

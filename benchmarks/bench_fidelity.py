@@ -77,7 +77,6 @@ def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
 
 def pca_scores(gram: np.ndarray) -> np.ndarray:
     """Centred-PCA scores of the stimuli, components by decreasing variance (from the raw Gram)."""
-    m = len(gram)
     row = gram.mean(axis=0)
     centred = gram - row[None, :] - row[:, None] + row.mean()
     evals, evecs = np.linalg.eigh((centred + centred.T) / 2)
@@ -86,10 +85,13 @@ def pca_scores(gram: np.ndarray) -> np.ndarray:
     return evecs[:, :rank] * np.sqrt(evals[:rank])[None, :], rank
 
 
-def prefix_cosine(vectors: np.ndarray, k: int) -> np.ndarray:
+def prefix_cosine(vectors: np.ndarray, k: int, renormalise: bool = True) -> np.ndarray:
+    """Inner products of the first k coordinates; renormalised for centred-PCA scores, as they
+    are for vecsim's stored vectors (the chain at dim k is their first k coordinates)."""
     head = np.asarray(vectors[:, :k], dtype=np.float64)
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    head = head / np.where(norms > 0, norms, 1.0)
+    if renormalise:
+        norms = np.linalg.norm(head, axis=1, keepdims=True)
+        head = head / np.where(norms > 0, norms, 1.0)
     return head @ head.T
 
 
@@ -129,7 +131,7 @@ def analyse(store, layer: str) -> dict:
            "uncentred": {}, "pca": {}}
     for k in DIMS:
         if k <= stored.shape[1]:
-            out["uncentred"][k] = measure(prefix_cosine(stored, k), iu, same, ranked_raw)
+            out["uncentred"][k] = measure(prefix_cosine(stored, k, renormalise=False), iu, same, ranked_raw)
         if k <= rank:
             out["pca"][k] = measure(prefix_cosine(scores, k), iu, same, ranked_raw)
     out["pca"]["full"] = measure(prefix_cosine(scores, rank), iu, same, ranked_raw)

@@ -125,6 +125,17 @@ def test_without_eval_subset_gram_measures_use_rescaled_stored_vectors(stores):
         feats[layer] = vecs.astype(np.float64) * norms[:, None]
     assert result.value("cka", "features.relu4", "pool") == pytest.approx(
         linear_cka(feats["features.relu4"], feats["pool"]), abs=1e-12)
+    # RSA on the stored cosine estimates (inner products of the stored vectors), not on the
+    # stored vectors renormalised
+    rdms = {}
+    for layer in ("features.relu4", "pool"):
+        _, vecs = store.vectors(layer)
+        cos = vecs.astype(np.float64) @ vecs.T.astype(np.float64)
+        rdms[layer] = (1 - cos)[np.triu_indices(len(cos), 1)]
+    from scipy.stats import spearmanr
+
+    assert result.value("rsa_spearman", "features.relu4", "pool") == pytest.approx(
+        spearmanr(rdms["features.relu4"], rdms["pool"]).statistic, abs=1e-9)
     with pytest.raises(StoreError, match="no evaluation subset"):
         compare_stores(store, measures="cka", source="exact-gram")
     # the same store with exact Grams: stored vectors approximate them

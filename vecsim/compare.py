@@ -25,7 +25,8 @@ Where each number of a comparison comes from (every cell records ``source`` and 
     rescaled by its raw L2 norm to recover the projected activations. Used for PWCCA always (it needs features),
     and for Gram measures when the subsets are missing or share fewer than
     :data:`MIN_COMMON` stimuli. CKA/SVCCA/Procrustes use the feature forms on all
-    matched stimuli; RSA, which needs all n² pairs, uses a seeded subsample of at most
+    matched stimuli; RSA, which needs all n² pairs, uses the stored cosine estimates
+    (inner products of the stored vectors) on a seeded subsample of at most
     ``max_rsa_stimuli``. Approximate: the projection keeps only the top directions
     of the training sample (``energy_kept`` in ``vecsim info``), and for correlation
     stores the rescaling uses the norm before row-centring.
@@ -245,6 +246,7 @@ class _LayerData:
             if not np.array_equal(vec_ids, norm_ids):
                 raise StoreError(f"{self.store.path}: vectors and raw norms of {self.layer} disagree; run `vecsim verify`")
             self._features = (vec_ids, vecs.astype(np.float64) * norms.astype(np.float64)[:, None])
+            self._norms = norms.astype(np.float64)
         vec_ids, X = self._features
         ok = _in_sorted(vec_ids, ids)
         if not np.all(ok):
@@ -253,6 +255,19 @@ class _LayerData:
                 "stimuli; the store is damaged: run `vecsim verify`"
             )
         return X[np.searchsorted(vec_ids, ids)]
+
+    def stored_gram(self, ids: np.ndarray) -> np.ndarray:
+        """Gram matrix of the projected activations with the raw squared norms on the diagonal.
+
+        Off the diagonal ``⟨y_i, y_j⟩ ‖x_i‖ ‖x_j‖``; normalising it by its diagonal gives the
+        stored cosine estimates ⟨y_i, y_j⟩, not ⟨y_i, y_j⟩ / (‖y_i‖ ‖y_j‖), which would undo
+        what the normalise-then-project chain keeps.
+        """
+        X = self.features(ids)
+        G = X @ X.T
+        vec_ids = self._features[0]
+        np.fill_diagonal(G, self._norms[np.searchsorted(vec_ids, ids)] ** 2)
+        return G
 
     @property
     def eval(self) -> dict | None:
@@ -646,8 +661,8 @@ class _Calculator:
             value, n = _FEATURE_FORMS[measure](X, Y), len(X)
         else:  # Gram-only measures (RSA): all pairs, so a seeded subsample caps the cost
             rows = self.rsa_rows
-            Xs, Ys = X[rows], Y[rows]
-            value, n = MEASURES[measure].fn(Xs @ Xs.T, Ys @ Ys.T), len(rows)
+            Ga, Gb = da.stored_gram(self.match.ids_a[rows]), db.stored_gram(self.match.ids_b[rows])
+            value, n = MEASURES[measure].fn(Ga, Gb), len(rows)
             if n < len(X):
                 extra = f"seeded subsample of {n} of {len(X)} matched stimuli"
                 note = f"{note}; {extra}" if note else extra

@@ -68,10 +68,11 @@ class LayerEval:
     def __post_init__(self):
         import torch
 
-        # rows in arrival order (row r holds slot self.slots[r]), so the held block is
+        # rows in arrival order (row r holds slot self.slots[r]; only rows < len(slots) are
+        # ever read, so the buffer is not zero-filled), so the held block is
         # always the view held[:count] and the block products copy nothing; on the
         # model's device, so they run there without transfers
-        self.held = torch.zeros(self.size, self.units, dtype=getattr(torch, self.dtype), device=self.device)
+        self.held = torch.empty(self.size, self.units, dtype=getattr(torch, self.dtype), device=self.device)
         self.scale = torch.ones(self.size, dtype=torch.float32, device=self.device)
         self.slots: list[int] = []
         self.gram = np.zeros((self.size, self.size), dtype=np.float64)

@@ -1,7 +1,8 @@
 """FAISS indexes over the reduced vectors: build, save, load, search. Numpy in, numpy out.
 
 Ids in every index are stimulus ids (int64), never row positions. Vectors are unit
-norm and the metric is inner product, so scores are cosines.
+activation vectors projected (norm at most 1) and the metric is inner product, so scores
+are the stored cosine estimates.
 """
 
 from __future__ import annotations

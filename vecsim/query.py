@@ -70,7 +70,7 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 # -- query -------------------------------------------------------------------------------
 
 def image_vectors(store, image: str | os.PathLike, layers: list[str], device: str = "auto") -> dict[str, np.ndarray]:
-    """A new image through the store's model, preprocessing and fitted reducers: one unit vector per layer."""
+    """A new image through the store's model, preprocessing and fitted reducers: one vector per layer (as stored: norm at most 1)."""
     from vecsim.extract import LayerCapture, resolve_device
     from vecsim.stimuli import decode_image
 

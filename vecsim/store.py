@@ -302,7 +302,7 @@ class Store:
         return ids, vecs
 
     def vector_of(self, layer: str, stim_id: int) -> np.ndarray:
-        """The stored unit vector of one stimulus, shape (1, dim)."""
+        """The stored vector of one stimulus, shape (1, dim)."""
         import faiss
 
         index = self.index(layer)
@@ -695,7 +695,7 @@ class StoreWriter:
 
 def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list[str] | None = None,
                        labels: list | None = None, index: str = "auto", overwrite: bool = False) -> Store:
-    """A complete store from unit vectors computed elsewhere (no model): one layer per entry,
+    """A complete store from vectors computed elsewhere (unit, or norm at most 1) (no model): one layer per entry,
     rows = stimuli in id order. Used for synthetic benchmarks and for importing vectors."""
     first = next(iter(layers.values()))
     n = len(first)

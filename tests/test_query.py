@@ -124,6 +124,31 @@ def test_neighbors_graph_equals_brute_force(store, tmp_path):
         store.neighbors(LAYERS[0], 3, out, progress=False)
 
 
+def test_byte_identical_files_are_first_neighbours_with_cosine_one(shared_image_set, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(shared_image_set, images)
+    shutil.copy(images / "owl" / "img_03.jpg", images / "owl" / "img_03_copy.jpg")
+    vecsim.index_stimuli(source=str(images), model="digits-cnn", layers=[LAYERS[1]], out=str(tmp_path / "s"), dim="8",
+                         train_size=10, labels_from_folders=True, progress=False)
+    store = Store.open(tmp_path / "s")
+    a, b = store.lookup().id_of_path("owl/img_03.jpg"), store.lookup().id_of_path("owl/img_03_copy.jpg")
+    store.neighbors(LAYERS[1], 3, tmp_path / "nn.parquet", progress=False)
+    table = pq.read_table(tmp_path / "nn.parquet").to_pylist()
+    first = {r["id"]: r for r in table if r["rank"] == 1}
+    assert (first[a]["neighbor_id"], first[a]["cosine"]) == (b, 1.0)
+    assert (first[b]["neighbor_id"], first[b]["cosine"]) == (a, 1.0)
+    assert len(table) == 3 * len(store.lookup().ids)
+    ids, vecs = store.vectors(LAYERS[1])
+    others = [r for r in table if r["id"] not in (a, b)]
+    sims = vecs @ vecs.T
+    np.fill_diagonal(sims, -np.inf)
+    for row in others:  # everyone else: the stored estimates, as before
+        i = list(ids).index(row["id"])
+        assert abs(row["cosine"] - np.sort(sims[i])[::-1][row["rank"] - 1]) < 1e-5
+
+
 def test_exports_equal_brute_force_cosine_in_recorded_order(store, tmp_path):
     ids, vecs = store.vectors(LAYERS[1])
     exact = np.clip(vecs.astype(np.float64) @ vecs.T.astype(np.float64), -1, 1)

@@ -171,7 +171,9 @@ def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None,
 
 def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: int = 4096,
               overwrite: bool = False, progress: bool = True) -> dict:
-    """The all-vs-all k-NN graph of one layer (self excluded) as Parquet: id, rank, neighbor_id, cosine."""
+    """The all-vs-all k-NN graph of one layer (self excluded) as Parquet: id, rank, neighbor_id, cosine.
+
+    Byte-identical files (same sha256) are each other's first neighbours with cosine 1.0."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -182,6 +184,11 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     _check_output(out, overwrite, (".parquet",))
     index = store.index(layer)
     ids, vecs = store.vectors(layer)
+    lookup = store.lookup()
+    # byte-identical files (same sha256) have cosine exactly 1 with each other, as in query()
+    twins = {int(i): t[t != i] for i, t in ((i, lookup.same_bytes(sha)) for i, sha in zip(lookup.ids, lookup.sha256))
+             if len(t) > 1}
+    extra = max((len(t) for t in twins.values()), default=0)
     schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
     schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
     tmp = out.with_name(out.name + ".tmp")
@@ -190,10 +197,16 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
                                                      disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(ids), batch_size):
             q_ids, q = ids[lo : lo + batch_size], vecs[lo : lo + batch_size]
-            scores, found = index.search(q, k + 1)
+            scores, found = index.search(q, k + 1 + extra)
             rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
             for qi, (srow, frow) in enumerate(zip(scores, found)):
-                keep = [(s, f) for s, f in zip(srow, frow) if f >= 0 and f != q_ids[qi]][:k]
+                same = twins.get(int(q_ids[qi]))
+                if same is not None and np.any(q[qi]):
+                    keep = [(1.0, int(f)) for f in same] + [
+                        (s, f) for s, f in zip(srow, frow) if f >= 0 and f != q_ids[qi] and f not in same]
+                else:
+                    keep = [(s, f) for s, f in zip(srow, frow) if f >= 0 and f != q_ids[qi]]
+                keep = keep[:k]
                 rows_id += [q_ids[qi]] * len(keep)
                 rows_rank += list(range(1, len(keep) + 1))
                 rows_nb += [f for _, f in keep]

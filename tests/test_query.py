@@ -124,7 +124,7 @@ def test_neighbors_graph_equals_brute_force(store, tmp_path):
         store.neighbors(LAYERS[0], 3, out, progress=False)
 
 
-def test_byte_identical_files_are_first_neighbours_with_cosine_one(shared_image_set, tmp_path):
+def test_byte_identical_files_have_cosine_one_in_neighbours_and_matrices(shared_image_set, tmp_path):
     import shutil
 
     images = tmp_path / "images"
@@ -147,6 +147,19 @@ def test_byte_identical_files_are_first_neighbours_with_cosine_one(shared_image_
     for row in others:  # everyone else: the stored estimates, as before
         i = list(ids).index(row["id"])
         assert abs(row["cosine"] - np.sort(sims[i])[::-1][row["rank"] - 1]) < 1e-5
+    # the similarity matrices agree: 1 for the pair (0 as a distance), estimates elsewhere
+    pa_, pb_ = list(ids).index(a), list(ids).index(b)
+    matrix, order = store.similarity(layers=[LAYERS[1]])
+    assert order.tolist() == ids.tolist() and matrix[pa_, pb_] == matrix[pb_, pa_] == 1.0
+    expected = np.clip(vecs @ vecs.T, -1, 1)
+    np.fill_diagonal(expected, 1.0)
+    expected[pa_, pb_] = expected[pb_, pa_] = 1.0
+    np.testing.assert_allclose(matrix, expected, atol=1e-5)
+    store.similarity(tmp_path / "d.npy", layers=[LAYERS[1]], distance=True)
+    dist = np.load(tmp_path / "d.npy")
+    assert dist[pa_, pb_] == dist[pb_, pa_] == 0.0
+    side = json.loads((tmp_path / "d.npy.json").read_text())
+    assert side["identical_rows"] == [sorted([pa_, pb_])]
 
 
 def test_exports_equal_brute_force_cosine_in_recorded_order(store, tmp_path):

@@ -375,3 +375,30 @@ def test_module_import_is_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, f"imported at module load: {proc.stdout}{proc.stderr}"
+
+
+def test_identical_rows_are_exactly_one_across_tiles_and_formats(data, tmp_path):
+    """Byte-identical stimuli (groups of row positions) get similarity 1 / distance 0 in every
+    tile and format, whichever triangle holds them; a zero row in a group stays 0."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    rsa_rdm = pytest.importorskip("rsatoolbox.rdm")
+    groups = [[3, 280], [40, 41, 200], [ZERO_ROW, 100]]
+    want = data.ref.copy()
+    for g in groups[:2]:
+        for a in g:
+            for b in g:
+                want[a, b] = 1.0
+    M = sim.similarity_matrix(data.V, identical=groups, memory_limit_bytes=TINY_LIMIT)
+    np.testing.assert_allclose(M, want, atol=1e-5)
+    assert M[ZERO_ROW, 100] == 0.0
+    _export(data, tmp_path / "m.npy", memory_limit_bytes=TINY_LIMIT, identical=groups, distance=True)
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), 1 - want, atol=1e-5)
+    _export(data, tmp_path / "m.parquet", memory_limit_bytes=TINY_LIMIT, identical=groups, triangle="upper")
+    t = pq.read_table(tmp_path / "m.parquet")
+    i, j, s = (t.column(c).to_numpy() for c in ("i", "j", "similarity"))
+    np.testing.assert_allclose(s, want[i, j], atol=1e-5)
+    _export(data, tmp_path / "m.h5", memory_limit_bytes=TINY_LIMIT, identical=groups)
+    rdm = rsa_rdm.load_rdm(str(tmp_path / "m.h5"), file_type="hdf5").get_matrices()[0]
+    assert rdm[3, 280] == rdm[41, 200] == 0.0
+    with pytest.raises(ConfigError, match="outside"):
+        sim.similarity_matrix(data.V, identical=[[0, N]])

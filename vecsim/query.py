@@ -271,19 +271,31 @@ def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str]
     metric = metric or store.layer_info(layers[0])["reducer"]["config"]["similarity"]
     _check_metric(store, layers, metric)
     ids, loaded, paths, labels = _select(store, layers, where)
+    identical = _identical_rows(store, ids)
     if out is None:
         n = len(ids)
         need = len(layers) * n * n * (4 if dtype == "float32" else 2)
         if need > 4 * 2**30:
             raise QueryError(f"the matrix needs {need / 2**30:.1f} GB; write it to a file with --out instead")
-        mats = [sim.similarity_matrix(loaded[layer], dtype=dtype, distance=distance) for layer in layers]
+        mats = [sim.similarity_matrix(loaded[layer], dtype=dtype, distance=distance, identical=identical)
+                for layer in layers]
         return (mats[0] if len(mats) == 1 else np.stack(mats)), ids
     extra = {"memory_limit_bytes": memory_limit_bytes} if memory_limit_bytes else {}
     return sim.export_similarity(
         loaded, out, ids=ids, paths=paths, labels=labels, metadata=_provenance_dict(store, layers, where),
         metric=metric, distance=distance, dtype=dtype, triangle=triangle, overwrite=overwrite, device=device,
-        progress=progress, **extra,
+        progress=progress, identical=identical, **extra,
     )
+
+
+def _identical_rows(store, ids: np.ndarray) -> list[list[int]]:
+    """Groups of row positions (in ``ids`` order) whose files are byte-identical (same sha256):
+    their similarity is exactly 1, like a stimulus's with itself."""
+    lookup = store.lookup()
+    groups: dict[str, list[int]] = {}
+    for row, sha in enumerate(lookup.sha256[lookup.position(ids)].tolist()):
+        groups.setdefault(sha, []).append(row)
+    return [rows for rows in groups.values() if len(rows) > 1]
 
 
 def _provenance_dict(store, layers: list[str], where: str | None = None) -> dict:

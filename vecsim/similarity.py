@@ -55,7 +55,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -216,10 +216,13 @@ def _torch_matmul(V: np.ndarray, device: str):
             torch.cuda.empty_cache()
 
 
-def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool) -> None:
-    """In place: clip, exact diagonal, zero rows/columns, optional ``1 - s``.
+def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool,
+            same: np.ndarray | None = None) -> None:
+    """In place: clip, exact diagonal, zero rows/columns, identical pairs, optional ``1 - s``.
 
     ``S`` holds rows ``r0:r0+len(S)`` and columns ``c0:N`` of the similarity matrix.
+    ``same`` is a (P, 2) array of row positions (both orders) of byte-identical stimuli,
+    whose similarity is exactly 1 like the diagonal's.
     """
     R = S.shape[0]
     np.clip(S, -1.0, 1.0, out=S)
@@ -233,6 +236,10 @@ def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool) -
     diag_cols = rows + (r0 - c0)
     inside = (diag_cols >= 0) & (diag_cols < S.shape[1])
     S[rows[inside], diag_cols[inside]] = np.where(zr[inside], 0.0, 1.0)
+    if same is not None and len(same):
+        i, j = same[:, 0], same[:, 1]
+        sel = (i >= r0) & (i < r0 + R) & (j >= c0) & (j < c0 + S.shape[1]) & ~zero[i] & ~zero[j]
+        S[i[sel] - r0, j[sel] - c0] = 1.0
     if distance:
         np.subtract(1.0, S, out=S)
 
@@ -246,6 +253,7 @@ def _blocks(
     upper: bool,
     distance: bool = False,
     reuse: bool = True,
+    same: np.ndarray | None = None,
 ) -> Iterator[tuple[int, int, int, np.ndarray]]:
     """Yield ``(r0, r1, c0, S)``: finished float32 block of rows r0:r1, columns c0:N.
 
@@ -264,7 +272,7 @@ def _blocks(
             else:
                 S = np.empty(shape, dtype=np.float32)
             mm(r0, r1, c0, S)
-            _finish(S, r0, c0, zero, distance)
+            _finish(S, r0, c0, zero, distance, same)
             yield r0, r1, c0, S
 
 
@@ -283,6 +291,7 @@ def _fill_symmetric(
     target: Callable[[int, int], np.ndarray],
     source: Callable[[int, int], np.ndarray],
     done: Callable[[int, int, np.ndarray], None],
+    same: np.ndarray | None = None,
 ) -> None:
     """Fill an (N, N) matrix one row tile at a time, computing only the upper triangle.
 
@@ -292,7 +301,7 @@ def _fill_symmetric(
     (one earlier tile at a time, ``s0``/``s1`` on tile boundaries). The result is
     exactly symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
     """
-    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance):
+    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same):
         R = r1 - r0
         _symmetrize_diagonal_block(S[:, :R])
         dst = target(r0, r1)
@@ -339,15 +348,18 @@ def similarity_matrix(
     *,
     device: str = "cpu",
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+    identical: Sequence[Sequence[int]] | None = None,
 ) -> np.ndarray:
     """The whole ``(N, N)`` similarity (or ``1 - s`` distance) matrix in memory.
 
     For small N only: the result alone takes ``N * N * itemsize`` bytes (the
     working tiles are bounded by ``memory_limit_bytes`` on top of it). Exactly
     symmetric, diagonal 1 (0 for an all-zero row; reversed for distances).
+    ``identical``: groups of row positions of byte-identical stimuli (similarity 1).
     """
     V = _as_vectors(vectors)
     zero = _zero_rows(V)
+    same = _identical_pairs(identical, V.shape[0])
     dt = _check_dtype(dtype)
     _check_device(device)
     limit = _check_memory_limit(memory_limit_bytes)
@@ -359,8 +371,25 @@ def similarity_matrix(
         target=lambda a, b: out[a:b],
         source=lambda a, b: out[a:b],
         done=lambda a, b, rows: None,
+        same=same,
     )
     return out
+
+
+def _identical_pairs(groups, n: int) -> np.ndarray | None:
+    """Groups of row positions → a (P, 2) int64 array of every ordered pair within a group."""
+    if not groups:
+        return None
+    pairs = []
+    for group in groups:
+        g = np.unique(np.asarray(list(group), dtype=np.int64))
+        if len(g) and (g.min() < 0 or g.max() >= n):
+            raise ConfigError(f"identical rows {g.tolist()} are outside 0..{n - 1}")
+        a, b = np.meshgrid(g, g, indexing="ij")
+        keep = a != b
+        pairs.append(np.stack([a[keep], b[keep]], axis=1))
+    out = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    return out if len(out) else None
 
 
 # --------------------------------------------------------------------------- #
@@ -467,6 +496,7 @@ def export_similarity(
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    identical: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Write the full pairwise similarity matrix of every layer to ``out``.
 
@@ -535,6 +565,7 @@ def export_similarity(
         mats.append(V)
         zeros.append(_zero_rows(V, f"layer {name!r}"))
     n = int(n)  # set: layers is non-empty
+    same = _identical_pairs(identical, n)
     if fmt == "hdf5" and n < 2:
         raise DimensionMismatchError(
             f"an rsatoolbox RDM needs at least 2 stimuli, got {n}; use .npy for a single stimulus"
@@ -579,6 +610,7 @@ def export_similarity(
         "triangle": triangle,
         "diagonal": "similarity 1 for non-zero rows, 0 for all-zero rows (distance = 1 - similarity)",
         "zero_rows": {name: np.flatnonzero(z).tolist() for name, z in zip(names, zeros)},
+        "identical_rows": [sorted(int(i) for i in g) for g in (identical or [])],
         "ids": ids_arr.tolist(),
         "paths": [str(p) for p in paths],
         "labels": [None if lab is None else str(lab) for lab in labels],
@@ -635,7 +667,7 @@ def export_similarity(
             progress(done[0], total_rows)
 
     common = dict(
-        mats=mats, zeros=zeros, n=n, dt=dt, limit=limit, device=device, tick=tick,
+        mats=mats, zeros=zeros, n=n, dt=dt, limit=limit, device=device, tick=tick, same=same,
     )
     try:
         if fmt == "npy":
@@ -701,7 +733,7 @@ def _versions() -> dict:
 # ---- .npy ------------------------------------------------------------------------
 
 
-def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, distance) -> int:
+def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, distance, same=None) -> int:
     """Create the .npy with ``open_memmap`` (header, full size) and fill it tile by tile.
 
     Each finished tile of rows is ``pwrite``-n from one of two reusable buffers by
@@ -757,7 +789,7 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
                 tick(r1 - r0)
 
             try:
-                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done)
+                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same)
             finally:
                 for fut in pending:
                     if fut is not None:
@@ -770,7 +802,7 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
 
 
 def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, distance,
-                   triangle, prov_json) -> int:
+                   triangle, prov_json, same=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -805,7 +837,7 @@ def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, 
 
     with pq.ParquetWriter(str(tmp), schema) as writer:
         for li, (V, zero) in enumerate(zip(mats, zeros)):
-            for r0, r1, c0, S in _blocks(V, zero, tile_rows, device, upper=upper, distance=distance):
+            for r0, r1, c0, S in _blocks(V, zero, tile_rows, device, upper=upper, distance=distance, same=same):
                 R = r1 - r0
                 rows = np.arange(r0, r1, dtype=np.int32)
                 if not upper:
@@ -849,7 +881,7 @@ def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, 
 
 
 def _write_hdf5(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, paths, labels, metric,
-                prov_json) -> int:
+                prov_json, same=None) -> int:
     """rsatoolbox's ``RDMs.save`` layout, with the condensed dissimilarities filled per tile."""
     import h5py
     from importlib import metadata as md
@@ -876,7 +908,7 @@ def _write_hdf5(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, pat
         dset = f.create_dataset("dissimilarities", shape=(L, m), dtype=dt)
         buf = np.empty(tile_rows * n, dtype=dt)
         for li, (V, zero) in enumerate(zip(mats, zeros)):
-            for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=True):
+            for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=True, same=same):
                 start, stop = _condensed_offset(n, r0), _condensed_offset(n, r1)
                 chunk = buf[: stop - start]
                 pos = 0

@@ -71,6 +71,15 @@ def _export(data: Data, out: Path, layers=None, **kw):
     )
 
 
+def _two_layers_as_npy(data: Data, tmp_path: Path):
+    """Two layers (the fixture's and an 8-dim one) and their exported (2, N, N) .npy, the
+    reference the other formats are checked against."""
+    _, V2 = _unit_vectors(N, 8, seed=5, zero_row=None)
+    layers = {"conv1": data.V, "fc": V2}
+    _export(data, tmp_path / "m.npy", layers=layers)
+    return layers, np.load(tmp_path / "m.npy")
+
+
 # --------------------------------------------------------------------------- in memory
 
 
@@ -197,10 +206,7 @@ def test_parquet_long_form_agrees_with_npy(data, tmp_path, triangle):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
-    X2, V2 = _unit_vectors(N, 8, seed=5, zero_row=None)
-    layers = {"conv1": data.V, "fc": V2}
-    _export(data, tmp_path / "m.npy", layers=layers)
-    A = np.load(tmp_path / "m.npy")
+    layers, A = _two_layers_as_npy(data, tmp_path)
     out = tmp_path / "m.parquet"
     summary = _export(data, out, layers=layers, triangle=triangle, memory_limit_bytes=N * 200)
     pf = pq.ParquetFile(out)
@@ -247,10 +253,7 @@ def test_parquet_distance_float16_column(data, tmp_path):
 
 def test_hdf5_loads_with_rsatoolbox(data, tmp_path):
     rdm_mod = pytest.importorskip("rsatoolbox.rdm")
-    X2, V2 = _unit_vectors(N, 8, seed=5, zero_row=None)
-    layers = {"conv1": data.V, "fc": V2}
-    _export(data, tmp_path / "m.npy", layers=layers)
-    A = np.load(tmp_path / "m.npy")
+    layers, A = _two_layers_as_npy(data, tmp_path)
     out = tmp_path / "m.h5"
     _export(data, out, layers=layers, memory_limit_bytes=TINY_LIMIT)  # distance=False: still 1 - s
     rdms = rdm_mod.load_rdm(str(out), file_type="hdf5")

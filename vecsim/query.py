@@ -32,13 +32,20 @@ class StimulusLookup:
         pos = np.clip(pos, 0, len(self.ids) - 1)
         return pos
 
-    def same_bytes(self, sha256: str) -> np.ndarray:
-        """Ids of the stimuli whose file has this sha256 (identical inputs), sorted."""
+    def _sha_groups(self) -> dict[str, list[int]]:
         if self._by_sha is None:
             self._by_sha = {}
             for stim_id, digest in zip(self.ids.tolist(), self.sha256.tolist()):
-                self._by_sha.setdefault(digest, []).append(stim_id)
-        return np.array(sorted(self._by_sha.get(sha256, [])), dtype=np.int64)
+                self._by_sha.setdefault(digest, []).append(stim_id)  # ids are sorted, so each list is too
+        return self._by_sha
+
+    def same_bytes(self, sha256: str) -> np.ndarray:
+        """Ids of the stimuli whose file has this sha256 (identical inputs), sorted."""
+        return np.array(self._sha_groups().get(sha256, []), dtype=np.int64)
+
+    def identical_groups(self) -> list[np.ndarray]:
+        """Sorted id arrays of the stimuli that share their file's bytes with another (rare)."""
+        return [np.array(g, dtype=np.int64) for g in self._sha_groups().values() if len(g) > 1]
 
     def check_id(self, stim_id: int) -> None:
         pos = np.searchsorted(self.ids, stim_id)
@@ -186,8 +193,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     ids, vecs = store.vectors(layer)
     lookup = store.lookup()
     # byte-identical files (same sha256) have cosine exactly 1 with each other, as in query()
-    twins = {int(i): t[t != i] for i, t in ((i, lookup.same_bytes(sha)) for i, sha in zip(lookup.ids, lookup.sha256))
-             if len(t) > 1}
+    twins = {int(i): g[g != i] for g in lookup.identical_groups() for i in g}
     extra = max((len(t) for t in twins.values()), default=0)
     schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
     schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
@@ -291,11 +297,8 @@ def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str]
 def _identical_rows(store, ids: np.ndarray) -> list[list[int]]:
     """Groups of row positions (in ``ids`` order) whose files are byte-identical (same sha256):
     their similarity is exactly 1, like a stimulus's with itself."""
-    lookup = store.lookup()
-    groups: dict[str, list[int]] = {}
-    for row, sha in enumerate(lookup.sha256[lookup.position(ids)].tolist()):
-        groups.setdefault(sha, []).append(row)
-    return [rows for rows in groups.values() if len(rows) > 1]
+    rows = [np.flatnonzero(np.isin(ids, group)).tolist() for group in store.lookup().identical_groups()]
+    return [r for r in rows if len(r) > 1]
 
 
 def _provenance_dict(store, layers: list[str], where: str | None = None) -> dict:

@@ -467,11 +467,16 @@ def plot_class_histograms(fid: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_depth_separation(fids: list[dict], path: Path) -> Path:
+def _depth_figure(fids: list[dict]):
+    """Two side-by-side panels with one x position per layer, in depth order."""
     fig = _figure(10, 3.8)
     left, right = fig.subplots(1, 2)
     layers = [f["layer"] for f in fids]
-    x = np.arange(len(layers))
+    return fig, left, right, layers, np.arange(len(layers))
+
+
+def plot_depth_separation(fids: list[dict], path: Path) -> Path:
+    fig, left, right, layers, x = _depth_figure(fids)
     for key, ax, name in (("auc", left, "ROC AUC"), ("d_prime", right, "d′")):
         ax.plot(x, [_nan(f["class_separation"]["exact"][key]) for f in fids], marker="o", color="k", label="exact")
         ax.plot(x, [_nan(f["class_separation"]["levels"][-1][key]) for f in fids], marker="s", color="C3",
@@ -489,10 +494,7 @@ def plot_depth_separation(fids: list[dict], path: Path) -> Path:
 
 
 def plot_depth_fidelity(fids: list[dict], path: Path) -> Path:
-    fig = _figure(10, 3.8)
-    left, right = fig.subplots(1, 2)
-    layers = [f["layer"] for f in fids]
-    x = np.arange(len(layers))
+    fig, left, right, layers, x = _depth_figure(fids)
     for key, label in (("spearman", "Spearman"), ("pearson", "Pearson"), ("recall_at_10", "recall@10")):
         left.plot(x, [_nan(f["rows"][-1][key]) for f in fids], marker="o", label=label)
     for key, label in (("max_abs_delta", "max |Δ|"), ("mean_abs_delta", "mean |Δ|")):

@@ -98,6 +98,16 @@ def test_a_complete_store_is_not_overwritten_without_asking(small_store, shared_
     assert Store.open(out).layers == LAYERS  # untouched
 
 
+def test_a_folder_that_is_not_a_store_is_never_emptied_without_asking(shared_image_set, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "keep.txt").write_text("the researcher's notes")
+    with pytest.raises(StoreExistsError, match="not an empty folder"):
+        vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu4"],
+                             out=str(out), dim="4", progress=False)
+    assert (out / "keep.txt").read_text() == "the researcher's notes"
+
+
 def test_bad_input_fails_before_anything_is_written(shared_image_set, tmp_path):
     with pytest.raises(UnknownLayerError, match="features.relu4"):
         vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu5"],

@@ -120,7 +120,7 @@ class _Indexer:
         started = time.time()
         _import_lancedb_in_background()  # about a second of imports, overlapped with model loading and decoding
         out = Path(cfg.out)
-        previous = self._previous_run(out)
+        previous, replace = self._previous_run(out)
         device = resolve_device(cfg.device)
         stim_set = discover(cfg.source, cfg.manifest, cfg.labels_from_folders)
         loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std)
@@ -153,7 +153,7 @@ class _Indexer:
                 self._plan(committed)
             else:
                 self._plan()
-                self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=True)
+                self.writer = StoreWriter.create(out, self._manifest(), self._stimuli_schema(), overwrite=replace)
             torch.manual_seed(cfg.seed)
             if previous is not None:
                 indexed, failed = self._resume_all(committed)
@@ -171,18 +171,20 @@ class _Indexer:
         return IndexSummary(out, indexed, failed, seconds, layers, fidelity_summary(out))
 
     # -- resuming ------------------------------------------------------------------
-    def _previous_run(self, out: Path) -> dict | None:
-        """The manifest of an interrupted run this one resumes, or None to start afresh.
+    def _previous_run(self, out: Path) -> tuple[dict | None, bool]:
+        """(the manifest of an interrupted run this one resumes, or None to start afresh;
+        whether a fresh start may replace what is at ``out``).
 
         A complete store is refused without --overwrite; an unfinished one with another
         configuration is refused naming the difference; one killed before its transforms
-        were saved (status 'fitting') is started afresh.
+        were saved (status 'fitting') is replaced. Anything else at ``out`` that is not a
+        store is left to StoreWriter.create, which refuses a folder that is not empty.
         """
         from vecsim.errors import StoreExistsError
         from vecsim.store import read_manifest
 
         if not (out / "vecsim.json").is_file() or self.config.overwrite:
-            return None
+            return None, self.config.overwrite
         manifest = read_manifest(out)
         if manifest.get("status") == "complete":
             raise StoreExistsError(f"a complete store already exists at {out}; pass --overwrite to replace it")
@@ -193,9 +195,8 @@ class _Indexer:
                 "run the same command to resume it, or pass --overwrite to start again"
             )
         if manifest.get("status") != "indexing":
-            self.config.overwrite = True  # nothing was committed before the transforms: start again
-            return None
-        return manifest
+            return None, True  # nothing was committed before the transforms: start again
+        return manifest, False
 
     def _prepare_resume(self) -> set[int]:
         """Drop what an interrupted chunk left half-written; the committed stimulus ids."""

@@ -338,7 +338,8 @@ def compare_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
 ) -> None:
     """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two."""
-    from vecsim.compare import compare_stores, dumps_json
+    from vecsim.compare import compare_stores
+    from vecsim.store import dumps_json
 
     result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
     _emit(result, out, as_json, dumps_json,
@@ -357,7 +358,8 @@ def prune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Magnitude-prune a model's conv/linear weights and save a checkpoint for `vecsim index --checkpoint`."""
-    from vecsim.compare import dumps_json, format_prune, prune_checkpoint
+    from vecsim.compare import format_prune, prune_checkpoint
+    from vecsim.store import dumps_json
 
     report = prune_checkpoint(model, out, amount, scope, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
     typer.echo(dumps_json(report) if as_json else format_prune(report))
@@ -370,7 +372,8 @@ def spectrum_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
 ) -> None:
     """Per layer: effective rank and dims for 90/95/99% energy of the stored training spectrum."""
-    from vecsim.compare import dumps_json, store_spectra
+    from vecsim.compare import store_spectra
+    from vecsim.store import dumps_json
 
     _emit(store_spectra(store), out, as_json, dumps_json)
 
@@ -385,7 +388,8 @@ def channels_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (NaN as null)."),
 ) -> None:
     """Channel redundancy of one layer: cosine similarity and CW-NNK overlap of its channels."""
-    from vecsim.compare import channel_redundancy, dumps_json
+    from vecsim.compare import channel_redundancy
+    from vecsim.store import dumps_json
 
     _emit(channel_redundancy(store, layer, k=k, kernel=kernel), out, as_json, dumps_json)
 

@@ -236,6 +236,7 @@ class _LayerData:
         self.info = store.layer_info(layer)  # raises UnknownLayerError with close matches
         self.similarity = self.info["reducer"]["config"].get("similarity", "cosine")
         self._features: tuple[np.ndarray, np.ndarray] | None = None
+        self._stored_grams: dict[bytes, np.ndarray] = {}
         self._eval: dict | None | bool = False
 
     def features(self, ids: np.ndarray) -> np.ndarray:
@@ -263,11 +264,13 @@ class _LayerData:
         stored cosine estimates ⟨y_i, y_j⟩, not ⟨y_i, y_j⟩ / (‖y_i‖ ‖y_j‖), which would undo
         what the normalise-then-project chain keeps.
         """
-        X = self.features(ids)
-        G = X @ X.T
-        vec_ids = self._features[0]
-        np.fill_diagonal(G, self._norms[np.searchsorted(vec_ids, ids)] ** 2)
-        return G
+        key = np.asarray(ids, dtype=np.int64).tobytes()
+        if key not in self._stored_grams:  # the same seeded rows for every RSA cell of a run
+            X = self.features(ids)
+            G = X @ X.T
+            np.fill_diagonal(G, self._norms[np.searchsorted(self._features[0], ids)] ** 2)
+            self._stored_grams[key] = G
+        return self._stored_grams[key]
 
     @property
     def eval(self) -> dict | None:
@@ -318,10 +321,7 @@ class Comparison:
     cells: list[dict] = field(default_factory=list)
 
     def value(self, measure: str, layer_a: str, layer_b: str) -> float:
-        for c in self.cells:
-            if c["measure"] == measure and c["layer_a"] == layer_a and c["layer_b"] == layer_b:
-                return c["value"]
-        raise KeyError(f"no cell {measure} {layer_a} × {layer_b}")
+        return self.cell(measure, layer_a, layer_b)["value"]
 
     def cell(self, measure: str, layer_a: str, layer_b: str) -> dict:
         for c in self.cells:

@@ -8,6 +8,7 @@ are the stored cosine estimates.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -291,21 +292,29 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
 HALF_SCAN_MIN = 20_000  # below this a float32 scan is already fast
 HALF_SCAN_CANDIDATES = 256
 HALF_SCAN_ERROR = 1e-2  # bound on |float16 score - exact score| for norms <= 1 (2 roundings + accumulation)
-_half_copies: dict[int, tuple] = {}
+HALF_COPIES_KEPT = 8  # one per layer of a store queried across its layers, then least recently used goes
+_half_copies: "OrderedDict[int, tuple]" = OrderedDict()
 
 
 def _half_copy(index):
-    """A float16 torch copy of a flat IDMap index's vectors and its id array (built once per index)."""
+    """A float16 torch copy of a flat IDMap index's vectors and its id array (built once per index).
+
+    Kept for the last few indexes used, so a query across a store's layers does not rebuild
+    each layer's copy on every call; the entry holds the index, so its id() stays its own.
+    """
     import faiss
     import torch
 
     key = id(index)
-    if key not in _half_copies:
+    if key in _half_copies and len(_half_copies[key][3]) == index.ntotal:
+        _half_copies.move_to_end(key)
+    else:  # new, or vectors were added to it since
         flat = faiss.downcast_index(index.index)
         xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        _half_copies.clear()  # one store's layer at a time: the copy costs N x dim x 2 bytes
         _half_copies[key] = (index, torch.from_numpy(np.ascontiguousarray(xb)).half(), xb, ids)
+        while len(_half_copies) > HALF_COPIES_KEPT:
+            _half_copies.popitem(last=False)
     return _half_copies[key][1:]
 
 

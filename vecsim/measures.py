@@ -27,13 +27,11 @@ from typing import Callable, Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
 
 from vecsim.errors import ConfigError, DimensionMismatchError
 
 _EPS = np.finfo(np.float64).eps
 
-RsaMethod = Literal["spearman", "pearson", "kendall_tau_a"]
 RSA_METHODS: tuple[str, ...] = ("spearman", "pearson", "kendall_tau_a")
 
 
@@ -243,6 +241,19 @@ def rdm_upper(rdm: npt.ArrayLike) -> np.ndarray:
     return a[np.triu_indices(a.shape[0], k=1)]
 
 
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1 with ties averaged (scipy.stats.rankdata's default), in numpy alone:
+    importing scipy.stats costs more than ranking a subset's pairs."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     ac, bc = a - a.mean(), b - b.mean()
     den = float(np.linalg.norm(ac) * np.linalg.norm(bc))
@@ -274,6 +285,8 @@ def kendall_tau_a(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     free_x, free_y = n0 - _tie_pairs(x), n0 - _tie_pairs(y)
     if free_x == 0 or free_y == 0:
         return 0.0  # one vector is constant: every pair is tied
+    from scipy import stats  # only here: importing scipy.stats costs most of a second
+
     tau_b = float(stats.kendalltau(x, y, variant="b").statistic)
     s = round(tau_b * np.sqrt(float(free_x) * float(free_y)))
     return s / n0
@@ -299,7 +312,7 @@ def rsa(rdm_a: npt.ArrayLike, rdm_b: npt.ArrayLike, method: str = "spearman") ->
     if method == "pearson":
         return _pearson(a, b)
     if method == "spearman":
-        return _pearson(stats.rankdata(a), stats.rankdata(b))
+        return _pearson(rankdata(a), rankdata(b))
     return kendall_tau_a(a, b)
 
 

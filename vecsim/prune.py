@@ -11,7 +11,6 @@ reparametrised: the chosen weights are simply set to zero.
 from __future__ import annotations
 
 import numbers
-from typing import Literal
 
 import torch
 from torch import nn
@@ -19,7 +18,6 @@ from torch.nn.utils import prune as torch_prune
 
 from vecsim.errors import ConfigError
 
-Scope = Literal["global", "layerwise"]
 SCOPES: tuple[str, ...] = ("global", "layerwise")
 DEFAULT_INCLUDE: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 

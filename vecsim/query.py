@@ -76,8 +76,10 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 
 # -- query -------------------------------------------------------------------------------
 
-def image_vectors(store, image: str | os.PathLike, layers: list[str], device: str = "auto") -> dict[str, np.ndarray]:
-    """A new image through the store's model, preprocessing and fitted reducers: one vector per layer (as stored: norm at most 1)."""
+def image_vectors(store, image: str | os.PathLike, layers: list[str],
+                  device: str = "auto") -> tuple[dict[str, np.ndarray], str]:
+    """A new image through the store's model, preprocessing and fitted reducers: one vector per
+    layer (as stored: norm at most 1), and the file's sha256 (hashed while decoding)."""
     from vecsim.extract import LayerCapture, resolve_device
     from vecsim.stimuli import decode_image
 
@@ -93,7 +95,7 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str], device: st
         if not bool(finite.all()):
             raise QueryError(f"the image's activations at {layer} contain NaN or Inf")
         out[layer] = vecs.cpu().numpy().astype(np.float32)
-    return out
+    return out, decoded.sha256
 
 
 def query(store, *, id: int | None = None, path: str | None = None, image: str | None = None,
@@ -115,10 +117,8 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     lookup = store.lookup()
     allowed = allowed_ids(store, where)
     if image is not None:
-        from vecsim.stimuli import file_sha256
-
-        queries = image_vectors(store, image, layers, device)
-        selves = lookup.same_bytes(file_sha256(Path(image)))
+        queries, digest = image_vectors(store, image, layers, device)
+        selves = lookup.same_bytes(digest)
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)
@@ -134,18 +134,28 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     for name in layers:
         extra = len(selves) if allowed is None or not exclude_self else 0
         scores, found = search_index(store.index(name), queries[name], k + extra, allowed, store, name)
-        # The stimulus itself (and any file with the same bytes) has cosine exactly 1; the stored
-        # vectors estimate it as the share of the activation the projection keeps, which is less.
         exact_self = not exclude_self and bool(np.any(queries[name]))
-        ranked = [(float(np.clip(score, -1.0, 1.0)), int(stim_id)) for score, stim_id in zip(scores[0], found[0])
-                  if stim_id >= 0 and not ((exclude_self or exact_self) and stim_id in selves)]
-        if exact_self:
-            ranked = [(1.0, int(stim_id)) for stim_id in selves_allowed] + ranked
-        for rank, (score, stim_id) in enumerate(ranked[:k], start=1):
+        ranked = _rank_with_twins(scores[0], found[0], drop=selves if exclude_self or exact_self else (),
+                                  first=selves_allowed if exact_self else (), k=k)
+        for rank, (score, stim_id) in enumerate(ranked, start=1):
             pos = lookup.position(np.array([stim_id]))[0]
             hits.append({"layer": name, "rank": rank, "id": stim_id, "path": str(lookup.paths[pos]),
                          "label": lookup.labels[pos], "cosine": score})
     return hits
+
+
+def _rank_with_twins(scores, found, drop, first, k: int) -> list[tuple[float, int]]:
+    """(cosine, id) hits: the search results without the ids in ``drop``, after the ids in
+    ``first`` with cosine exactly 1.0, k at most.
+
+    A stimulus and any file with the same bytes have cosine exactly 1; the stored vectors
+    estimate it as the share of the activation the projection keeps, which is less. So the
+    caller drops them from the search results and, unless excluded, puts them first.
+    """
+    drop = {int(i) for i in drop}
+    ranked = [(float(np.clip(score, -1.0, 1.0)), int(stim_id)) for score, stim_id in zip(scores, found)
+              if stim_id >= 0 and int(stim_id) not in drop]
+    return ([(1.0, int(i)) for i in first] + ranked)[:k]
 
 
 def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None, store=None, layer=None):
@@ -206,13 +216,8 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
             scores, found = index.search(q, k + 1 + extra)
             rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
             for qi, (srow, frow) in enumerate(zip(scores, found)):
-                same = twins.get(int(q_ids[qi]))
-                if same is not None and np.any(q[qi]):
-                    keep = [(1.0, int(f)) for f in same] + [
-                        (s, f) for s, f in zip(srow, frow) if f >= 0 and f != q_ids[qi] and f not in same]
-                else:
-                    keep = [(s, f) for s, f in zip(srow, frow) if f >= 0 and f != q_ids[qi]]
-                keep = keep[:k]
+                same = twins.get(int(q_ids[qi]), ()) if np.any(q[qi]) else ()
+                keep = _rank_with_twins(srow, frow, drop=[q_ids[qi], *same], first=same, k=k)
                 rows_id += [q_ids[qi]] * len(keep)
                 rows_rank += list(range(1, len(keep) + 1))
                 rows_nb += [f for _, f in keep]
@@ -297,8 +302,13 @@ def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str]
 def _identical_rows(store, ids: np.ndarray) -> list[list[int]]:
     """Groups of row positions (in ``ids`` order) whose files are byte-identical (same sha256):
     their similarity is exactly 1, like a stimulus's with itself."""
-    rows = [np.flatnonzero(np.isin(ids, group)).tolist() for group in store.lookup().identical_groups()]
-    return [r for r in rows if len(r) > 1]
+    out = []
+    for group in store.lookup().identical_groups():  # ids is sorted (id order)
+        pos = np.searchsorted(ids, group)
+        rows = pos[(pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == group)]
+        if len(rows) > 1:
+            out.append(rows.tolist())
+    return out
 
 
 def _provenance_dict(store, layers: list[str], where: str | None = None) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
+from vecsim.measures import rankdata  # noqa: F401  (numpy ranks; also vecsim.report.rankdata)
 from vecsim.store import json_safe
 
 RECALL_K = 10
@@ -57,8 +58,6 @@ def roc_auc(pos, neg) -> float:
 
     1 when every positive scores above every negative, 0.5 for indistinguishable scores.
     """
-    from scipy.stats import rankdata
-
     pos, neg = _scores(pos, "pos"), _scores(neg, "neg")
     ranks = rankdata(np.concatenate([pos, neg]))  # average ranks: a tie counts ½
     n_pos, n_neg = pos.size, neg.size
@@ -132,26 +131,15 @@ def neighbours(sim: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-masked, axis=1, kind="stable")[:, :k]
 
 
-def recall_at_k(exact: np.ndarray, approx: np.ndarray, k: int) -> float:
-    """Mean over rows of |exact top-k ∩ approx top-k| / k."""
+def recall_at_k(exact: np.ndarray, approx: np.ndarray, k: int, truth: np.ndarray | None = None) -> float:
+    """Mean over rows of |exact top-k ∩ approx top-k| / k (``truth``: ``neighbours(exact, k)``
+    when the caller already has it)."""
     if k < 1:
         raise ConfigError("recall@k needs k ≥ 1 (an evaluation subset of at least 2 stimuli)")
-    truth, found = neighbours(exact, k), neighbours(approx, k)
+    truth = neighbours(exact, k) if truth is None else truth
+    found = neighbours(approx, k)
     hits = [len(np.intersect1d(t, f, assume_unique=True)) for t, f in zip(truth, found)]
     return float(np.mean(hits)) / k
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks from 1 with ties averaged (scipy.stats.rankdata's default), in numpy alone:
-    importing scipy.stats costs more than ranking a subset's pairs."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.r_[0, np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, rank: bool) -> float | None:
@@ -307,13 +295,14 @@ def fidelity(store, layer: str, dims=None) -> dict:
     curve = energy_curve(store.spectrum(layer))
 
     rows, level_pairs = [], {}
+    renormalise, truth = _renormalised(store, layer), neighbours(exact, max(k, 0))
     for d in dims:
-        reduced = truncate(vectors, d, _renormalised(store, layer))
+        reduced = truncate(vectors, d, renormalise)
         approx = np.clip(reduced @ reduced.T, -1.0, 1.0)
         level_pairs[d] = approx[iu]
         rows.append({
             "dim": d, **similarity_stats(exact_pairs, level_pairs[d]),
-            "recall_at_10": recall_at_k(exact, approx, k),
+            "recall_at_10": recall_at_k(exact, approx, k, truth),
             "energy_kept": float(curve[min(d, len(curve)) - 1]) if len(curve) else None,
         })
 

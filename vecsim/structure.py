@@ -9,7 +9,7 @@ each channel's response to each stimulus pooled to a small grid of g cells
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +20,6 @@ from vecsim.errors import ConfigError, DimensionMismatchError
 
 _EPS = np.finfo(np.float64).eps
 
-Kernel = Literal["cosine", "gaussian"]
 KERNELS: tuple[str, ...] = ("cosine", "gaussian")
 
 # NNK numerics (kernel values are in [0, 1] with unit diagonal, so these are absolute).

@@ -34,6 +34,8 @@ def test_approximate_indexes_report_recall_and_queries_work(tmp_path, kind):
     assert 0.0 <= info["recall_at_10"] <= 1.0 and info["queries"] == 1000
     if kind != "ivf-pq":
         assert info["recall_at_10"] >= 0.95  # the search setting is raised until it gets there
+    else:  # 4-byte PQ codes of 32-d vectors cap recall (about 0.5 here) even with every list probed
+        assert info["recall_at_10"] >= 0.3 and info["nprobe"] > 1
     hits = store.query(id=17, layer="v", k=5)
     assert hits[0]["id"] == 17
     filtered = store.query(id=17, layer="v", k=5, where="label = 'c3'")

@@ -121,6 +121,7 @@ def test_fidelity_equals_a_direct_computation(labelled, layer):
     assert fid["M"] == 18 and fid["dim"] == 16 and fid["dims"] == [8, 16] and fid["recall_k"] == 10
     cs = fid["class_separation"]
     assert cs["n_same"] == 3 * 15 and cs["n_diff"] == 153 - 45
+    assert len(cs["levels"]) == len(fid["rows"]) == 2
     for row, level in zip(fid["rows"], cs["levels"]):
         want = _direct(labelled, layer, row["dim"])
         assert row["spearman"] == pytest.approx(want["spearman"], abs=1e-6)

@@ -24,10 +24,6 @@ from vecsim.store import FORMAT_VERSION, MANIFEST_NAME, Store
 
 LAYER = "features.relu2"
 
-# Cases whose fix lies outside vecsim/stimuli.py (store.py: read_manifest, Store.index,
-# Store.vector_of, StoreWriter.create; reduce.py: LayerReducer.load). Delete this marker
-# once those patches are in: strict, so a forgotten marker shows up as XPASS(strict).
-
 
 # -- checkpoints -------------------------------------------------------------------------
 

@@ -54,6 +54,11 @@ def test_verify_finds_missing_rows_and_changed_files(store_copy, shared_image_se
     store.table(store.layer_info(LAYERS[1])["table"]).delete("id = 3")
     problems = verify(Store.open(store_copy))
     assert any("1 stimuli without a vector" in p for p in problems), problems
+    table = store.table(store.layer_info(LAYERS[0])["table"])  # a vector row no stimulus row commits
+    row = table.search().where("id = 5").limit(1).to_arrow().to_pylist()[0]
+    table.add([{**row, "id": 999}])
+    problems = verify(Store.open(store_copy))
+    assert any(p.startswith(f"{LAYERS[0]}: 0 stimuli without a vector, 1 vectors without a stimulus") for p in problems), problems
     moved = tmp_path / "moved"
     shutil.copytree(shared_image_set, moved)
     manifest_path = store_copy / "vecsim.json"

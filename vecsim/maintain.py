@@ -62,7 +62,7 @@ def _verify_layer(store, layer: str, stimulus_ids: np.ndarray) -> list[str]:
     dim = int(entry["reducer"]["fit"]["dim"])
     layer_dir = store.layer_dir(layer)
     try:
-        vec_ids, vecs = store.vectors(layer)
+        vec_ids, vecs = store.vectors(layer, committed_only=False)
     except Exception as exc:  # a damaged table must be reported, not end the check
         return [f"vectors table unreadable ({type(exc).__name__})"]
     if vecs.shape[1] != dim:

@@ -200,9 +200,9 @@ class _Indexer:
 
     def _prepare_resume(self) -> set[int]:
         """Drop what an interrupted chunk left half-written; the committed stimulus ids."""
-        committed = self.writer.committed_ids()
         by_id = {s.id: s.path for s in self.stim_set.stimuli}
         known = self.writer.committed_paths()
+        committed = set(known)
         moved = [i for i, path in known.items() if by_id.get(i) != path]
         if moved:
             from vecsim.errors import StimulusSetError

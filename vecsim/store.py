@@ -282,14 +282,19 @@ class Store:
     def runs(self):
         return self._read("runs").sort_by("run")
 
-    def vectors(self, layer: str, as_arrow: bool = False):
-        """(ids int64, vectors float32 (n, dim)) in id order, or the Arrow table with ``as_arrow``."""
+    def vectors(self, layer: str, as_arrow: bool = False, committed_only: bool = True):
+        """(ids int64, vectors float32 (n, dim)) in id order, or the Arrow table with ``as_arrow``.
+
+        Only rows of committed stimuli, unless ``committed_only=False`` (``vecsim verify``, which
+        must see stray rows too).
+        """
         info = self.layer_info(layer)
         table = self._read(info["table"]).sort_by("id")
         # only committed stimuli: a writer appending right now writes a chunk's vectors
         # before its stimuli rows, and a reader must not see the half-written chunk
         committed = self.lookup().ids
-        if table.num_rows != len(committed) or not np.array_equal(table.column("id").to_numpy(), committed):
+        if committed_only and (table.num_rows != len(committed)
+                               or not np.array_equal(table.column("id").to_numpy(), committed)):
             import pyarrow as pa
             import pyarrow.compute as pc
 
@@ -513,10 +518,6 @@ class StoreWriter:
         writer.lock()
         writer._tables_ready = True
         return writer
-
-    def committed_ids(self) -> set[int]:
-        table = self.db.open_table("stimuli").search().select(["id"]).limit(None).to_arrow()
-        return set(table.column("id").to_pylist())
 
     def committed_paths(self) -> dict[int, str]:
         table = self.db.open_table("stimuli").search().select(["id", "path"]).limit(None).to_arrow()

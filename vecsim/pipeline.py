@@ -239,16 +239,14 @@ class _Indexer:
                           int(cfg.eval_memory * 2**20), units, shapes, self.device)
 
     def _layer_function(self, reducer, project: bool):
-        """What runs inside the hook: pool (copy), feed the evaluation subset, reduce."""
+        """What runs inside the hook: the reducer's chain, with the evaluation subset tapping
+        the pooled raw vectors on the way."""
         evalset, layer = self.evalset, reducer.layer
+        tap = None if evalset is None else (lambda x, output, finite: evalset.capture(layer, x, output, finite))
 
         def function(output):
-            x = reducer.pool(output)
-            norms, finite = reducer.measure(x)
-            if evalset is not None:
-                evalset.capture(layer, x, output, finite)
-            z = reducer.reduce_pooled(x, finite)
-            return (reducer.project(z) if project else z), norms.masked_fill(~finite, 0.0), finite
+            z, norms, finite = reducer.prepare(output, tap)
+            return (reducer.project(z) if project else z), norms, finite
 
         return function
 

@@ -185,10 +185,6 @@ class LayerReducer:
         return requested if requested < units else 0
 
     @property
-    def fitted(self) -> bool:
-        return self.matrix is not None
-
-    @property
     def dim(self) -> int:
         if self.matrix is None:
             raise RuntimeError(f"reducer of {self.layer} is not fitted")
@@ -284,10 +280,16 @@ class LayerReducer:
             return z.index_select(1, self.kept.to(z.device))
         return z
 
-    def prepare(self, output):
-        """Raw layer output → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,))."""
+    def prepare(self, output, tap=None):
+        """Raw layer output → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,)).
+
+        ``tap(x, output, finite)``, when given, sees the pooled raw vectors before they are
+        reduced (the evaluation subset keeps its copies there); it must not modify them.
+        """
         x = self.pool(output)
         norms, finite = self.measure(x)
+        if tap is not None:
+            tap(x, output, finite)
         norms = norms.masked_fill(~finite, 0.0)
         return self.reduce_pooled(x, finite), norms, finite
 

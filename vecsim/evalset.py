@@ -183,10 +183,10 @@ class EvalSubset:
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""
+        from vecsim.store import save_array
+
         result = self.layers[layer].result(self.order)
-        tmp = directory / "eval.npz.tmp.npz"
-        np.savez(tmp, **result)
-        tmp.replace(directory / "eval.npz")
+        save_array(directory / "eval.npz", **result)
         return {"size": int(len(result["ids"])), "requested": int(self.layers[layer].size),
                 "held_dtype": self.layers[layer].dtype, "channels": result.get("channels") is not None}
 

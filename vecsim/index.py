@@ -7,7 +7,6 @@ are the stored cosine estimates.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -50,11 +49,11 @@ def save_index(index, path: Path) -> None:
 
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
+    from vecsim.store import fsync_replace
+
     tmp = Path(str(path) + ".tmp")
     faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 def load_index(path: Path):

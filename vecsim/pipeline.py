@@ -405,15 +405,16 @@ class _Indexer:
             from vecsim.errors import StimulusSetError
 
             raise StimulusSetError("no stimulus of the training sample could be decoded; see the failures table")
+        from vecsim.stimuli import file_sha256
+        from vecsim.store import save_array
+
         for layer, reducer in self.reducers.items():
             report = reducer.fit(held[layer][:count])
             reducer.drop_zero_units()
             layer_dir = self.writer.layer_dir(layer)
             self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
-            from vecsim.stimuli import file_sha256
-
             self.writer.manifest["layers"][layer]["transform_sha256"] = file_sha256(layer_dir / "transform.faiss")
-            np.save(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))
+            save_array(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))
             self.writer.create_vector_table(layer, reducer.dim)
         self.writer.save_manifest(status="indexing")  # from here on a killed run resumes, no refit
         kill_point("transforms-saved")

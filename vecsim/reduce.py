@@ -26,11 +26,11 @@ projection: the cosine after centred PCA is the quantity that option asks for.)
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vecsim.errors import ConfigError, DimensionMismatchError
+from vecsim.store import fsync_replace, save_array
 
 SIMILARITIES = ("cosine", "correlation")
 POOLINGS = ("flatten", "avg", "max")  # plus "grid:K"
@@ -361,11 +361,11 @@ class LayerReducer:
         faiss.copy_array_to_vector(np.ascontiguousarray(bias, dtype=np.float32), transform.b)
         transform.is_trained = True
         if self.kept is not None:
-            _save_array(directory / "kept_units.npy", self.kept.cpu().numpy().astype(np.int64))
+            save_array(directory / "kept_units.npy", self.kept.cpu().numpy().astype(np.int64))
         target = directory / "transform.faiss"
         tmp = target.with_suffix(".faiss.tmp")
         faiss.write_VectorTransform(transform, str(tmp))
-        _fsync_replace(tmp, target)
+        fsync_replace(tmp, target)
         return self.describe()
 
     def describe(self) -> dict:
@@ -435,14 +435,6 @@ def normalise_rows(z):
     return z / torch.clamp(norms, min=1e-30)
 
 
-def _save_array(path: Path, array) -> None:
-    import numpy as np
-
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    _fsync_replace(tmp, path)
-
-
 def _top_directions(z):
     """Eigenvalues (descending) of zᵀz and its eigenvectors as (dim_in, r) columns.
 
@@ -486,12 +478,6 @@ def _fix_signs(vectors):
     signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1])])
     signs[signs == 0] = 1
     return vectors * signs
-
-
-def _fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 def per_layer(spec: str, layers: list[str], flag: str, parse, default):

@@ -59,6 +59,26 @@ def layer_slug(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", layer).strip("_") or "layer"
 
 
+def fsync_replace(tmp: Path, target: Path) -> None:
+    """Make the finished temporary file ``tmp`` durable, then rename it onto ``target``: a
+    reader (or a crash) sees the old file or the whole new one, never part of it."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def save_array(path: Path, array=None, **arrays) -> None:
+    """One array as .npy (``array``) or several as .npz (keywords), written through fsync_replace."""
+    if (array is None) == (not arrays):
+        raise TypeError("give one array, or named arrays for an .npz")
+    tmp = path.with_name(path.name + (".tmp.npy" if array is not None else ".tmp.npz"))
+    if array is not None:
+        np.save(tmp, array)
+    else:
+        np.savez(tmp, **arrays)
+    fsync_replace(tmp, path)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -211,9 +211,6 @@ def exact_similarity(ev: dict, metric: str = "cosine") -> np.ndarray:
         gram = gram - np.outer(sums, sums) / float(ev["units"])
     elif metric != "cosine":
         raise ValueError(f"unknown metric {metric!r}")
-    diag = np.clip(np.diag(gram), 0, None)
-    norms = np.sqrt(diag)
-    denom = np.outer(norms, norms)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sim = np.where(denom > 0, gram / np.where(denom > 0, denom, 1), 0.0)
-    return np.clip(sim, -1.0, 1.0)
+    from vecsim.measures import cosine_from_gram
+
+    return cosine_from_gram(gram)

@@ -207,14 +207,19 @@ def cosine_rdm_from_gram(G: npt.ArrayLike) -> np.ndarray:
     cosine 0 (distance 1) to every other stimulus, never NaN.  (The correlation
     distance needs the per-stimulus feature means, which a Gram does not hold.)
     """
-    K = _gram(G, "G")
-    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
-    denom = np.outer(norms, norms)
-    cos = np.divide(K, denom, out=np.zeros_like(K), where=denom > 0)
-    np.clip(cos, -1.0, 1.0, out=cos)
-    rdm = 1.0 - cos
+    rdm = 1.0 - cosine_from_gram(_gram(G, "G"))
     np.fill_diagonal(rdm, 0.0)
     return rdm
+
+
+def cosine_from_gram(G: np.ndarray) -> np.ndarray:
+    """``G_ij / sqrt(G_ii G_jj)`` clipped to [-1, 1] (float64); a row whose ``G_ii`` is 0 (an
+    all-zero vector) is 0 everywhere, its own entry included, never NaN."""
+    K = np.asarray(G, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
+    denom = np.outer(norms, norms)
+    cos = np.divide(K, denom, out=np.zeros(K.shape), where=denom > 0)
+    return np.clip(cos, -1.0, 1.0, out=cos)
 
 
 def euclidean_rdm_from_gram(G: npt.ArrayLike) -> np.ndarray:

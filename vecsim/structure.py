@@ -130,11 +130,10 @@ def channel_similarity(responses: npt.ArrayLike) -> np.ndarray:
     R = _responses(responses)
     n, c, g = R.shape
     V = R.transpose(1, 0, 2).reshape(c, n * g)
-    norms = np.linalg.norm(V, axis=1)
-    denom = np.outer(norms, norms)
-    S = np.divide(V @ V.T, denom, out=np.zeros((c, c)), where=denom > 0)
-    np.clip(S, -1.0, 1.0, out=S)
-    np.fill_diagonal(S, (norms > 0).astype(np.float64))
+    from vecsim.measures import cosine_from_gram
+
+    S = cosine_from_gram(V @ V.T)
+    np.fill_diagonal(S, np.any(V != 0, axis=1).astype(np.float64))  # exactly 1 for live channels
     return S
 
 

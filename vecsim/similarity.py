@@ -282,6 +282,18 @@ def _symmetrize_diagonal_block(D: np.ndarray) -> None:
         D[a + 1 :, a] = D[a, a + 1 :]
 
 
+def _post_threads() -> int:
+    """Threads for the per-tile conversion and mirroring (numpy releases the GIL there)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _row_parts(rows: int, parts: int) -> list[tuple[int, int]]:
+    """``rows`` split into at most ``parts`` contiguous, non-empty ``(start, stop)`` ranges."""
+    parts = max(1, min(parts, rows))
+    edges = [rows * p // parts for p in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def _fill_symmetric(
     V: np.ndarray,
     zero: np.ndarray,
@@ -292,6 +304,7 @@ def _fill_symmetric(
     source: Callable[[int, int], np.ndarray],
     done: Callable[[int, int, np.ndarray], None],
     same: np.ndarray | None = None,
+    pool=None,
 ) -> None:
     """Fill an (N, N) matrix one row tile at a time, computing only the upper triangle.
 
@@ -300,17 +313,27 @@ def _fill_symmetric(
     transpose of the rows already finished, which ``source(s0, s1)`` returns
     (one earlier tile at a time, ``s0``/``s1`` on tile boundaries). The result is
     exactly symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
+    With a thread ``pool``, the copy into ``target`` (the dtype conversion) and the
+    mirroring are split by rows over its threads.
     """
     for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same):
         R = r1 - r0
         _symmetrize_diagonal_block(S[:, :R])
         dst = target(r0, r1)
-        dst[:, r0:] = S
-        for s0 in range(0, r0, tile_rows):
-            s1 = min(r0, s0 + tile_rows)
-            src = source(s0, s1)
-            dst[:, s0:s1] = src[:, r0:r1].T
-            del src  # a file map is unmapped here, keeping RSS to one tile
+        sources = [(s0, min(r0, s0 + tile_rows)) for s0 in range(0, r0, tile_rows)]
+        srcs = [source(s0, s1) for s0, s1 in sources]
+
+        def part(a0: int, a1: int) -> None:
+            dst[a0:a1, r0:] = S[a0:a1]
+            for (s0, s1), src in zip(sources, srcs):
+                dst[a0:a1, s0:s1] = src[:, r0 + a0 : r0 + a1].T
+
+        if pool is None:
+            part(0, R)
+        else:
+            for fut in [pool.submit(part, a0, a1) for a0, a1 in _row_parts(R, _post_threads())]:
+                fut.result()
+        del srcs  # a file map is unmapped here, keeping RSS to the touched pages of one tile
         done(r0, r1, dst)
         del dst
 
@@ -737,7 +760,10 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     """Create the .npy with ``open_memmap`` (header, full size) and fill it tile by tile.
 
     Each finished tile of rows is ``pwrite``-n from one of two reusable buffers by
-    a writer thread while the next tile is computed, so disk and CPU overlap.
+    a writer thread while the next tile is computed, so disk and CPU overlap; the
+    writer also flushes each tile to disk (``fdatasync``) as it goes, so the final
+    fsync has little left to wait for. The conversion to the output dtype and the
+    mirroring run on a small thread pool (split by rows).
     The lower triangle of a tile is read back from the previous tile's buffer or,
     for older rows, through a short-lived read-only memory map of just those rows.
     Nothing maps the whole file for long: pages of such a map, once touched,
@@ -753,14 +779,17 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     # f32 block + two output buffers (+ the read-back map of one earlier tile's strip)
     tile_rows = _tile_rows_for(n, 4 + 3 * itemsize, limit)
     bufs = [np.empty(tile_rows * n, dtype=dt), np.empty(tile_rows * n, dtype=dt)]
+    datasync = getattr(os, "fdatasync", os.fsync)
 
     def pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
         view = memoryview(arr).cast("B")
         pos = 0
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], offset + pos)
+        datasync(fd)
 
-    with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+    with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as writer, \
+            ThreadPoolExecutor(max_workers=_post_threads()) as workers:
         fd = fh.fileno()
         for li, (V, zero) in enumerate(zip(mats, zeros)):
             layer_base = data_offset + li * n * row_bytes
@@ -785,11 +814,11 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
             def done(r0: int, r1: int, rows: np.ndarray) -> None:
                 slot = state["slot"]
                 slot_rows[slot] = (r0, r1, rows)
-                pending[slot] = pool.submit(pwrite_all, fd, rows, layer_base + r0 * row_bytes)
+                pending[slot] = writer.submit(pwrite_all, fd, rows, layer_base + r0 * row_bytes)
                 tick(r1 - r0)
 
             try:
-                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same)
+                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, workers)
             finally:
                 for fut in pending:
                     if fut is not None:

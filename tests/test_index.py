@@ -81,3 +81,17 @@ def test_half_precision_scan_returns_exactly_the_float32_result(shrink):
         assert got[1].tolist() == want_ids.tolist()
         np.testing.assert_allclose(got[0], want_scores, atol=1e-5)
     assert answered > 0
+
+
+def test_layers_whose_names_share_a_slug_keep_their_own_vectors(tmp_path):
+    # "a.b" and "a_b" both sanitise to "a_b": each must still get its own folder, table and index
+    rng = np.random.default_rng(3)
+    first, second = unit(40, 8), unit(40, 16)
+    store = store_from_vectors(tmp_path / "s", {"a.b": first, "a_b": second})
+    slugs = {layer: store.layer_info(layer)["slug"] for layer in ("a.b", "a_b")}
+    assert len(set(slugs.values())) == 2
+    for layer, vecs in (("a.b", first), ("a_b", second)):
+        ids, got = store.vectors(layer)
+        np.testing.assert_array_equal(got, vecs)
+        hits = store.query(id=int(rng.integers(40)), layer=layer, k=3)
+        assert len(hits) == 3

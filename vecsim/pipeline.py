@@ -256,14 +256,9 @@ class _Indexer:
         return stimuli_schema(self.stim_set.extra_schema, self.stim_set.extra_columns)
 
     def _manifest(self) -> dict:
-        from vecsim.store import FORMAT_VERSION, layer_slug, now, package_versions
+        from vecsim.store import FORMAT_VERSION, layer_slugs, now, package_versions
 
-        slugs: dict[str, str] = {}
-        for layer in self.config.layers:
-            slug = layer_slug(layer)
-            while slug in slugs.values():
-                slug += "_"
-            slugs[layer] = slug
+        slugs = layer_slugs(self.config.layers)
         return {
             "format_version": FORMAT_VERSION,
             "status": "fitting",

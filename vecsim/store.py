@@ -59,6 +59,19 @@ def layer_slug(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", layer).strip("_") or "layer"
 
 
+def layer_slugs(layers) -> dict[str, str]:
+    """A distinct folder/table name per layer, in order (``a.b`` and ``a_b`` would share one)."""
+    slugs: dict[str, str] = {}
+    taken: set[str] = set()
+    for layer in layers:
+        slug = layer_slug(layer)
+        while slug in taken:
+            slug += "_"
+        slugs[layer] = slug
+        taken.add(slug)
+    return slugs
+
+
 def fsync_replace(tmp: Path, target: Path) -> None:
     """Make the finished temporary file ``tmp`` durable, then rename it onto ``target``: a
     reader (or a crash) sees the old file or the whole new one, never part of it."""
@@ -732,9 +745,10 @@ def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list
         "device": "cpu", "config": {"index": index}, "seeds": {}, "layers": {},
         "counts": {"stimuli": n, "failures": 0}, "versions": package_versions(),
     }
+    slugs = layer_slugs(layers)
     for layer, vecs in layers.items():
         dim = vecs.shape[1]
-        manifest["layers"][layer] = {"slug": layer_slug(layer), "table": f"vectors_{layer_slug(layer)}", "reducer": {
+        manifest["layers"][layer] = {"slug": slugs[layer], "table": f"vectors_{slugs[layer]}", "reducer": {
             "shape": [dim], "units": dim, "dim_in": dim, "sketch": None,
             "config": {"similarity": "cosine", "center": False, "dim": dim, "max_dim": dim, "energy": 1.0,
                        "sketch_dim": 0, "sketch_seed": 0, "pooling": "flatten"}, "dropped_zero_units": 0,

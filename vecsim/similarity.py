@@ -294,6 +294,14 @@ def _row_parts(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+def _place_rows(dst, S, r0: int, sources, srcs, a0: int, a1: int) -> None:
+    """Rows ``a0:a1`` of a tile: columns ``r0:`` from the block ``S`` (converted to the
+    output dtype), columns ``:r0`` from the transposed strips of earlier rows."""
+    dst[a0:a1, r0:] = S[a0:a1]
+    for (s0, s1), src in zip(sources, srcs):
+        dst[a0:a1, s0:s1] = src[:, r0 + a0 : r0 + a1].T
+
+
 def _fill_symmetric(
     V: np.ndarray,
     zero: np.ndarray,
@@ -322,16 +330,11 @@ def _fill_symmetric(
         dst = target(r0, r1)
         sources = [(s0, min(r0, s0 + tile_rows)) for s0 in range(0, r0, tile_rows)]
         srcs = [source(s0, s1) for s0, s1 in sources]
-
-        def part(a0: int, a1: int) -> None:
-            dst[a0:a1, r0:] = S[a0:a1]
-            for (s0, s1), src in zip(sources, srcs):
-                dst[a0:a1, s0:s1] = src[:, r0 + a0 : r0 + a1].T
-
         if pool is None:
-            part(0, R)
+            _place_rows(dst, S, r0, sources, srcs, 0, R)
         else:
-            for fut in [pool.submit(part, a0, a1) for a0, a1 in _row_parts(R, _post_threads())]:
+            parts = _row_parts(R, _post_threads())
+            for fut in [pool.submit(_place_rows, dst, S, r0, sources, srcs, a0, a1) for a0, a1 in parts]:
                 fut.result()
         del srcs  # a file map is unmapped here, keeping RSS to the touched pages of one tile
         done(r0, r1, dst)

@@ -95,3 +95,37 @@ def test_layers_whose_names_share_a_slug_keep_their_own_vectors(tmp_path):
         np.testing.assert_array_equal(got, vecs)
         hits = store.query(id=int(rng.integers(40)), layer=layer, k=3)
         assert len(hits) == 3
+
+
+def test_vectors_for_reads_just_the_given_stimuli(tmp_path, monkeypatch):
+    import vecsim.store as store_module
+
+    vecs = unit(300, 8)
+    store = store_from_vectors(tmp_path / "s", {"v": vecs})
+    wanted = np.array([250, 3, 77, 3, 999])  # unsorted, repeated, one unknown
+    for limit in (20_000, 2):  # a filtered read, and the masked full read for long lists
+        monkeypatch.setattr(store_module, "VECTORS_FOR_FILTER_MAX", limit)
+        ids, got = store.vectors_for("v", wanted)
+        np.testing.assert_array_equal(ids, [3, 77, 250])
+        np.testing.assert_array_equal(got, vecs[[3, 77, 250]])
+    ids, got = store.vectors_for("v", [999])
+    assert ids.shape == (0,) and got.shape == (0, 8)
+
+
+def test_filtered_search_on_an_approximate_index_falls_back_to_the_allowed_vectors(tmp_path):
+    from vecsim.query import search_index
+
+    vecs = unit(2000, 32)
+    store = store_from_vectors(tmp_path / "s", {"v": vecs}, index="IVF16,Flat")
+    index = store.index("v")
+    index.nprobe = 1  # one list: the few allowed stimuli are mostly elsewhere
+    allowed = np.arange(0, 2000, 97)
+    q = vecs[5:6]
+    from vecsim.index import search
+
+    assert (search(index, q, 10, allowed)[1][0] >= 0).sum() < 10  # the filtered probe alone falls short
+    scores, found = search_index(index, q, 10, allowed, store, "v")
+    s = vecs[allowed] @ q[0]
+    top = allowed[np.argsort(-s, kind="stable")[:10]]
+    np.testing.assert_array_equal(found[0], top)
+    np.testing.assert_allclose(scores[0], np.sort(s)[::-1][:10], rtol=1e-5)

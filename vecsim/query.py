@@ -173,9 +173,7 @@ def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None,
     wanted = min(k, len(allowed))
     if (found[0] >= 0).sum() >= wanted:
         return scores, found
-    ids, vecs = store.vectors(layer)
-    mask = np.isin(ids, allowed)
-    ids, vecs = ids[mask], vecs[mask]
+    ids, vecs = store.vectors_for(layer, allowed)
     s = vecs @ queries[0]
     order = np.argsort(-s, kind="stable")[:k]
     out_s = np.full((1, k), -np.inf, np.float32)

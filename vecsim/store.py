@@ -29,6 +29,7 @@ import numpy as np
 from vecsim._faults import kill_point
 from vecsim.errors import StoreError, StoreExistsError, StoreLockedError, UnknownLayerError, close_matches
 
+VECTORS_FOR_FILTER_MAX = 20_000  # Store.vectors_for: up to this many ids, a filtered read
 FORMAT_VERSION = 2  # 2: vectors normalised before the projection (norm ≤ 1), not renormalised after
 MANIFEST_NAME = "vecsim.json"
 STATUSES = ("fitting", "indexing", "complete")
@@ -338,6 +339,27 @@ class Store:
         flat = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
         vecs = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), self.dim(layer))
         return ids, vecs
+
+    def vectors_for(self, layer: str, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the given stimuli that are in the store, in id order.
+
+        A short list is read with a filter on the table (a few rows of a large store); a long
+        one is masked out of :meth:`vectors`.
+        """
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        if len(wanted) > VECTORS_FOR_FILTER_MAX:
+            all_ids, vecs = self.vectors(layer)
+            mask = np.isin(all_ids, wanted)
+            return all_ids[mask], vecs[mask]
+        wanted = wanted[np.isin(wanted, self.lookup().ids)]  # committed stimuli only, as vectors() gives
+        info = self.layer_info(layer)
+        if len(wanted) == 0:
+            return wanted, np.zeros((0, self.dim(layer)), dtype=np.float32)
+        where = f"id IN ({', '.join(str(int(i)) for i in wanted)})"
+        table = self.table(info["table"]).search().where(where).select(["id", "vector"]).limit(None).to_arrow()
+        table = table.sort_by("id")
+        vecs = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+        return table.column("id").to_numpy(), np.asarray(vecs, dtype=np.float32).reshape(table.num_rows, -1)
 
     def vector_of(self, layer: str, stim_id: int) -> np.ndarray:
         """The stored vector of one stimulus, shape (1, dim)."""

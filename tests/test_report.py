@@ -21,6 +21,7 @@ from vecsim.report import (
     fidelity,
     fidelity_summary,
     roc_auc,
+    similarity_stats,
 )
 from vecsim.store import Store
 
@@ -230,3 +231,14 @@ def test_rankdata_matches_scipy_with_ties():
 
     x = np.random.default_rng(0).integers(0, 20, 500).astype(float)
     np.testing.assert_array_equal(rankdata(x), scipy_rankdata(x))
+
+
+def test_a_reduction_that_flattens_every_similarity_keeps_nothing_of_the_ranking():
+    exact = np.array([0.1, 0.5, 0.9, 0.3])
+    flat = np.full(4, 0.7)
+    stats = similarity_stats(exact, flat)
+    assert stats["spearman"] == 0.0 and stats["pearson"] == 0.0  # shown as 0.000, as fidelity_summary gives
+    assert stats["max_abs_delta"] == pytest.approx(0.6)
+    # when the exact similarities are all equal there is no ranking to keep: undefined, shown as "–"
+    assert similarity_stats(flat, exact)["spearman"] is None
+    assert similarity_stats(exact, exact)["spearman"] == pytest.approx(1.0)

@@ -153,11 +153,21 @@ def _correlation(a: np.ndarray, b: np.ndarray, rank: bool) -> float | None:
     return float(a @ b) / denom if denom > 0 else None
 
 
+def _kept_correlation(exact: np.ndarray, approx: np.ndarray, rank: bool) -> float | None:
+    """:func:`_correlation` of exact and reduced similarities, 0.0 when the reduction made every
+    similarity equal while the exact ones differ (nothing of the ranking is kept); None only
+    when the exact side itself gives nothing to compare."""
+    rho = _correlation(exact, approx, rank)
+    if rho is None and exact.size >= 2 and np.ptp(exact) > 0:
+        return 0.0
+    return rho
+
+
 def similarity_stats(exact_pairs: np.ndarray, approx_pairs: np.ndarray) -> dict:
     delta = np.abs(approx_pairs - exact_pairs)
     return {
-        "spearman": _correlation(exact_pairs, approx_pairs, rank=True),
-        "pearson": _correlation(exact_pairs, approx_pairs, rank=False),
+        "spearman": _kept_correlation(exact_pairs, approx_pairs, rank=True),
+        "pearson": _kept_correlation(exact_pairs, approx_pairs, rank=False),
         "max_abs_delta": float(delta.max()) if delta.size else None,
         "mean_abs_delta": float(delta.mean()) if delta.size else None,
     }
@@ -366,9 +376,7 @@ def fidelity_summary(store) -> dict[str, float]:
         iu = np.triu_indices(len(data["ids"]), 1)
         reduced = np.asarray(data["vectors"], dtype=np.float64)
         exact, kept = data["exact"][iu], np.clip(reduced @ reduced.T, -1, 1)[iu]
-        rho = _correlation(exact, kept, rank=True)
-        if rho is None and np.ptp(exact) > 0:
-            rho = 0.0  # the reduction made every similarity equal: nothing of the ranking is kept
+        rho = _kept_correlation(exact, kept, rank=True)
         if rho is not None:
             out[layer] = rho
     return out

@@ -164,10 +164,27 @@ def new_index(kind: str, dim: int, n: int):
     return faiss.IndexIDMap2(base), spec
 
 
+def _chain(index):
+    """The index and the ones it wraps (ID map, pre-transform), outermost first, each downcast."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    for _ in range(8):
+        yield inner
+        if not hasattr(inner, "index"):
+            return
+        inner = faiss.downcast_index(inner.index)
+
+
+def _first(index, kinds):
+    """The outermost index of the chain that is one of ``kinds``, or None."""
+    return next((inner for inner in _chain(index) if isinstance(inner, kinds)), None)
+
+
 def _supports_ids(index) -> bool:
     import faiss
 
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    inner = next(i for i in _chain(index) if not isinstance(i, faiss.IndexPreTransform))
     return isinstance(inner, faiss.IndexIVF)
 
 
@@ -179,24 +196,16 @@ def training_size(index) -> int:
     """Vectors to train an index on: ~50 per IVF list (and enough for PQ codebooks)."""
     import faiss
 
-    inner = index
-    if isinstance(inner, faiss.IndexPreTransform):
-        inner = faiss.downcast_index(inner.index)
-    if isinstance(inner, faiss.IndexIVF):
-        return max(50 * inner.nlist, 10_000)
-    return 10_000
+    ivf = _first(index, faiss.IndexIVF)
+    return max(50 * ivf.nlist, 10_000) if ivf is not None else 10_000
 
 
 def set_search_params(index, nprobe: int = 32) -> None:
     import faiss
 
-    inner = index
-    for _ in range(3):
-        if isinstance(inner, faiss.IndexIVF):
-            inner.nprobe = min(nprobe, inner.nlist)
-            return
-        if hasattr(inner, "index"):
-            inner = faiss.downcast_index(inner.index)
+    ivf = _first(index, faiss.IndexIVF)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
 
 
 RECALL_TARGET = 0.95
@@ -206,15 +215,11 @@ def _knob(index):
     """(object, attribute, candidate values) of the index's speed/recall setting, or None."""
     import faiss
 
-    inner = faiss.downcast_index(index)
-    for _ in range(4):
-        if isinstance(inner, faiss.IndexHNSW):
-            return inner.hnsw, "efSearch", [64, 128, 256, 512, 1024, 2048]
-        if isinstance(inner, faiss.IndexIVF):
-            return inner, "nprobe", [n for n in (8, 16, 32, 64, 128, 256, 512) if n <= inner.nlist] or [inner.nlist]
-        if not hasattr(inner, "index"):
-            return None
-        inner = faiss.downcast_index(inner.index)
+    inner = _first(index, (faiss.IndexHNSW, faiss.IndexIVF))
+    if isinstance(inner, faiss.IndexHNSW):
+        return inner.hnsw, "efSearch", [64, 128, 256, 512, 1024, 2048]
+    if isinstance(inner, faiss.IndexIVF):
+        return inner, "nprobe", [n for n in (8, 16, 32, 64, 128, 256, 512) if n <= inner.nlist] or [inner.nlist]
     return None
 
 
@@ -238,10 +243,7 @@ def tune_for_recall(index, vectors: np.ndarray, ids: np.ndarray, exclude: np.nda
 def is_exact(index) -> bool:
     import faiss
 
-    inner = index
-    while hasattr(inner, "index") and not isinstance(inner, faiss.IndexFlat):
-        inner = faiss.downcast_index(inner.index)
-    return isinstance(inner, faiss.IndexFlat)
+    return _first(index, faiss.IndexFlat) is not None
 
 
 def to_gpu(index, device: str):

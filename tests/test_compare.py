@@ -231,6 +231,12 @@ def test_prune_amount_zero_leaves_weights_unchanged_and_layerwise_prunes_each_la
         prune_checkpoint("digits-cnn", tmp_path / "lw.pt", 0.3)
     with pytest.raises(ConfigError):
         prune_checkpoint("digits-cnn", tmp_path / "x.pt", 1.5)
+    with pytest.raises(ConfigError, match="scope"):
+        prune_checkpoint("digits-cnn", tmp_path / "x.pt", 0.3, scope="rows")
+    assert not (tmp_path / "x.pt").exists()
+    # the same amounts as prune_model: a numpy scalar (from a sweep) is a number too
+    report = prune_checkpoint("digits-cnn", tmp_path / "np.pt", np.float32(0.25))
+    assert report["amount"] == pytest.approx(0.25) and abs(report["sparsity"] - 0.25) < 0.01
 
 
 # -- spectrum --------------------------------------------------------------------------------

@@ -952,13 +952,10 @@ def prune_checkpoint(
     per-layer sparsity) plus ``out``, ``bytes`` and the source ``model`` description.
     """
     from vecsim.models import load_model
-    from vecsim.prune import SCOPES, prune_model
+    from vecsim.prune import check_prune_args, prune_model
 
     out = Path(out)
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= float(amount) < 1.0:
-        raise ConfigError(f"--amount must be a number in [0, 1), the fraction of weights to zero; got {amount!r}")
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown --scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    amount = check_prune_args(amount, scope)
     if out.is_dir():
         raise OutputExistsError(f"--out {out} is a folder; give a file name such as pruned.pt")
     if out.exists() and not overwrite:
@@ -966,7 +963,7 @@ def prune_checkpoint(
     import torch
 
     loaded = load_model(model, weights=weights, checkpoint=None if checkpoint is None else str(checkpoint))
-    report = prune_model(loaded.module, float(amount), scope)
+    report = prune_model(loaded.module, amount, scope)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(loaded.module.state_dict(), tmp)

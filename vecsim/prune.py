@@ -22,12 +22,15 @@ SCOPES: tuple[str, ...] = ("global", "layerwise")
 DEFAULT_INCLUDE: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
-def _check_amount(amount: float) -> float:
+def check_prune_args(amount: float, scope: str) -> float:
+    """The amount as a float after checking it and the scope (ConfigError otherwise)."""
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
-        raise ConfigError(f"prune amount must be a number in [0, 1), got {amount!r}")
+        raise ConfigError(f"prune amount must be a number in [0, 1), the fraction of weights to zero; got {amount!r}")
     value = float(amount)
     if not (0.0 <= value < 1.0):  # also rejects nan
-        raise ConfigError(f"prune amount must be in [0, 1), got {amount!r}")
+        raise ConfigError(f"prune amount must be in [0, 1), the fraction of weights to zero; got {amount!r}")
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown prune scope {scope!r}; choose one of {', '.join(SCOPES)}")
     return value
 
 
@@ -141,9 +144,7 @@ def prune_model(
     "sparsity"}}}``.  Raises :class:`ConfigError` for amount outside [0, 1), an
     unknown scope or a model without any included layer.
     """
-    amount = _check_amount(amount)
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown prune scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    amount = check_prune_args(amount, scope)
     include = tuple(include)
     for module in model.modules():
         if isinstance(module, include):

@@ -135,3 +135,15 @@ def test_digits_cnn_keeps_similarities_at_dim_32(tmp_path_factory):
     iu = np.triu_indices(len(paths), 1)
     rho = spearmanr(cosine_matrix(raw)[iu], (vecs @ vecs.T)[iu])[0]
     assert rho >= 0.95
+
+
+def test_a_config_built_directly_takes_the_same_loose_forms_as_flags():
+    from vecsim.config import IndexConfig, resolve
+    from vecsim.errors import ConfigError
+
+    given = dict(source="s", model="digits-cnn", out="o", layers="conv1, conv2", dim=64, mean="0.1,0.2,0.3")
+    direct = IndexConfig(**given)
+    assert direct.layers == ["conv1", "conv2"] and direct.dim == "64" and direct.mean == [0.1, 0.2, 0.3]
+    assert direct == resolve(given)
+    with pytest.raises(ConfigError, match="three comma-separated numbers"):
+        IndexConfig(**{**given, "std": "a,b,c"})

@@ -52,6 +52,17 @@ class IndexConfig:
     chunk_size: int = _opt(1024, "stimuli per committed chunk")
     overwrite: bool = _opt(False, "replace a complete store at --out")
 
+    def __post_init__(self) -> None:
+        """The loose forms a flag, a config file or a keyword may give, in their one type:
+        'a,b' layers, an int dim, 'R,G,B' mean/std (also for a config built directly)."""
+        if isinstance(self.layers, str):
+            self.layers = split_list(self.layers)
+        if isinstance(self.dim, int) and not isinstance(self.dim, bool):
+            self.dim = str(self.dim)
+        for name in ("mean", "std"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, parse_floats(getattr(self, name), name))
+
     def validate(self) -> "IndexConfig":
         for name in ("source", "model", "out"):
             if not getattr(self, name):
@@ -118,13 +129,6 @@ def resolve(overrides: dict[str, Any], config_file: str | Path | None = None) ->
     if config_file is not None:
         values.update(load_config_file(config_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("layers"), str):
-        values["layers"] = split_list(values["layers"])
-    if isinstance(values.get("dim"), int):
-        values["dim"] = str(values["dim"])
-    for name in ("mean", "std"):
-        if isinstance(values.get(name), str):
-            values[name] = parse_floats(values[name], name)
     return IndexConfig(**values).validate()
 
 

@@ -31,14 +31,6 @@ def _echo_err(text: str) -> None:
     typer.echo(text, err=True)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 # -- index ---------------------------------------------------------------------------
 
 @app.command("index")
@@ -153,6 +145,8 @@ def format_index(index: dict) -> str:
 
 
 def format_info(info: dict) -> str:
+    from vecsim.store import human_bytes
+
     model = info["model"]
     b = info["bytes"]
     lines = [
@@ -308,7 +302,7 @@ def similarity_cmd(
     """Export pairwise similarity matrices (tiled, memory-bounded) with their row order and provenance."""
     from vecsim.config import split_list
     from vecsim.errors import ConfigError
-    from vecsim.store import Store
+    from vecsim.store import Store, human_bytes
 
     chosen = sum(bool(x) for x in (layer, layers, all_layers))
     if chosen != 1:

@@ -59,6 +59,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vecsim.store import fsync_dir, fsync_path, human_bytes, json_default, package_versions
 from vecsim.errors import (
     ConfigError,
     DeviceError,
@@ -430,50 +431,11 @@ def _check_dtype(dtype) -> np.dtype:
     return _DTYPES[key]
 
 
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
 def _ascii(values) -> np.ndarray:
     """Fixed-length ASCII bytes as rsatoolbox writes strings (None -> '', escapes non-ASCII)."""
     enc = [("" if v is None else str(v)).encode("ascii", "backslashreplace") for v in values]
     width = max([1] + [len(e) for e in enc])
     return np.array(enc, dtype=f"S{width}")
-
-
-def _format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _parquet_bytes_per_entry(n: int, itemsize: int) -> float:
@@ -642,10 +604,10 @@ def export_similarity(
         "labels": [None if lab is None else str(lab) for lab in labels],
         "metadata": metadata,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": package_versions(extra=("h5py", "rsatoolbox")),
     }
     try:
-        prov_json = json.dumps(provenance, default=_json_default, allow_nan=False, indent=1)
+        prov_json = json.dumps(provenance, default=json_default, allow_nan=False, indent=1)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             f"metadata is not JSON-serialisable ({exc}); pass plain dicts, lists, strings and numbers"
@@ -675,8 +637,8 @@ def export_similarity(
         if fmt == "parquet" and triangle == "full":
             hint += " or triangle='upper'"
         raise DiskSpaceError(
-            f"not enough free disk space in {parent}: the export needs {_format_bytes(needed)} "
-            f"({needed} bytes) but only {_format_bytes(free)} ({free} bytes) are free; "
+            f"not enough free disk space in {parent}: the export needs {human_bytes(needed)} "
+            f"({needed} bytes) but only {human_bytes(free)} ({free} bytes) are free; "
             f"free some space, write elsewhere{hint}"
         )
 
@@ -708,7 +670,7 @@ def export_similarity(
                 tmp, names=names, ids=ids_arr, paths=paths, labels=labels, metric=metric,
                 prov_json=prov_json, **common,
             )
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if tmp_side is not None:
             with open(tmp_side, "w", encoding="utf-8") as fh:
                 fh.write(prov_json)
@@ -717,7 +679,7 @@ def export_similarity(
         os.replace(tmp, out)
         if tmp_side is not None:
             os.replace(tmp_side, sidecar)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     finally:
         for p in (tmp, tmp_side):
             if p is not None:
@@ -742,18 +704,6 @@ def export_similarity(
         "device": device,
         "elapsed_s": time.perf_counter() - t_start,
     }
-
-
-def _versions() -> dict:
-    from importlib import metadata as md
-
-    found = {"numpy": np.__version__}
-    for pkg in ("vecsim", "pyarrow", "h5py", "rsatoolbox", "torch"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 # ---- .npy ------------------------------------------------------------------------

@@ -46,11 +46,13 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Installed versions of vecsim's stack (and of the ``extra`` distributions), by name."""
     from importlib import metadata
 
     versions = {}
-    for dist in ("vecsim", "torch", "torchvision", "numpy", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "lancedb", "pyarrow", "pillow"):
+    for dist in ("vecsim", "torch", "torchvision", "numpy", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "lancedb",
+                 "pyarrow", "pillow", *extra):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return versions
@@ -73,12 +75,46 @@ def layer_slugs(layers) -> dict[str, str]:
     return slugs
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a finished file to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames in the folder ``path`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
 def fsync_replace(tmp: Path, target: Path) -> None:
     """Make the finished temporary file ``tmp`` durable, then rename it onto ``target``: a
-    reader (or a crash) sees the old file or the whole new one, never part of it."""
+    reader (or a crash) sees the old file or the whole new one, never part of it; the folder
+    is flushed too, so the rename itself survives a power cut."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, target)
+    fsync_dir(target.parent)
 
 
 def save_array(path: Path, array=None, **arrays) -> None:
@@ -96,22 +132,24 @@ def save_array(path: Path, array=None, **arrays) -> None:
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+        json.dump(obj, fh, indent=2, sort_keys=False, default=json_default)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
     kill_point("manifest-written")
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
+def json_default(obj):
+    """``json.dump``'s ``default``: numpy scalars and arrays as Python values, paths as strings."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
 def json_safe(obj: Any) -> Any:

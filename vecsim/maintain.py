@@ -167,6 +167,7 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
         vectors: dict[str, list] = {layer: [] for layer in store.layers}
         rows: list[dict] = []
         bad = list(failures)
+        by_id = dict(items)
         with LayerCapture(model, store.layers, reducers) as capture, \
                 tqdm(total=len(items), unit="img", desc="adding", disable=not progress, file=sys.stderr) as bar:
             for batch in iter_decoded(root, items, preprocessing, batch_size, workers, manifest["config"].get("max_pixels", 0)):
@@ -180,7 +181,6 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
                     ok &= finite.cpu().numpy()
                 for layer, (vecs, norms, _) in results.items():
                     vectors[layer].append((np.array(batch.ids)[ok], vecs.cpu().numpy()[ok], norms.cpu().numpy()[ok]))
-                by_id = dict(items)
                 for pos, stim_id in enumerate(batch.ids):
                     if ok[pos]:
                         width, height = batch.sizes[pos]

@@ -400,17 +400,26 @@ class _Indexer:
             from vecsim.errors import StimulusSetError
 
             raise StimulusSetError("no stimulus of the training sample could be decoded; see the failures table")
-        from vecsim.stimuli import file_sha256
-        from vecsim.store import save_array
+        import io
+        from concurrent.futures import ThreadPoolExecutor
 
-        for layer, reducer in self.reducers.items():
-            report = reducer.fit(held[layer][:count])
-            reducer.drop_zero_units()
-            layer_dir = self.writer.layer_dir(layer)
-            self.writer.manifest["layers"][layer]["reducer"] = reducer.save(layer_dir)
-            self.writer.manifest["layers"][layer]["transform_sha256"] = file_sha256(layer_dir / "transform.faiss")
-            save_array(layer_dir / "spectrum.npy", np.asarray(report.spectrum, dtype=np.float64))
-            self.writer.create_vector_table(layer, reducer.dim)
+        from vecsim.store import write_files
+
+        # each layer's files are written (fsync included) on a thread while the next layer is fitted
+        with ThreadPoolExecutor(max_workers=1) as writer_thread:
+            written = {}
+            for layer, reducer in self.reducers.items():
+                report = reducer.fit(held[layer][:count])
+                reducer.drop_zero_units()
+                files = reducer.serialise()
+                spectrum = io.BytesIO()
+                np.save(spectrum, np.asarray(report.spectrum, dtype=np.float64))
+                files["spectrum.npy"] = spectrum.getvalue()
+                written[layer] = writer_thread.submit(write_files, files, self.writer.layer_dir(layer))
+                self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
+                self.writer.create_vector_table(layer, reducer.dim)
+            for layer, done in written.items():
+                self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()["transform.faiss"]
         self.writer.save_manifest(status="indexing")  # from here on a killed run resumes, no refit
         kill_point("transforms-saved")
         ids = np.array([r["id"] for r in rows], dtype=np.int64)

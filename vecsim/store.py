@@ -119,7 +119,6 @@ def fsync_replace(tmp: Path, target: Path) -> None:
 
 def write_files(files: dict[str, bytes], directory: Path) -> dict[str, str]:
     """Write each file durably and atomically (temporary name, fsync, rename); their sha256 by name."""
-
     directory.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, data in files.items():

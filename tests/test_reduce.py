@@ -147,3 +147,19 @@ def test_the_chain_never_writes_into_the_layer_output(cfg):
     z = reducer.reduce_pooled(x, finite)
     assert z.data_ptr() != out.data_ptr() and not bool(finite[2]) and bool(torch.all(z[2] == 0))
     torch.testing.assert_close(out, before, equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [5, 128, 129, 300])
+def test_add_gram_equals_the_full_product_and_stays_symmetric(n):
+    from vecsim.reduce import add_gram
+
+    gen = torch.Generator().manual_seed(n)
+    z = torch.randn(n, 70, generator=gen, dtype=torch.float64)
+    out = torch.full((n, n), 0.25, dtype=torch.float64)
+    add_gram(out, z)
+    torch.testing.assert_close(out, z @ z.T + 0.25, rtol=0, atol=1e-12)
+    assert torch.equal(out, out.T)
+    cols = torch.randn(70, n, generator=gen, dtype=torch.float64).T  # a transposed view, as for the d x d Gram
+    out = torch.zeros(n, n, dtype=torch.float64)
+    add_gram(out, cols)
+    torch.testing.assert_close(out, cols @ cols.T, rtol=0, atol=1e-12)

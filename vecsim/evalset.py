@@ -84,26 +84,36 @@ class LayerEval:
             if self.grid else None
         )
 
-    def add(self, slots: list[int], x, output) -> None:
-        """x: (b, units) float32 pooled raw vectors on the device for these slots."""
+    def add(self, slots: list[int], x, output, rows=None) -> None:
+        """x: (B, units) float32 pooled raw vectors on the device; ``rows`` (a device index
+        tensor, default all) picks the ones for these slots, in order. ``output`` is the
+        layer's (B, ...) output, for the per-channel responses.
+
+        The rows go straight into the held block (one copy, no intermediate gather).
+        """
         import torch
         import torch.nn.functional as F
 
-        xs = x.to(torch.float32)
         count, b = len(self.slots), len(slots)
-        self.sums[slots] = xs.sum(dim=1).double().cpu().numpy()
+        if rows is None:
+            rows = torch.arange(x.shape[0], device=x.device)
+        dest = self.held[count : count + b]
         if self.held.dtype == torch.float32:
-            self.held[count : count + b] = xs
+            torch.index_select(x, 0, rows, out=dest)
+            self.sums[slots] = dest.sum(dim=1, dtype=torch.float64).cpu().numpy()
         else:
+            xs = x.index_select(0, rows)
+            self.sums[slots] = xs.sum(dim=1, dtype=torch.float64).cpu().numpy()
             scale = xs.abs().amax(dim=1).clamp(min=1e-30)
-            self.held[count : count + b] = (xs / scale[:, None]).to(self.held.dtype)
+            dest.copy_(xs.div_(scale[:, None]))
             self.scale[count : count + b] = scale
         self.slots.extend(slots)
         self.filled[slots] = True
         self._gram_done = False
         if self.channel_responses is not None and output is not None and output.ndim == 4:
+            # pooled before picking the rows: no copy of the output (.float() is free for float32)
             pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
-            self.channel_responses[slots] = pooled.cpu().numpy()
+            self.channel_responses[slots] = pooled.index_select(0, rows.to(pooled.device)).cpu().numpy()
 
     def compute_gram(self) -> None:
         """The Gram matrix of everything held: float32 products over column chunks."""
@@ -112,15 +122,17 @@ class LayerEval:
         count = len(self.slots)
         if count == 0 or self._gram_done:
             return
+        from vecsim.reduce import add_gram
+
         held = self.held[:count]
+        gram = torch.zeros(count, count, dtype=torch.float32, device=held.device)
         if held.dtype == torch.float32:
-            gram = (held @ held.T).double()
+            add_gram(gram, held)
+            gram = gram.double()
         else:
-            gram = torch.zeros(count, count, dtype=torch.float32, device=held.device)
             chunk = max(1, CHUNK_BYTES // (4 * count))
             for start in range(0, self.units, chunk):
-                block = held[:, start : start + chunk].to(torch.float32)
-                gram.addmm_(block, block.T)
+                add_gram(gram, held[:, start : start + chunk].to(torch.float32))
             scale = self.scale[:count].double()
             gram = gram.double() * scale[:, None] * scale[None, :]
         self.gram[np.ix_(self.slots, self.slots)] = gram.cpu().numpy()
@@ -178,8 +190,7 @@ class EvalSubset:
         keep = [i for i, ok in enumerate(finite[idx].cpu().tolist()) if ok]
         if not keep:
             return
-        sel = idx[keep]
-        self.layers[layer].add([slots[i] for i in keep], x[sel], output[sel] if output is not None else None)
+        self.layers[layer].add([slots[i] for i in keep], x, output, rows=idx[keep])
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""

@@ -443,6 +443,22 @@ def normalise_rows(z):
     return z / torch.clamp(norms, min=1e-30)
 
 
+GRAM_TILE = 128
+
+
+def add_gram(out, z) -> None:
+    """``out += z @ z.T`` for a symmetric ``out``: only the tiles on and above the diagonal are
+    computed (about half the products for many rows), then mirrored, so ``out`` stays
+    exactly symmetric."""
+    import torch
+
+    n = z.shape[0]
+    upper = torch.zeros_like(out)
+    for start in range(0, n, GRAM_TILE):
+        upper[start : start + GRAM_TILE, start:] = z[start : start + GRAM_TILE] @ z[start:].T
+    out += torch.triu(upper) + torch.triu(upper, 1).T
+
+
 def _top_directions(z):
     """Eigenvalues (descending) of zᵀz and its eigenvectors as (dim_in, r) columns.
 
@@ -456,8 +472,7 @@ def _top_directions(z):
     if n <= d:
         gram = torch.zeros(n, n, dtype=torch.float64)
         for start in range(0, d, GRAM_BLOCK):
-            block = z[:, start : start + GRAM_BLOCK].to(torch.float64)
-            gram += block @ block.T
+            add_gram(gram, z[:, start : start + GRAM_BLOCK].to(torch.float64))
         evals, evecs = torch.linalg.eigh(gram)
         evals, evecs = evals.flip(0), evecs.flip(1)
         evecs = _fix_signs(evecs)
@@ -471,8 +486,7 @@ def _top_directions(z):
         return evals, basis
     second = torch.zeros(d, d, dtype=torch.float64)
     for start in range(0, n, GRAM_BLOCK):
-        block = z[start : start + GRAM_BLOCK].to(torch.float64)
-        second += block.T @ block
+        add_gram(second, z[start : start + GRAM_BLOCK].to(torch.float64).T)
     evals, evecs = torch.linalg.eigh(second)
     evals, evecs = evals.flip(0), _fix_signs(evecs.flip(1))
     return evals, evecs.to(torch.float32)

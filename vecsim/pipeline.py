@@ -405,7 +405,10 @@ class _Indexer:
 
         from vecsim.store import write_files
 
-        # each layer's files are written (fsync included) on a thread while the next layer is fitted
+        # each layer's files are written (fsync included) on a thread while the next layer is
+        # fitted and the training sample is projected and committed; the manifest names them
+        # (status 'indexing': from then on a killed run resumes, no refit) once they are on disk.
+        # Killed before that, the run starts again (status 'fitting'), committed rows or not.
         with ThreadPoolExecutor(max_workers=1) as writer_thread:
             written = {}
             for layer, reducer in self.reducers.items():
@@ -418,19 +421,19 @@ class _Indexer:
                 written[layer] = writer_thread.submit(write_files, files, self.writer.layer_dir(layer))
                 self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
                 self.writer.create_vector_table(layer, reducer.dim)
+            ids = np.array([r["id"] for r in rows], dtype=np.int64)
+            for start in range(0, count, self.config.chunk_size):
+                stop = min(start + self.config.chunk_size, count)
+                vectors = {}
+                for layer, reducer in self.reducers.items():
+                    z = reducer.restrict_prepared(held[layer][start:stop].to(self.device))
+                    vectors[layer] = (ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())
+                self.writer.append(rows[start:stop], vectors, self._take_failures(), self.run_id)
+            del held
             for layer, done in written.items():
                 self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()["transform.faiss"]
-        self.writer.save_manifest(status="indexing")  # from here on a killed run resumes, no refit
+        self.writer.save_manifest(status="indexing")
         kill_point("transforms-saved")
-        ids = np.array([r["id"] for r in rows], dtype=np.int64)
-        for start in range(0, count, self.config.chunk_size):
-            stop = min(start + self.config.chunk_size, count)
-            vectors = {}
-            for layer, reducer in self.reducers.items():
-                z = reducer.restrict_prepared(held[layer][start:stop].to(self.device))
-                vectors[layer] = (ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())
-            self.writer.append(rows[start:stop], vectors, self._take_failures(), self.run_id)
-        del held
         return count
 
     def _stream_pass(self, items, bar) -> int:

@@ -424,11 +424,11 @@ class _Indexer:
             ids = np.array([r["id"] for r in rows], dtype=np.int64)
             for start in range(0, count, self.config.chunk_size):
                 stop = min(start + self.config.chunk_size, count)
-                vectors = {}
+                pending = {}
                 for layer, reducer in self.reducers.items():
                     z = reducer.restrict_prepared(held[layer][start:stop].to(self.device))
-                    vectors[layer] = (ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())
-                self.writer.append(rows[start:stop], vectors, self._take_failures(), self.run_id)
+                    pending[layer] = [(ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())]
+                self._commit(rows[start:stop], pending)
             del held
             for layer, done in written.items():
                 self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()["transform.faiss"]

@@ -405,3 +405,39 @@ def test_identical_rows_are_exactly_one_across_tiles_and_formats(data, tmp_path)
     assert rdm[3, 280] == rdm[41, 200] == 0.0
     with pytest.raises(ConfigError, match="outside"):
         sim.similarity_matrix(data.V, identical=[[0, N]])
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_tiles_hold_one_earlier_strip_at_a_time(threads):
+    # the export reads earlier rows back through file maps whose touched pages count as RSS:
+    # each must be released before the next is asked for, or memory grows with N
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Strip(np.ndarray):
+        pass
+
+    _, V = _unit_vectors(50, 6, seed=3, zero_row=None)
+    n, tile = len(V), 7
+    out = np.zeros((n, n), dtype=np.float32)
+    live: list = []
+
+    def target(r0, r1):
+        return out[r0:r1]
+
+    def source(s0, s1):
+        assert all(ref() is None for ref in live), "an earlier strip is still held"
+        strip = out[s0:s1].copy().view(Strip)
+        live.append(weakref.ref(strip))
+        return strip
+
+    pool = ThreadPoolExecutor(threads) if threads else None
+    try:
+        sim._fill_symmetric(V, np.zeros(n, bool), tile, "cpu", False, target, source,
+                            lambda r0, r1, rows: None, pool=pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    assert len(live) == sum(range(n // tile + 1))  # one strip per earlier tile, per tile
+    np.testing.assert_allclose(out, np.clip(V @ V.T, -1, 1) * (1 - np.eye(n)) + np.eye(n), atol=1e-6)
+    assert np.array_equal(out, out.T)

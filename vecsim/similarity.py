@@ -295,12 +295,13 @@ def _row_parts(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _place_rows(dst, S, r0: int, sources, srcs, a0: int, a1: int) -> None:
-    """Rows ``a0:a1`` of a tile: columns ``r0:`` from the block ``S`` (converted to the
-    output dtype), columns ``:r0`` from the transposed strips of earlier rows."""
-    dst[a0:a1, r0:] = S[a0:a1]
-    for (s0, s1), src in zip(sources, srcs):
-        dst[a0:a1, s0:s1] = src[:, r0 + a0 : r0 + a1].T
+def _run_rows(pool, rows: int, fn) -> None:
+    """``fn(a0, a1)`` over ``rows`` split by rows across ``pool``'s threads (or at once without one)."""
+    if pool is None:
+        fn(0, rows)
+        return
+    for fut in [pool.submit(fn, a0, a1) for a0, a1 in _row_parts(rows, _post_threads())]:
+        fut.result()
 
 
 def _fill_symmetric(
@@ -329,15 +330,20 @@ def _fill_symmetric(
         R = r1 - r0
         _symmetrize_diagonal_block(S[:, :R])
         dst = target(r0, r1)
-        sources = [(s0, min(r0, s0 + tile_rows)) for s0 in range(0, r0, tile_rows)]
-        srcs = [source(s0, s1) for s0, s1 in sources]
-        if pool is None:
-            _place_rows(dst, S, r0, sources, srcs, 0, R)
-        else:
-            parts = _row_parts(R, _post_threads())
-            for fut in [pool.submit(_place_rows, dst, S, r0, sources, srcs, a0, a1) for a0, a1 in parts]:
-                fut.result()
-        del srcs  # a file map is unmapped here, keeping RSS to the touched pages of one tile
+
+        def upper(a0: int, a1: int, dst=dst, S=S, r0=r0) -> None:
+            dst[a0:a1, r0:] = S[a0:a1]  # the dtype conversion
+
+        _run_rows(pool, R, upper)
+        for s0 in range(0, r0, tile_rows):
+            s1 = min(r0, s0 + tile_rows)
+            src = source(s0, s1)
+
+            def mirror(a0: int, a1: int, dst=dst, src=src, r0=r0, s0=s0, s1=s1) -> None:
+                dst[a0:a1, s0:s1] = src[:, r0 + a0 : r0 + a1].T
+
+            _run_rows(pool, R, mirror)
+            del src, mirror  # a file map is unmapped here, keeping RSS to one tile's strip
         done(r0, r1, dst)
         del dst
 

@@ -400,10 +400,15 @@ class _Indexer:
             from vecsim.errors import StimulusSetError
 
             raise StimulusSetError("no stimulus of the training sample could be decoded; see the failures table")
-        import io
         from concurrent.futures import ThreadPoolExecutor
 
-        from vecsim.store import write_files
+        from vecsim.stimuli import file_sha256
+        from vecsim.store import save_array
+
+        def save(reducer, spectrum, layer_dir: Path) -> str:
+            reducer.save(layer_dir)
+            save_array(layer_dir / "spectrum.npy", spectrum)
+            return file_sha256(layer_dir / "transform.faiss")
 
         # each layer's files are written (fsync included) on a thread while the next layer is
         # fitted and the training sample is projected and committed; the manifest names them
@@ -414,11 +419,8 @@ class _Indexer:
             for layer, reducer in self.reducers.items():
                 report = reducer.fit(held[layer][:count])
                 reducer.drop_zero_units()
-                files = reducer.serialise()
-                spectrum = io.BytesIO()
-                np.save(spectrum, np.asarray(report.spectrum, dtype=np.float64))
-                files["spectrum.npy"] = spectrum.getvalue()
-                written[layer] = writer_thread.submit(write_files, files, self.writer.layer_dir(layer))
+                spectrum = np.asarray(report.spectrum, dtype=np.float64)
+                written[layer] = writer_thread.submit(save, reducer, spectrum, self.writer.layer_dir(layer))
                 self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
                 self.writer.create_vector_table(layer, reducer.dim)
             ids = np.array([r["id"] for r in rows], dtype=np.int64)
@@ -431,7 +433,7 @@ class _Indexer:
                 self._commit(rows[start:stop], pending)
             del held
             for layer, done in written.items():
-                self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()["transform.faiss"]
+                self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()
         self.writer.save_manifest(status="indexing")
         kill_point("transforms-saved")
         return count

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vecsim.errors import ConfigError, DimensionMismatchError
-from vecsim.store import write_files
+from vecsim.store import fsync_replace, save_array
 
 SIMILARITIES = ("cosine", "correlation")
 POOLINGS = ("flatten", "avg", "max")  # plus "grid:K"
@@ -349,32 +349,28 @@ class LayerReducer:
 
     # -- persistence -------------------------------------------------------------
     def save(self, directory: Path) -> dict:
-        """Write ``transform.faiss`` (the fitted LinearTransform) atomically; returns its description."""
-        write_files(self.serialise(), directory)
-        return self.describe()
+        """Write ``transform.faiss`` (the fitted LinearTransform) atomically; returns its description.
 
-    def serialise(self) -> dict[str, bytes]:
-        """The files :meth:`save` writes, as bytes by file name (``transform.faiss``, and
-        ``kept_units.npy`` with --drop-zero-units), so they can be hashed and written on a thread."""
-        import io
-
+        Touches only this reducer's fitted arrays, so it can run on a thread while another
+        layer is fitted (FAISS and the file writes release the GIL).
+        """
         import faiss
         import numpy as np
 
+        directory.mkdir(parents=True, exist_ok=True)
         matrix = np.ascontiguousarray(self.matrix.cpu().numpy(), dtype=np.float32)
         transform = faiss.LinearTransform(self.dim_in, matrix.shape[0], self.bias is not None)
         faiss.copy_array_to_vector(matrix.ravel(), transform.A)
         bias = self.bias.cpu().numpy() if self.bias is not None else np.zeros(matrix.shape[0], np.float32)
         faiss.copy_array_to_vector(np.ascontiguousarray(bias, dtype=np.float32), transform.b)
         transform.is_trained = True
-        writer = faiss.VectorIOWriter()
-        faiss.write_VectorTransform(transform, writer)
-        files = {"transform.faiss": faiss.vector_to_array(writer.data).tobytes()}
         if self.kept is not None:
-            buf = io.BytesIO()
-            np.save(buf, self.kept.cpu().numpy().astype(np.int64))
-            files["kept_units.npy"] = buf.getvalue()
-        return files
+            save_array(directory / "kept_units.npy", self.kept.cpu().numpy().astype(np.int64))
+        target = directory / "transform.faiss"
+        tmp = target.with_suffix(".faiss.tmp")
+        faiss.write_VectorTransform(transform, str(tmp))
+        fsync_replace(tmp, target)
+        return self.describe()
 
     def describe(self) -> dict:
         return {

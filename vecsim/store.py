@@ -117,20 +117,6 @@ def fsync_replace(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-def write_files(files: dict[str, bytes], directory: Path) -> dict[str, str]:
-    """Write each file durably and atomically (temporary name, fsync, rename); their sha256 by name."""
-    directory.mkdir(parents=True, exist_ok=True)
-    digests = {}
-    for name, data in files.items():
-        target = directory / name
-        tmp = target.with_name(name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        fsync_replace(tmp, target)
-        digests[name] = hashlib.sha256(data).hexdigest()
-    return digests
-
-
 def save_array(path: Path, array=None, **arrays) -> None:
     """One array as .npy (``array``) or several as .npz (keywords), written through fsync_replace."""
     if (array is None) == (not arrays):

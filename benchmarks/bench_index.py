@@ -10,7 +10,8 @@ The bare loop does decode + forward only: no hooks, nothing kept, nothing writte
 Each side is timed from before the model is built to the end of its work, so vecsim's
 discovery, fitting, store writes and index build all count against it. Library imports
 are outside both clocks (torch and torchvision on both sides, and lancedb, which only
-vecsim needs: its import is timed apart and a second ratio counts it in). Prints images/s
+vecsim needs: a third child runs vecsim index without it imported, so vecsim imports it
+on its thread during the run, and a second ratio reports that). Prints images/s
 of both, the ratio, peak RSS of each child, and the store size against the raw float32
 activations it replaces (fitted transforms and the evaluation subset reported apart,
 as fixed costs).
@@ -78,7 +79,8 @@ def child_index(args) -> dict:
     from vecsim.store import Store, _lancedb
 
     imported = time.perf_counter()
-    _lancedb()  # a library import, outside the clock like torch's (timed and reported apart)
+    if args.child == "index":  # "index-cold" leaves it to vecsim, which imports it on a thread during the run
+        _lancedb()  # a library import, outside the clock like torch's (timed and reported apart)
     start = time.perf_counter()
     summary = vecsim.index_stimuli(
         source=args.images, model=args.model, weights="none", size=args.size, layers=args.layers.split(","),
@@ -113,7 +115,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--eval-size", type=int, default=500,
                    help="vecsim's evaluation subset (exact raw Gram for the fidelity report); 0 = off")
-    p.add_argument("--child", choices=["bare", "index"])
+    p.add_argument("--child", choices=["bare", "index", "index-cold"])
     p.add_argument("--images")
     p.add_argument("--out")
     args = p.parse_args()
@@ -128,10 +130,11 @@ def main() -> None:
     try:
         args.images = str(work / "images")
         make_images(Path(args.images), args.n)
-        bare, index = [], []
-        for r in range(args.repeats):  # alternate, so drift in machine speed hits both sides
+        bare, index, cold = [], [], []
+        for r in range(args.repeats):  # alternate, so drift in machine speed hits every side
             bare.append(run_child("bare", args, []))
             index.append(run_child("index", args, ["--out", str(work / f"store{r}")]))
+            cold.append(run_child("index-cold", args, ["--out", str(work / f"cold{r}")]))
         best_bare = min(bare, key=lambda d: d["seconds"])
         best_index = min(index, key=lambda d: d["seconds"])
         bare_rate = best_bare["images"] / best_bare["seconds"]
@@ -145,10 +148,14 @@ def main() -> None:
         print(f"  vecsim index  {index_rate:8.2f} img/s   ({best_index['seconds']:.2f} s, peak RSS {best_index['peak_rss_mb']:.0f} MB)")
         print(f"  ratio index/bare = {index_rate / bare_rate:.3f}   (target >= 0.85; best of {args.repeats} each)")
         lance_s = best_index["import_lancedb_seconds"]
-        print(f"  library imports are outside both clocks (torch, torchvision; vecsim's lancedb, {lance_s:.2f} s here); "
-              f"with the lancedb import counted: {best_index['images'] / (best_index['seconds'] + lance_s):.2f} img/s, "
-              f"ratio {best_bare['seconds'] / (best_index['seconds'] + lance_s):.3f}")
-        print(f"  all runs (s): bare {[round(d['seconds'], 2) for d in bare]}, index {[round(d['seconds'], 2) for d in index]}")
+        best_cold = min(cold, key=lambda d: d["seconds"])
+        print(f"  library imports are outside both clocks (torch, torchvision; lancedb, which only vecsim needs, "
+              f"took {lance_s:.2f} s)")
+        print(f"  vecsim index with lancedb not yet imported (vecsim imports it on a thread during the run): "
+              f"{best_cold['images'] / best_cold['seconds']:.2f} img/s ({best_cold['seconds']:.2f} s), "
+              f"ratio {best_bare['seconds'] / best_cold['seconds']:.3f}")
+        print(f"  all runs (s): bare {[round(d['seconds'], 2) for d in bare]}, index {[round(d['seconds'], 2) for d in index]}, "
+              f"index with the lancedb import {[round(d['seconds'], 2) for d in cold]}")
         print("  storage per layer (per stimulus: vectors table + FAISS index share, vs raw float32):")
         n = info["counts"]["stimuli"]
         per_layer_data = b["data"] / n / len(info["layers"])

@@ -62,3 +62,24 @@ def test_held_subset_gram_over_column_chunks_equals_the_exact_one(monkeypatch):
         np.testing.assert_allclose(exact_similarity(got), cosine_matrix(x), atol=2e-3 if dtype == "float16" else 1e-5)
         np.testing.assert_allclose(np.diag(got["gram"]), (x * x).sum(1), rtol=2e-3 if dtype == "float16" else 1e-5)
         np.testing.assert_allclose(got["sums"], x.sum(1), rtol=1e-4)
+
+
+def test_row_sums_are_float64_accurate_without_a_float64_copy():
+    import subprocess
+    import sys
+
+    # a fresh interpreter, so the peak RSS it reports is this computation's, not earlier tests'
+    code = """
+import resource, torch, numpy as np
+from vecsim.evalset import _row_sums
+x = torch.randn(16, 2_000_000, generator=torch.Generator().manual_seed(0)) + 1e3
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sums = _row_sums(x)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+exact = x.double().sum(dim=1).numpy()
+print(grown, float(np.max(np.abs(sums - exact) / np.abs(exact))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_mb, rel_error = map(float, out.stdout.split())
+    assert rel_error < 1e-12  # float64 accumulation (a large common offset makes float32 drift)
+    assert grown_mb < 120  # a float64 copy of the block would be 256 MB

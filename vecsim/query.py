@@ -137,8 +137,8 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
         exact_self = not exclude_self and bool(np.any(queries[name]))
         ranked = _rank_with_twins(scores[0], found[0], drop=selves if exclude_self or exact_self else (),
                                   first=selves_allowed if exact_self else (), k=k)
-        for rank, (score, stim_id) in enumerate(ranked, start=1):
-            pos = lookup.position(np.array([stim_id]))[0]
+        positions = lookup.position(np.array([stim_id for _, stim_id in ranked], dtype=np.int64)).tolist()
+        for rank, ((score, stim_id), pos) in enumerate(zip(ranked, positions), start=1):
             hits.append({"layer": name, "rank": rank, "id": stim_id, "path": str(lookup.paths[pos]),
                          "label": lookup.labels[pos], "cosine": score})
     return hits
@@ -153,8 +153,9 @@ def _rank_with_twins(scores, found, drop, first, k: int) -> list[tuple[float, in
     caller drops them from the search results and, unless excluded, puts them first.
     """
     drop = {int(i) for i in drop}
-    ranked = [(float(np.clip(score, -1.0, 1.0)), int(stim_id)) for score, stim_id in zip(scores, found)
-              if stim_id >= 0 and int(stim_id) not in drop]
+    ranked = [(min(1.0, max(-1.0, score)), stim_id)
+              for score, stim_id in zip(np.asarray(scores, dtype=np.float64).tolist(), np.asarray(found).tolist())
+              if stim_id >= 0 and stim_id not in drop]
     return ([(1.0, int(i)) for i in first] + ranked)[:k]
 
 

@@ -163,3 +163,19 @@ def test_add_gram_equals_the_full_product_and_stays_symmetric(n):
     out = torch.zeros(n, n, dtype=torch.float64)
     add_gram(out, cols)
     torch.testing.assert_close(out, cols @ cols.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_zero_rows_never_writes_its_input_and_copies_on_the_cpu_only_when_needed(on_device):
+    from vecsim.reduce import zero_rows
+
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    x[1, 2] = float("nan")
+    keep = torch.tensor([True, False, True])
+    before = x.clone()
+    out, fresh = zero_rows(x, keep, on_device)
+    assert fresh and out.data_ptr() != x.data_ptr()
+    assert torch.equal(out[1], torch.zeros(4)) and torch.equal(out[[0, 2]], before[[0, 2]])
+    assert torch.equal(torch.nan_to_num(x, nan=-1), torch.nan_to_num(before, nan=-1))  # input untouched
+    out, fresh = zero_rows(x[[0, 2]], torch.tensor([True, True]), on_device)
+    assert fresh == on_device  # the sync-free device path always copies; the CPU path not for a clean batch

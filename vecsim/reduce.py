@@ -239,10 +239,7 @@ class LayerReducer:
 
         Non-finite rows are zeroed so they cannot poison a fit or a batch product.
         """
-        fresh = False
-        if not bool(finite.all()):
-            x, fresh = x.clone(), True
-            x[~finite] = 0.0
+        x, fresh = zero_rows(x, finite, on_device=x.device.type != "cpu")
         if self.config.drop_zero_units:
             if self.kept is None:  # fitting: remember which units were ever non-zero
                 seen = (x != 0).any(dim=0)
@@ -429,6 +426,23 @@ class LayerReducer:
         if fit:
             reducer.report = FitReport(**fit, spectrum=[])
         return reducer.to(device)
+
+
+def zero_rows(x, keep, on_device: bool = False):
+    """(x with the rows where ``keep`` is False set to zero, whether that is a new tensor); ``x``
+    itself is never modified.
+
+    On the CPU the mask is checked first, so the usual all-finite batch costs no copy. On a
+    GPU that check would make the host wait for the device in the middle of the forward
+    pass (inside the hook), so the masked copy is made unconditionally there; it is cheap.
+    """
+    if on_device:
+        return x.masked_fill(~keep[:, None], 0.0), True
+    if bool(keep.all()):
+        return x, False
+    x = x.clone()
+    x[~keep] = 0.0
+    return x, True
 
 
 def normalise_rows(z):

@@ -255,7 +255,9 @@ def _labels(store, ids: np.ndarray) -> np.ndarray | None:
 
 
 def _store_has_labels(store) -> bool:
-    labels = store.table("stimuli").search().select(["label"]).limit(None).to_arrow().column("label")
+    from vecsim.store import read_table
+
+    labels = read_table(store.table("stimuli"), ["label"]).column("label")
     return labels.null_count < len(labels)
 
 

@@ -338,10 +338,7 @@ class Store:
             raise StoreError(f"{self.path}: table {name!r} cannot be opened ({type(exc).__name__}); run `vecsim verify`") from None
 
     def _read(self, name: str, columns: list[str] | None = None):
-        query = self.table(name).search()
-        if columns is not None:
-            query = query.select(columns)
-        return query.limit(None).to_arrow()
+        return read_table(self.table(name), columns)
 
     def stimuli(self):
         """All indexed stimuli as an Arrow table, in id order."""
@@ -565,6 +562,14 @@ def _size(path: Path) -> int:
     return total
 
 
+def read_table(table, columns: list[str] | None = None):
+    """All rows of an open LanceDB table (only ``columns`` when given) as an Arrow table."""
+    query = table.search()
+    if columns is not None:
+        query = query.select(columns)
+    return query.limit(None).to_arrow()
+
+
 # -- writing ---------------------------------------------------------------------
 
 class StoreWriter:
@@ -612,15 +617,18 @@ class StoreWriter:
         writer._tables_ready = True
         return writer
 
+    def _column(self, table: str, column: str) -> list:
+        return read_table(self.db.open_table(table), [column]).column(column).to_pylist()
+
     def committed_paths(self) -> dict[int, str]:
-        table = self.db.open_table("stimuli").search().select(["id", "path"]).limit(None).to_arrow()
+        table = read_table(self.db.open_table("stimuli"), ["id", "path"])
         return dict(zip(table.column("id").to_pylist(), table.column("path").to_pylist()))
 
     def drop_uncommitted(self, committed: set[int]) -> None:
         """Delete vector rows of a half-written chunk and the failures the rerun will find again."""
         for layer, entry in self.manifest["layers"].items():
             table = self.db.open_table(entry["table"])
-            ids = table.search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+            ids = read_table(table, ["id"]).column("id").to_pylist()
             stray = sorted(set(ids) - committed)
             for lo in range(0, len(stray), 10_000):
                 table.delete(f"id IN ({','.join(map(str, stray[lo:lo + 10_000]))})")
@@ -628,8 +636,7 @@ class StoreWriter:
 
     def next_stimulus_id(self) -> int:
         """One past every id used so far (stimuli and failures), so ids are never reused."""
-        ids = self.db.open_table("stimuli").search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
-        failed = self.db.open_table("failures").search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+        ids, failed = self._column("stimuli", "id"), self._column("failures", "id")
         candidates = self.manifest.get("source", {}).get("candidates", 0)
         return max([candidates - 1, *ids, *(i for i in failed if i is not None)]) + 1
 
@@ -637,8 +644,7 @@ class StoreWriter:
         return self.db.open_table("stimuli").count_rows()
 
     def next_run_id(self) -> int:
-        runs = self.db.open_table("runs").search().select(["run"]).limit(None).to_arrow().column("run").to_pylist()
-        failures = self.db.open_table("failures").search().select(["run"]).limit(None).to_arrow().column("run").to_pylist()
+        runs, failures = self._column("runs", "run"), self._column("failures", "run")
         return max([0, *runs, *failures]) + 1
 
     def _ensure_tables(self) -> None:

@@ -336,7 +336,9 @@ def exact_search_one(index, query: np.ndarray, k: int):
         return None
     half, xb, ids = _half_copy(index)
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
-    if float(np.linalg.norm(q)) > 1.0 + 1e-3:  # the rounding bound holds for norms up to 1
+    from vecsim.store import NORM_SLACK
+
+    if float(np.linalg.norm(q)) > 1.0 + NORM_SLACK:  # the rounding bound holds for stored norms (<= 1)
         return None
     approx = torch.mv(half, torch.from_numpy(q).half()).float()
     top = torch.topk(approx, HALF_SCAN_CANDIDATES)

@@ -10,6 +10,7 @@ import numpy as np
 
 from vecsim.errors import StimulusSetError, StoreError
 from vecsim.stimuli import file_sha256
+from vecsim.store import NORM_SLACK
 
 
 def faiss_ids(index) -> np.ndarray | None:
@@ -76,7 +77,7 @@ def _verify_layer(store, layer: str, stimulus_ids: np.ndarray) -> list[str]:
     if bad.any():
         problems.append(f"{int(bad.sum())} vectors contain NaN or Inf (ids {vec_ids[bad][:5].tolist()})")
     norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0), axis=1)
-    off = ~bad & (norms > 1 + 1e-3)
+    off = ~bad & (norms > 1 + NORM_SLACK)
     if off.any():
         problems.append(f"{int(off.sum())} vectors are longer than unit norm (ids {vec_ids[off][:5].tolist()}); "
                         "a projected unit vector cannot be")

@@ -82,7 +82,8 @@ _FORMATS = {".npy": "npy", ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 _METRICS = ("cosine", "correlation")
 _TRIANGLES = ("full", "upper")
-_UNIT_TOL = 1e-2  # how far above 1 a row norm may be (float16 storage, rounding)
+_UNIT_TOL = 1e-2  # how far above 1 a caller's row norm may be: looser than a store's NORM_SLACK,
+# since vectors passed in directly may have been kept in float16
 _PROVENANCE_VERSION = 1
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from vecsim._faults import kill_point
 from vecsim.errors import StoreError, StoreExistsError, StoreLockedError, UnknownLayerError, close_matches
 
+NORM_SLACK = 1e-3  # a stored vector's norm is at most 1; float32 rounding may add this much
 VECTORS_FOR_FILTER_MAX = 20_000  # Store.vectors_for: up to this many ids, a filtered read
 FORMAT_VERSION = 2  # 2: vectors normalised before the projection (norm ≤ 1), not renormalised after
 MANIFEST_NAME = "vecsim.json"

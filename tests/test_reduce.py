@@ -150,18 +150,21 @@ def test_the_chain_never_writes_into_the_layer_output(cfg):
 
 
 @pytest.mark.parametrize("n", [5, 128, 129, 300])
-def test_add_gram_equals_the_full_product_and_stays_symmetric(n):
-    from vecsim.reduce import add_gram
+def test_add_gram_then_mirror_equals_the_full_product_and_is_symmetric(n):
+    from vecsim.reduce import add_gram, mirror_upper
 
     gen = torch.Generator().manual_seed(n)
     z = torch.randn(n, 70, generator=gen, dtype=torch.float64)
     out = torch.full((n, n), 0.25, dtype=torch.float64)
-    add_gram(out, z)
+    add_gram(out, z[:, :30])  # accumulated over column blocks, as the callers do
+    add_gram(out, z[:, 30:])
+    mirror_upper(out)
     torch.testing.assert_close(out, z @ z.T + 0.25, rtol=0, atol=1e-12)
     assert torch.equal(out, out.T)
     cols = torch.randn(70, n, generator=gen, dtype=torch.float64).T  # a transposed view, as for the d x d Gram
     out = torch.zeros(n, n, dtype=torch.float64)
     add_gram(out, cols)
+    mirror_upper(out)
     torch.testing.assert_close(out, cols @ cols.T, rtol=0, atol=1e-12)
 
 

@@ -134,17 +134,19 @@ class LayerEval:
         count = len(self.slots)
         if count == 0 or self._gram_done:
             return
-        from vecsim.reduce import add_gram
+        from vecsim.reduce import add_gram, mirror_upper
 
         held = self.held[:count]
         gram = torch.zeros(count, count, dtype=torch.float32, device=held.device)
         if held.dtype == torch.float32:
             add_gram(gram, held)
+            mirror_upper(gram)
             gram = gram.double()
         else:
             chunk = max(1, CHUNK_BYTES // (4 * count))
             for start in range(0, self.units, chunk):
                 add_gram(gram, held[:, start : start + chunk].to(torch.float32))
+            mirror_upper(gram)
             scale = self.scale[:count].double()
             gram = gram.double() * scale[:, None] * scale[None, :]
         self.gram[np.ix_(self.slots, self.slots)] = gram.cpu().numpy()

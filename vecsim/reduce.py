@@ -457,16 +457,26 @@ GRAM_TILE = 128
 
 
 def add_gram(out, z) -> None:
-    """``out += z @ z.T`` for a symmetric ``out``: only the tiles on and above the diagonal are
-    computed (about half the products for many rows), then mirrored, so ``out`` stays
-    exactly symmetric."""
+    """``out += z @ z.T`` on the tiles on and above the diagonal only (about half the products
+    for many rows), in place and with no temporary larger than one tile row. The entries
+    below those tiles are left as they are: call :func:`mirror_upper` once after the last add.
+    """
+    n = z.shape[0]
+    for start in range(0, n, GRAM_TILE):
+        out[start : start + GRAM_TILE, start:] += z[start : start + GRAM_TILE] @ z[start:].T
+
+
+def mirror_upper(out) -> None:
+    """In place: the upper triangle of the square ``out`` copied onto its lower one, so it is
+    exactly symmetric (tile by tile, no full-size temporary)."""
     import torch
 
-    n = z.shape[0]
-    upper = torch.zeros_like(out)
+    n = out.shape[0]
     for start in range(0, n, GRAM_TILE):
-        upper[start : start + GRAM_TILE, start:] = z[start : start + GRAM_TILE] @ z[start:].T
-    out += torch.triu(upper) + torch.triu(upper, 1).T
+        stop = min(n, start + GRAM_TILE)
+        tile = out[start:stop, start:stop]
+        tile.copy_(torch.triu(tile) + torch.triu(tile, 1).T)
+        out[stop:, start:stop] = out[start:stop, stop:].T
 
 
 def _top_directions(z):
@@ -483,6 +493,7 @@ def _top_directions(z):
         gram = torch.zeros(n, n, dtype=torch.float64)
         for start in range(0, d, GRAM_BLOCK):
             add_gram(gram, z[:, start : start + GRAM_BLOCK].to(torch.float64))
+        mirror_upper(gram)
         evals, evecs = torch.linalg.eigh(gram)
         evals, evecs = evals.flip(0), evecs.flip(1)
         evecs = _fix_signs(evecs)
@@ -497,6 +508,7 @@ def _top_directions(z):
     second = torch.zeros(d, d, dtype=torch.float64)
     for start in range(0, n, GRAM_BLOCK):
         add_gram(second, z[start : start + GRAM_BLOCK].to(torch.float64).T)
+    mirror_upper(second)
     evals, evecs = torch.linalg.eigh(second)
     evals, evecs = evals.flip(0), _fix_signs(evecs.flip(1))
     return evals, evecs.to(torch.float32)

@@ -42,7 +42,7 @@ DEFAULT_LAYERS = {
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from vecsim.report import rankdata
+    from vecsim.measures import rankdata
 
     ra, rb = rankdata(a) - (len(a) + 1) / 2, rankdata(b) - (len(b) + 1) / 2
     return float(ra @ rb / np.sqrt((ra @ ra) * (rb @ rb)))

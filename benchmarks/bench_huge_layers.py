@@ -9,7 +9,7 @@ Three child processes over the same N generated images (random weights unless th
 torchvision cache holds DenseNet121's; same decoding, batch size and threads):
 
 * bare:   decode + forward, no hooks, nothing kept (the baseline for speed and memory);
-* index:  `vecsim.index_stimuli` (sketch inside the hook → projection → normalise → store);
+* index:  `vecsim.index_stimuli` (sketch inside the hook → normalise → projection → store);
 * exact:  plain hooks on a seeded subset of `--exact` images (default all N), raw activations
           copied and multiplied into an exact Gram matrix (held in memory only, never written;
           ~18 MB per image, 5.4 GB at N = 300).
@@ -146,7 +146,7 @@ def run_child(kind: str, args, extra: list[str]) -> dict:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from vecsim.report import rankdata
+    from vecsim.measures import rankdata
 
     ra, rb = rankdata(a) - (len(a) + 1) / 2, rankdata(b) - (len(b) + 1) / 2
     return float(ra @ rb / np.sqrt((ra @ ra) * (rb @ rb)))

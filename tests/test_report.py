@@ -227,7 +227,7 @@ def test_cli_report_prints_where_and_a_summary_table(labelled, tmp_path):
 def test_rankdata_matches_scipy_with_ties():
     from scipy.stats import rankdata as scipy_rankdata
 
-    from vecsim.report import rankdata
+    from vecsim.measures import rankdata
 
     x = np.random.default_rng(0).integers(0, 20, 500).astype(float)
     np.testing.assert_array_equal(rankdata(x), scipy_rankdata(x))

@@ -169,11 +169,10 @@ def _chain(index):
     import faiss
 
     inner = faiss.downcast_index(index)
-    for _ in range(8):
-        yield inner
-        if not hasattr(inner, "index"):
-            return
+    yield inner
+    while hasattr(inner, "index"):
         inner = faiss.downcast_index(inner.index)
+        yield inner
 
 
 def _first(index, kinds):
@@ -184,7 +183,7 @@ def _first(index, kinds):
 def _supports_ids(index) -> bool:
     import faiss
 
-    inner = next(i for i in _chain(index) if not isinstance(i, faiss.IndexPreTransform))
+    inner = next((i for i in _chain(index) if not isinstance(i, faiss.IndexPreTransform)), None)
     return isinstance(inner, faiss.IndexIVF)
 
 
@@ -196,14 +195,14 @@ def training_size(index) -> int:
     """Vectors to train an index on: ~50 per IVF list (and enough for PQ codebooks)."""
     import faiss
 
-    ivf = _first(index, faiss.IndexIVF)
+    ivf = faiss.try_extract_index_ivf(index)
     return max(50 * ivf.nlist, 10_000) if ivf is not None else 10_000
 
 
 def set_search_params(index, nprobe: int = 32) -> None:
     import faiss
 
-    ivf = _first(index, faiss.IndexIVF)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)
 

@@ -127,8 +127,10 @@ class _Indexer:
         check_layers(loaded.module, cfg.layers)
         if len(set(cfg.layers)) != len(cfg.layers):
             raise ConfigError("--layers lists a layer twice")
+        # shapes from the model while it is still on the CPU: their meta-device copy then
+        # never doubles the weights on a GPU
+        shapes = {i.name: i.shape for i in layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers)}
         model = loaded.module.to(device)
-        shapes = {i.name: i.shape for i in layer_shapes(model, loaded.preprocessing.crop, cfg.layers)}
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         if previous is not None:
             self.writer = StoreWriter.reopen(out)

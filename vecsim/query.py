@@ -238,10 +238,7 @@ def _select(store, layers: list[str], where: str | None):
     loaded = {}
     ids = None
     for layer in layers:
-        layer_ids, vecs = store.vectors(layer)
-        if allowed is not None:
-            mask = np.isin(layer_ids, allowed)
-            layer_ids, vecs = layer_ids[mask], np.ascontiguousarray(vecs[mask])
+        layer_ids, vecs = store.vectors(layer) if allowed is None else store.vectors_for(layer, allowed)
         if ids is not None and not np.array_equal(ids, layer_ids):
             raise QueryError(f"layer {layer} holds other stimuli than {layers[0]}; run `vecsim verify`")
         ids = layer_ids

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
-from vecsim.measures import rankdata  # noqa: F401  (numpy ranks; also vecsim.report.rankdata)
+from vecsim.measures import rankdata
 from vecsim.store import json_safe
 
 RECALL_K = 10

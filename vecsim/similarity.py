@@ -238,7 +238,7 @@ def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool,
     diag_cols = rows + (r0 - c0)
     inside = (diag_cols >= 0) & (diag_cols < S.shape[1])
     S[rows[inside], diag_cols[inside]] = np.where(zr[inside], 0.0, 1.0)
-    if same is not None and len(same):
+    if same is not None:  # never empty: _identical_pairs gives None then
         i, j = same[:, 0], same[:, 1]
         sel = (i >= r0) & (i < r0 + R) & (j >= c0) & (j < c0 + S.shape[1]) & ~zero[i] & ~zero[j]
         S[i[sel] - r0, j[sel] - c0] = 1.0
@@ -422,7 +422,7 @@ def _identical_pairs(groups, n: int) -> np.ndarray | None:
         a, b = np.meshgrid(g, g, indexing="ij")
         keep = a != b
         pairs.append(np.stack([a[keep], b[keep]], axis=1))
-    out = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    out = np.concatenate(pairs)
     return out if len(out) else None
 
 

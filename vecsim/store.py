@@ -112,8 +112,7 @@ def fsync_replace(tmp: Path, target: Path) -> None:
     """Make the finished temporary file ``tmp`` durable, then rename it onto ``target``: a
     reader (or a crash) sees the old file or the whole new one, never part of it; the folder
     is flushed too, so the rename itself survives a power cut."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    fsync_path(tmp)
     os.replace(tmp, target)
     fsync_dir(target.parent)
 
@@ -362,13 +361,13 @@ class Store:
         table = self._read(info["table"]).sort_by("id")
         # only committed stimuli: a writer appending right now writes a chunk's vectors
         # before its stimuli rows, and a reader must not see the half-written chunk
-        committed = self.lookup().ids
-        if committed_only and (table.num_rows != len(committed)
-                               or not np.array_equal(table.column("id").to_numpy(), committed)):
-            import pyarrow as pa
-            import pyarrow.compute as pc
+        if committed_only:
+            committed = self.lookup().ids
+            if table.num_rows != len(committed) or not np.array_equal(table.column("id").to_numpy(), committed):
+                import pyarrow as pa
+                import pyarrow.compute as pc
 
-            table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(committed)))
+                table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(committed)))
         if as_arrow:
             return table
         ids = table.column("id").to_numpy().astype(np.int64, copy=False)

@@ -235,27 +235,31 @@ class _LayerData:
         self.store, self.layer = store, layer
         self.info = store.layer_info(layer)  # raises UnknownLayerError with close matches
         self.similarity = self.info["reducer"]["config"].get("similarity", "cosine")
-        self._features: tuple[np.ndarray, np.ndarray] | None = None
+        self._features: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, features, raw norms
         self._stored_grams: dict[bytes, np.ndarray] = {}
         self._eval: dict | None | bool = False
 
     def features(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors × raw norm (float64) = the projected activations, one row per id in ``ids``."""
+        return self._features[1][self.positions(ids)]
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids`` in the loaded features; StoreError when a stimulus has no stored vector."""
         if self._features is None:
             vec_ids, vecs = self.store.vectors(self.layer)
             norm_ids, norms = self.store.raw_norms(self.layer)
             if not np.array_equal(vec_ids, norm_ids):
                 raise StoreError(f"{self.store.path}: vectors and raw norms of {self.layer} disagree; run `vecsim verify`")
-            self._features = (vec_ids, vecs.astype(np.float64) * norms.astype(np.float64)[:, None])
-            self._norms = norms.astype(np.float64)
-        vec_ids, X = self._features
+            norms = norms.astype(np.float64)
+            self._features = (vec_ids, vecs.astype(np.float64) * norms[:, None], norms)
+        vec_ids = self._features[0]
         ok = _in_sorted(vec_ids, ids)
         if not np.all(ok):
             raise StoreError(
                 f"{self.store.path}: layer {self.layer} has no stored vector for {int((~ok).sum())} indexed "
                 "stimuli; the store is damaged: run `vecsim verify`"
             )
-        return X[np.searchsorted(vec_ids, ids)]
+        return np.searchsorted(vec_ids, ids)
 
     def stored_gram(self, ids: np.ndarray) -> np.ndarray:
         """Gram matrix of the projected activations with the raw squared norms on the diagonal.
@@ -266,9 +270,10 @@ class _LayerData:
         """
         key = np.asarray(ids, dtype=np.int64).tobytes()
         if key not in self._stored_grams:  # the same seeded rows for every RSA cell of a run
-            X = self.features(ids)
+            pos = self.positions(ids)
+            X = self._features[1][pos]
             G = X @ X.T
-            np.fill_diagonal(G, self._norms[np.searchsorted(self._features[0], ids)] ** 2)
+            np.fill_diagonal(G, self._features[2][pos] ** 2)
             self._stored_grams[key] = G
         return self._stored_grams[key]
 
@@ -655,16 +660,17 @@ class _Calculator:
         return ids, ""
 
     def _stored(self, measure: str, da: _LayerData, db: _LayerData, note: str) -> dict:
-        X = da.features(self.match.ids_a)
-        Y = db.features(self.match.ids_b)
+        matched = len(self.match.ids_a)
         if measure in _FEATURE_FORMS:
-            value, n = _FEATURE_FORMS[measure](X, Y), len(X)
+            X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
+            value, n = _FEATURE_FORMS[measure](X, Y), matched
         else:  # Gram-only measures (RSA): all pairs, so a seeded subsample caps the cost
+            da.positions(self.match.ids_a), db.positions(self.match.ids_b)  # every matched stimulus has a vector
             rows = self.rsa_rows
             Ga, Gb = da.stored_gram(self.match.ids_a[rows]), db.stored_gram(self.match.ids_b[rows])
             value, n = MEASURES[measure].fn(Ga, Gb), len(rows)
-            if n < len(X):
-                extra = f"seeded subsample of {n} of {len(X)} matched stimuli"
+            if n < matched:
+                extra = f"seeded subsample of {n} of {matched} matched stimuli"
                 note = f"{note}; {extra}" if note else extra
         return {"value": float(value), "source": STORED, "n": int(n), "note": note}
 

@@ -241,7 +241,8 @@ class _LayerData:
 
     def features(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors × raw norm (float64) = the projected activations, one row per id in ``ids``."""
-        return self._features[1][self.positions(ids)]
+        pos = self.positions(ids)  # loads the features first
+        return self._features[1][pos]
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``ids`` in the loaded features; StoreError when a stimulus has no stored vector."""

@@ -131,8 +131,8 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     else:
         selves_allowed = selves
     hits = []
+    extra = len(selves) if allowed is None or not exclude_self else 0  # twins the search must see past
     for name in layers:
-        extra = len(selves) if allowed is None or not exclude_self else 0
         scores, found = search_index(store.index(name), queries[name], k + extra, allowed, store, name)
         exact_self = not exclude_self and bool(np.any(queries[name]))
         ranked = _rank_with_twins(scores[0], found[0], drop=selves if exclude_self or exact_self else (),

@@ -370,10 +370,7 @@ class Store:
                 table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(committed)))
         if as_arrow:
             return table
-        ids = table.column("id").to_numpy().astype(np.int64, copy=False)
-        flat = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
-        vecs = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), self.dim(layer))
-        return ids, vecs
+        return table.column("id").to_numpy().astype(np.int64, copy=False), vector_matrix(table.column("vector"))
 
     def vectors_for(self, layer: str, ids) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of the given stimuli that are in the store, in id order.
@@ -393,8 +390,7 @@ class Store:
         where = f"id IN ({', '.join(str(int(i)) for i in wanted)})"
         table = self.table(info["table"]).search().where(where).select(["id", "vector"]).limit(None).to_arrow()
         table = table.sort_by("id")
-        vecs = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
-        return table.column("id").to_numpy(), np.asarray(vecs, dtype=np.float32).reshape(table.num_rows, -1)
+        return table.column("id").to_numpy(), vector_matrix(table.column("vector"))
 
     def vector_of(self, layer: str, stim_id: int) -> np.ndarray:
         """The stored vector of one stimulus, shape (1, dim)."""
@@ -415,7 +411,7 @@ class Store:
             from vecsim.errors import UnknownStimulusError
 
             raise UnknownStimulusError(f"no vector for stimulus {stim_id} in layer {layer}")
-        return np.asarray(found.column("vector").combine_chunks().values.to_numpy(), dtype=np.float32).reshape(1, -1)
+        return vector_matrix(found.column("vector"))
 
     def raw_norms(self, layer: str):
         table = self._read(self.layer_info(layer)["table"], ["id", "raw_norm"]).sort_by("id")
@@ -560,6 +556,14 @@ def _size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += (Path(root) / name).stat().st_size
     return total
+
+
+def vector_matrix(column) -> np.ndarray:
+    """An Arrow fixed-size-list ``vector`` column as a C-contiguous float32 (rows, dim) matrix."""
+    if hasattr(column, "combine_chunks"):  # a table's ChunkedArray (a batch's column is one Array)
+        column = column.combine_chunks()
+    flat = column.values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(len(column), column.type.list_size)
 
 
 def read_table(table, columns: list[str] | None = None):
@@ -738,13 +742,10 @@ class StoreWriter:
         self.db.open_table("runs").add(pa.Table.from_pylist([row], schema=runs_schema()))
 
     def _vector_batches(self, layer: str, batch_rows: int = 65_536):
-        dim = None
         query = self.db.open_table(self.manifest["layers"][layer]["table"]).search().select(["id", "vector"]).limit(None)
         for batch in query.to_batches(batch_size=batch_rows):
             ids = batch.column("id").to_numpy()
-            vector = batch.column("vector")
-            dim = dim or vector.type.list_size
-            yield ids, vector.values.to_numpy(zero_copy_only=False).reshape(len(ids), dim)
+            yield ids, vector_matrix(batch.column("vector"))
 
     def build_index(self, layer: str, dim: int, kind: str = "auto", device: str = "cpu", seed: int = 0) -> dict:
         """Build the layer's FAISS index from its vectors table and save it atomically.

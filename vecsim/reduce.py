@@ -53,6 +53,12 @@ class ReducerConfig:
     pooling: str = "flatten"
     drop_zero_units: bool = False
 
+    @property
+    def renormalises(self) -> bool:
+        """Whether the chain renormalises after the projection: centred PCA, whose cosine after
+        centring is the quantity asked for (the uncentred chain keeps norms <= 1)."""
+        return self.center
+
     def validate(self) -> None:
         if self.similarity not in SIMILARITIES:
             raise ConfigError(f"unknown similarity {self.similarity!r}; choose cosine or correlation")
@@ -293,10 +299,9 @@ class LayerReducer:
     def project(self, z):
         """(B, dim_in) → (B, k): unit-normalise, project (norm ≤ 1); an all-zero input stays all-zero."""
         y = normalise_rows(z) @ self.matrix.T
-        if self.bias is not None:  # centred PCA: the cosine after centring is the quantity asked for
+        if self.bias is not None:
             y += self.bias
-            return normalise_rows(y)
-        return y
+        return normalise_rows(y) if self.config.renormalises else y
 
     def __call__(self, output):
         z, norms, finite = self.prepare(output)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
-from vecsim.measures import rankdata
+from vecsim.measures import _pearson, rankdata
 from vecsim.store import json_safe
 
 RECALL_K = 10
@@ -113,8 +113,9 @@ def truncate(vectors: np.ndarray, k: int, renormalise: bool = False) -> np.ndarr
 
 def _renormalised(store, layer: str) -> bool:
     """Whether the layer's chain renormalises after the projection (centred PCA)."""
-    reducer = store.manifest["layers"][layer].get("reducer") or {}
-    return bool((reducer.get("config") or {}).get("center"))
+    from vecsim.reduce import ReducerConfig
+
+    return ReducerConfig(**store.layer_info(layer)["reducer"]["config"]).renormalises
 
 
 def energy_curve(spectrum: np.ndarray) -> np.ndarray:
@@ -146,11 +147,8 @@ def _correlation(a: np.ndarray, b: np.ndarray, rank: bool) -> float | None:
     """Spearman (rank=True) or Pearson; None when undefined (fewer than 2 pairs, a constant side)."""
     if a.size < 2:
         return None
-    if rank:
-        a, b = rankdata(a), rankdata(b)
-    a, b = a - a.mean(), b - b.mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / denom if denom > 0 else None
+    rho = _pearson(rankdata(a), rankdata(b)) if rank else _pearson(a, b)
+    return None if math.isnan(rho) else rho
 
 
 def _kept_correlation(exact: np.ndarray, approx: np.ndarray, rank: bool) -> float | None:

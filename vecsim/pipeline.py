@@ -243,14 +243,11 @@ class _Indexer:
     def _layer_function(self, reducer, project: bool):
         """What runs inside the hook: the reducer's chain, with the evaluation subset tapping
         the pooled raw vectors on the way."""
+        import functools
+
         evalset, layer = self.evalset, reducer.layer
         tap = None if evalset is None else (lambda x, output, finite: evalset.capture(layer, x, output, finite))
-
-        def function(output):
-            z, norms, finite = reducer.prepare(output, tap)
-            return (reducer.project(z) if project else z), norms, finite
-
-        return function
+        return functools.partial(reducer, tap=tap, project=project)
 
     def _stimuli_schema(self):
         from vecsim.store import stimuli_schema

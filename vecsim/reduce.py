@@ -303,9 +303,11 @@ class LayerReducer:
             y += self.bias
         return normalise_rows(y) if self.config.renormalises else y
 
-    def __call__(self, output):
-        z, norms, finite = self.prepare(output)
-        return self.project(z), norms, finite
+    def __call__(self, output, tap=None, project: bool = True):
+        """The hook's work: (projected vectors, or the prepared z with ``project=False``, raw
+        norms, finite mask); ``tap`` as in :meth:`prepare`."""
+        z, norms, finite = self.prepare(output, tap)
+        return (self.project(z) if project else z), norms, finite
 
     # -- fitting ---------------------------------------------------------------
     def fit(self, train) -> FitReport:
@@ -322,7 +324,7 @@ class LayerReducer:
             raise DimensionMismatchError(f"training sample of {self.layer} has {d} columns, expected {self.dim_in}")
         if n == 0:
             raise ConfigError(f"no training stimuli left for layer {self.layer}")
-        z.div_(torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_(min=1e-30))  # each stimulus weighs the same
+        normalise_rows(z, in_place=True)  # each stimulus weighs the same
         mean = z.mean(dim=0) if self.config.center else None
         if mean is not None:
             z = z - mean
@@ -450,12 +452,13 @@ def zero_rows(x, keep, on_device: bool = False):
     return x, True
 
 
-def normalise_rows(z):
-    """Rows scaled to unit L2 norm (a new tensor); all-zero rows stay zero."""
+def normalise_rows(z, in_place: bool = False):
+    """Rows scaled to unit L2 norm (a new tensor, or ``z`` itself with ``in_place``); all-zero
+    rows stay zero."""
     import torch
 
-    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-    return z / torch.clamp(norms, min=1e-30)
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_(min=1e-30)
+    return z.div_(norms) if in_place else z / norms
 
 
 GRAM_TILE = 128

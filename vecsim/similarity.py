@@ -238,9 +238,10 @@ def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool,
     diag_cols = rows + (r0 - c0)
     inside = (diag_cols >= 0) & (diag_cols < S.shape[1])
     S[rows[inside], diag_cols[inside]] = np.where(zr[inside], 0.0, 1.0)
-    if same is not None:  # never empty: _identical_pairs gives None then
-        i, j = same[:, 0], same[:, 1]
-        sel = (i >= r0) & (i < r0 + R) & (j >= c0) & (j < c0 + S.shape[1]) & ~zero[i] & ~zero[j]
+    if same is not None:  # never empty (_identical_pairs gives None then), sorted by row
+        lo, hi = np.searchsorted(same[:, 0], [r0, r0 + R])
+        i, j = same[lo:hi, 0], same[lo:hi, 1]
+        sel = (j >= c0) & (j < c0 + S.shape[1]) & ~zero[i] & ~zero[j]
         S[i[sel] - r0, j[sel] - c0] = 1.0
     if distance:
         np.subtract(1.0, S, out=S)
@@ -411,7 +412,8 @@ def similarity_matrix(
 
 
 def _identical_pairs(groups, n: int) -> np.ndarray | None:
-    """Groups of row positions → a (P, 2) int64 array of every ordered pair within a group."""
+    """Groups of row positions → a (P, 2) int64 array of every ordered pair within a group,
+    sorted by row (so each tile takes its rows' pairs by bisection)."""
     if not groups:
         return None
     pairs = []
@@ -423,6 +425,7 @@ def _identical_pairs(groups, n: int) -> np.ndarray | None:
         keep = a != b
         pairs.append(np.stack([a[keep], b[keep]], axis=1))
     out = np.concatenate(pairs)
+    out = out[np.argsort(out[:, 0], kind="stable")]
     return out if len(out) else None
 
 

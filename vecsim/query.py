@@ -203,7 +203,6 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     lookup = store.lookup()
     # byte-identical files (same sha256) have cosine exactly 1 with each other, as in query()
     twins = {int(i): g[g != i] for g in lookup.identical_groups() for i in g}
-    extra = max((len(t) for t in twins.values()), default=0)
     schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
     schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
     tmp = out.with_name(out.name + ".tmp")
@@ -212,6 +211,8 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
                                                      disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(ids), batch_size):
             q_ids, q = ids[lo : lo + batch_size], vecs[lo : lo + batch_size]
+            # deeper only as far as this batch's twins need (they are dropped from the results)
+            extra = max((len(twins[i]) for i in q_ids.tolist() if i in twins), default=0)
             scores, found = index.search(q, k + 1 + extra)
             rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
             for qi, (srow, frow) in enumerate(zip(scores, found)):

@@ -58,29 +58,84 @@ def test_bad_factory_string_and_untrainable_sets_are_clear_errors(tmp_path):
         store_from_vectors(tmp_path / "s", {"v": unit(50, 32)}, index="IVF256,PQ8")
 
 
-@pytest.mark.parametrize("shrink", [False, True])
-def test_half_precision_scan_returns_exactly_the_float32_result(shrink):
-    """Unit vectors, and vectors of norm <= 1 as vecsim stores them (projected unit vectors)."""
+def _flat(vecs):
     import faiss
 
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vecs.shape[1]))
+    index.add_with_ids(vecs, np.arange(len(vecs), dtype=np.int64) * 7 + 5)
+    return index
+
+
+@pytest.mark.parametrize("kind", ["int8", "float16"])
+def test_scan_copy_error_bound_holds_for_every_row(kind):
+    """The bound the exactness proof relies on: |copy score - exact score| <= bound, all rows."""
+    from vecsim.index import _ScanCopy
+
+    rng = np.random.default_rng(5)
+    vecs = unit(21_000, 48, seed=5)
+    vecs[:, 0] += 3.0  # one dominant direction, as the uncentred projection gives
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs *= rng.uniform(0.7, 1.0, size=(len(vecs), 1)).astype(np.float32)  # stored norms <= 1
+    copy = _ScanCopy(_flat(vecs), kind)
+    assert len(copy.parts) >= 1
+    for q in (vecs[17], 3.0 * rng.standard_normal(48).astype(np.float32)):  # a stored row; a long query
+        scores, positions, bound = copy.search(q, len(vecs))  # every row, best first
+        exact = vecs[positions].astype(np.float64) @ q.astype(np.float64)
+        assert sorted(positions.tolist()) == list(range(len(vecs)))
+        assert np.abs(scores - exact).max() <= bound
+        assert bound < (0.05 if kind == "int8" else 0.005) * np.linalg.norm(q)  # tight enough to decide
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+def test_compact_scan_returns_exactly_the_float32_result(shrink):
+    """Unit vectors, and vectors of norm <= 1 as vecsim stores them (projected unit vectors)."""
     from vecsim.index import exact_search_one
 
     vecs = unit(30_000, 64, seed=3)
     if shrink:
         vecs *= np.random.default_rng(4).uniform(0.8, 1.0, size=(30_000, 1)).astype(np.float32)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(64))
-    ids = np.arange(30_000, dtype=np.int64) * 7 + 5
-    index.add_with_ids(vecs, ids)
+    index = _flat(vecs)
     answered = 0
     for i in range(0, 30_000, 600):
-        want_scores, want_ids = index.search(vecs[i : i + 1], 10)
-        got = exact_search_one(index, vecs[i : i + 1], 10)
-        if got is None:  # not provably exact: the caller falls back to the float32 scan
-            continue
-        answered += 1
-        assert got[1].tolist() == want_ids.tolist()
-        np.testing.assert_allclose(got[0], want_scores, atol=1e-5)
+        for q in (vecs[i : i + 1], 2.5 * vecs[i : i + 1]):
+            want_scores, want_ids = index.search(q, 10)
+            got = exact_search_one(index, q, 10)
+            if got is None:  # not provably exact: the caller falls back to the float32 scan
+                continue
+            answered += 1
+            assert got[1].tolist() == want_ids.tolist()
+            np.testing.assert_allclose(got[0], want_scores, rtol=1e-5, atol=1e-5)
     assert answered > 0
+
+
+def test_compact_scan_falls_back_to_float16_then_declines(monkeypatch):
+    """Near-ties too close for int8's bound go to the float16 copy; ties no copy can
+    separate give None (the caller's float32 scan answers)."""
+    import vecsim.index as index_module
+
+    rng = np.random.default_rng(8)
+    base = unit(1, 64, seed=8)[0]
+    close = base + 1e-2 * rng.standard_normal((400, 64)).astype(np.float32)  # 400 cosines within ~3e-3
+    vecs = np.vstack([unit(30_000, 64, seed=9), close / np.linalg.norm(close, axis=1, keepdims=True)])
+    index = _flat(vecs)
+    kinds = []
+    search = index_module._ScanCopy.search
+    monkeypatch.setattr(index_module._ScanCopy, "search", lambda self, q, c: kinds.append(self.kind) or search(self, q, c))
+    q = base[None, :]
+    want_scores, want_ids = index.search(q, 10)
+    got = index_module.exact_search_one(index, q, 10)
+    assert kinds == ["int8", "float16"]
+    assert got is not None and got[1].tolist() == want_ids.tolist()
+    # 300 copies of the query itself: the 256 candidates cannot show that no other copy beats them
+    twins = np.vstack([unit(30_000, 64, seed=9), np.repeat(base[None, :], 300, axis=0)])
+    kinds.clear()
+    assert index_module.exact_search_one(_flat(twins), q, 10) is None
+    assert kinds == ["int8", "float16"]
+    # wider than int8's exact range: float16 only
+    monkeypatch.setattr(index_module, "INT8_SCAN_MAX_DIM", 32)
+    kinds.clear()
+    index_module.exact_search_one(_flat(vecs[:25_000]), vecs[:1], 10)
+    assert kinds == ["float16"]
 
 
 def test_layers_whose_names_share_a_slug_keep_their_own_vectors(tmp_path):

@@ -7,6 +7,7 @@ are the stored cosine estimates.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -289,62 +290,134 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
 
 # -- exact single queries, faster than a float32 scan ------------------------------------
 
-HALF_SCAN_MIN = 20_000  # below this a float32 scan is already fast
-HALF_SCAN_CANDIDATES = 256
-HALF_SCAN_ERROR = 1e-2  # bound on |float16 score - exact score| for norms <= 1 (2 roundings + accumulation)
-HALF_COPIES_KEPT = 8  # one per layer of a store queried across its layers, then least recently used goes
-_half_copies: "OrderedDict[int, tuple]" = OrderedDict()
+SCAN_COPY_MIN = 20_000  # below this a float32 scan is already fast
+SCAN_CANDIDATES = 256
+SCAN_SHARD_MIN = 10_000  # rows per scan shard at least (one shard per core, up to 8)
+INT8_SCAN_MAX_DIM = 1024  # int8 x int8 sums stay below 2^24, exact in float32, up to this width
+SCAN_COPIES_KEPT = 8  # indexes whose copies are kept (one per layer of a store), least recently used goes
+_scan_copies: "OrderedDict[int, dict]" = OrderedDict()
 
 
-def _half_copy(index):
-    """A float16 torch copy of a flat IDMap index's vectors and its id array (built once per index).
+class _ScanCopy:
+    """A compact copy of a flat IDMap index's vectors, split into shards searched in parallel.
 
-    Kept for the last few indexes used, so a query across a store's layers does not rebuild
-    each layer's copy on every call; the entry holds the index, so its id() stays its own.
+    ``kind`` is ``"int8"`` (a quarter of float32's memory traffic: per-dimension scaled
+    codes, scored exactly in integers against an integer-coded query) or ``"float16"``
+    (half; a tighter error bound). ``shards`` is a threaded FAISS ``IndexShards`` of
+    scalar-quantizer indexes whose results are row positions; ``xb`` the float32 rows
+    (the index's own memory) and ``ids`` their ids. ``search`` returns candidates with
+    copy scores and a bound on how far any row's copy score is from its exact score.
     """
-    import faiss
-    import torch
 
-    key = id(index)
-    if key in _half_copies and len(_half_copies[key][3]) == index.ntotal:
-        _half_copies.move_to_end(key)
-    else:  # new, or vectors were added to it since
+    def __init__(self, index, kind: str):
+        import faiss
+
         flat = faiss.downcast_index(index.index)
-        xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        _half_copies[key] = (index, torch.from_numpy(np.ascontiguousarray(xb)).half(), xb, ids)
-        while len(_half_copies) > HALF_COPIES_KEPT:
-            _half_copies.popitem(last=False)
-    return _half_copies[key][1:]
+        n, d = flat.ntotal, flat.d
+        self.kind, self.d = kind, d
+        self.index = index  # held, so the id() that keys the cache stays this index's
+        self.xb = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+        self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        chunk = 16_384  # every pass below goes by chunks of rows: no full-size temporary
+        if kind == "int8":
+            amax = np.zeros(d, dtype=np.float32)
+            for a in range(0, n, chunk):
+                np.maximum(amax, np.abs(self.xb[a : a + chunk]).max(axis=0), out=amax)
+            self.scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            qtype = faiss.ScalarQuantizer.QT_8bit_direct_signed
+        else:
+            qtype = faiss.ScalarQuantizer.QT_fp16
+        # residual: largest |x - decoded(x)|; norm: largest |x|; code_norm: largest |codes| (int8)
+        self.residual = self.norm = self.code_norm = 0.0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        parts = max(1, min(cores, 8, n // SCAN_SHARD_MIN))
+        self.parts = []  # the shards are owned here: IndexShards holds plain pointers
+        self.shards = faiss.IndexShards(d, True, True)  # threaded; successive ids = row positions
+        for p in range(parts):
+            part = faiss.IndexScalarQuantizer(d, qtype, faiss.METRIC_INNER_PRODUCT)
+            for a in range(n * p // parts, n * (p + 1) // parts, chunk):
+                block = self.xb[a : min(a + chunk, n * (p + 1) // parts)]
+                if kind == "int8":
+                    codes = np.rint(block / self.scale)  # in [-127, 127]: integer-valued float32
+                    decoded = codes * self.scale
+                    self.code_norm = max(self.code_norm, _max_row_norm(codes))
+                else:
+                    codes = block
+                    decoded = block.astype(np.float16).astype(np.float32)
+                part.add(codes)
+                self.residual = max(self.residual, _max_row_norm(block - decoded))
+                self.norm = max(self.norm, _max_row_norm(block))
+            self.parts.append(part)
+            self.shards.add_shard(part)
+
+    def search(self, q: np.ndarray, count: int):
+        """``(scores, positions, bound)``: the ``count`` best rows by copy score, and a bound
+        on ``|copy score - exact score|`` that holds for every row; None for a zero query."""
+        qn = float(np.linalg.norm(q))
+        # the float32 rescoring's own rounding (d terms), doubled for safety
+        rounding = 2.0 * self.d * 2.0**-24 * qn * (self.norm + self.residual)
+        if self.kind == "float16":
+            scores, found = self.shards.search(q.reshape(1, -1), count)
+            # q.x - q.decoded(x) = q.(x - decoded(x)); faiss sums the float16 side in float32
+            return scores[0].astype(np.float64), found[0], qn * self.residual + 2 * rounding
+        qs = q.astype(np.float64) * self.scale  # q.x = qs.codes + q.(x - decoded(x))
+        top = float(np.abs(qs).max())
+        if top == 0.0:
+            return None
+        step = top / 127.0
+        qcodes = np.rint(qs / step)  # qs = step * qcodes + qerr
+        qerr = float(np.linalg.norm(qs - step * qcodes))
+        scores, found = self.shards.search(qcodes.astype(np.float32).reshape(1, -1), count)  # exact integers
+        # |q.x - step * qcodes.codes| <= |qerr| |codes| + |q| |x - decoded(x)|
+        return scores[0].astype(np.float64) * step, found[0], qerr * self.code_norm + qn * self.residual + rounding
+
+
+def _max_row_norm(block: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64).max())) if len(block) else 0.0
+
+
+def _scan_copy(index, kind: str) -> _ScanCopy:
+    """The ``kind`` copy of ``index`` (built once, kept for the last few indexes used, so a
+    query across a store's layers does not rebuild each layer's copy on every call)."""
+    key = id(index)
+    if key not in _scan_copies or _scan_copies[key]["n"] != index.ntotal:  # new, or vectors added since
+        _scan_copies[key] = {"n": index.ntotal}
+    _scan_copies.move_to_end(key)
+    while len(_scan_copies) > SCAN_COPIES_KEPT:
+        _scan_copies.popitem(last=False)
+    entry = _scan_copies[key]
+    if kind not in entry:
+        entry[kind] = _ScanCopy(index, kind)
+    return entry[kind]
 
 
 def exact_search_one(index, query: np.ndarray, k: int):
-    """Exact top-k of one query (norm <= 1) over a large flat index, or None when not applicable.
+    """Exact top-k of one query over a large flat index, or None when not applicable.
 
-    A float16 scan (half the memory traffic of float32) picks candidates, their exact
-    float32 scores decide, and the result is returned only when provably exact: the k-th
-    exact score beats every non-candidate's largest possible score (its float16 score
-    plus the rounding bound). Otherwise None, and the caller scans in float32.
+    A compact copy of the vectors (int8, then float16 when int8's bound is too loose to
+    decide), scanned one shard per core, picks candidates; their exact float32 scores
+    decide, and the result is returned only when provably exact: the k-th exact score
+    beats every non-candidate's largest possible score (its copy score plus the bound
+    on that copy's error). Otherwise None, and the caller scans in float32.
     """
     import faiss
-    import torch
 
     if not isinstance(index, faiss.IndexIDMap2) or not isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP):
         return None
-    if index.ntotal < max(HALF_SCAN_MIN, 4 * HALF_SCAN_CANDIDATES) or k > HALF_SCAN_CANDIDATES // 2:
+    if index.ntotal < max(SCAN_COPY_MIN, 4 * SCAN_CANDIDATES) or k > SCAN_CANDIDATES // 2:
         return None
-    half, xb, ids = _half_copy(index)
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
-    from vecsim.store import NORM_SLACK
-
-    if float(np.linalg.norm(q)) > 1.0 + NORM_SLACK:  # the rounding bound holds for stored norms (<= 1)
-        return None
-    approx = torch.mv(half, torch.from_numpy(q).half()).float()
-    top = torch.topk(approx, HALF_SCAN_CANDIDATES)
-    cand = top.indices.numpy()
-    exact = xb[cand] @ q
-    order = np.argsort(-exact, kind="stable")[:k]
-    floor = float(top.values[-1]) + HALF_SCAN_ERROR  # best any non-candidate could really score
-    if exact[order[-1]] <= floor:
-        return None
-    return exact[order].reshape(1, -1).astype(np.float32), ids[cand[order]].reshape(1, -1)
+    kinds = ("int8", "float16") if index.d <= INT8_SCAN_MAX_DIM else ("float16",)
+    for kind in kinds:
+        copy = _scan_copy(index, kind)
+        found = copy.search(q, SCAN_CANDIDATES)
+        if found is None:
+            return None
+        approx, cand, bound = found
+        if cand[-1] < 0:  # fewer rows than candidates (not reached above SCAN_COPY_MIN)
+            return None
+        exact = copy.xb[cand] @ q
+        order = np.argsort(-exact, kind="stable")[:k]
+        if exact[order[-1]] > approx[-1] + bound:  # beats the best any non-candidate could really score
+            return exact[order].reshape(1, -1).astype(np.float32), copy.ids[cand[order]].reshape(1, -1)
+    return None

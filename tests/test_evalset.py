@@ -43,8 +43,9 @@ def test_subset_similarities_equal_those_of_raw_activations(shared_image_set, tm
 
 
 def test_held_subset_gram_over_column_chunks_equals_the_exact_one(monkeypatch):
-    """float16-held vectors of very different magnitudes, added batch by batch, with a chunk
-    size that splits the columns: the Gram computed once at the end matches float64."""
+    """Vectors of very different magnitudes, added batch by batch: the Gram computed once at
+    the end matches float64, for float16-held vectors (converted over column chunks, split
+    here by a small chunk size) and float32-held ones (one block product, no conversion)."""
     import torch
 
     import vecsim.evalset as evalset

@@ -145,7 +145,7 @@ def test_the_chain_never_writes_into_the_layer_output(cfg):
     x = reducer.pool(out)
     norms, finite = reducer.measure(x)
     z = reducer.reduce_pooled(x, finite)
-    assert z.data_ptr() != out.data_ptr() and not bool(finite[2]) and bool(torch.all(z[2] == 0))
+    assert not bool(finite[2]) and bool(torch.all(z[2] == 0))
     torch.testing.assert_close(out, before, equal_nan=True)
 
 

@@ -255,7 +255,8 @@ class _Indexer:
         return stimuli_schema(self.stim_set.extra_schema, self.stim_set.extra_columns)
 
     def _manifest(self) -> dict:
-        from vecsim.store import FORMAT_VERSION, layer_slugs, now, package_versions
+        from vecsim._io import package_versions
+        from vecsim.store import FORMAT_VERSION, layer_slugs, now
 
         slugs = layer_slugs(self.config.layers)
         return {
@@ -402,7 +403,7 @@ class _Indexer:
         from concurrent.futures import ThreadPoolExecutor
 
         from vecsim.stimuli import file_sha256
-        from vecsim.store import save_array
+        from vecsim._io import save_array
 
         def save(reducer, spectrum, layer_dir: Path) -> str:
             reducer.save(layer_dir)
@@ -472,8 +473,9 @@ class _Indexer:
     def _commit(self, rows: list[dict], pending: dict[str, list]) -> int:
         if not rows:
             return 0
-        vectors = {
-            layer: tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
+        vectors = {  # one part (a fit-pass chunk) is passed as it is: concatenate would copy it
+            layer: tuple(parts[0][i] if len(parts) == 1 else np.concatenate([part[i] for part in parts])
+                         for i in range(3))
             for layer, parts in pending.items()
         }
         self.writer.append(rows, vectors, self._take_failures(), self.run_id)
@@ -485,7 +487,8 @@ class _Indexer:
         return count
 
     def _finish(self, indexed: int, failed: int, started: float, seconds: float) -> None:
-        from vecsim.store import now, package_versions
+        from vecsim._io import package_versions
+        from vecsim.store import now
 
         if self.unsaved_failures:
             self.writer.add_failures(self._take_failures(), self.run_id)

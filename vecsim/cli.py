@@ -145,7 +145,7 @@ def format_index(index: dict) -> str:
 
 
 def format_info(info: dict) -> str:
-    from vecsim.store import human_bytes
+    from vecsim._io import human_bytes
 
     model = info["model"]
     b = info["bytes"]
@@ -302,7 +302,8 @@ def similarity_cmd(
     """Export pairwise similarity matrices (tiled, memory-bounded) with their row order and provenance."""
     from vecsim.config import split_list
     from vecsim.errors import ConfigError
-    from vecsim.store import Store, human_bytes
+    from vecsim._io import human_bytes
+    from vecsim.store import Store
 
     chosen = sum(bool(x) for x in (layer, layers, all_layers))
     if chosen != 1:
@@ -333,7 +334,7 @@ def compare_cmd(
 ) -> None:
     """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two."""
     from vecsim.compare import compare_stores
-    from vecsim.store import dumps_json
+    from vecsim._io import dumps_json
 
     result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
     _emit(result, out, as_json, dumps_json,
@@ -353,7 +354,7 @@ def prune_cmd(
 ) -> None:
     """Magnitude-prune a model's conv/linear weights and save a checkpoint for `vecsim index --checkpoint`."""
     from vecsim.compare import format_prune, prune_checkpoint
-    from vecsim.store import dumps_json
+    from vecsim._io import dumps_json
 
     report = prune_checkpoint(model, out, amount, scope, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
     typer.echo(dumps_json(report) if as_json else format_prune(report))
@@ -367,7 +368,7 @@ def spectrum_cmd(
 ) -> None:
     """Per layer: effective rank and dims for 90/95/99% energy of the stored training spectrum."""
     from vecsim.compare import store_spectra
-    from vecsim.store import dumps_json
+    from vecsim._io import dumps_json
 
     _emit(store_spectra(store), out, as_json, dumps_json)
 
@@ -383,7 +384,7 @@ def channels_cmd(
 ) -> None:
     """Channel redundancy of one layer: cosine similarity and CW-NNK overlap of its channels."""
     from vecsim.compare import channel_redundancy
-    from vecsim.store import dumps_json
+    from vecsim._io import dumps_json
 
     _emit(channel_redundancy(store, layer, k=k, kernel=kernel), out, as_json, dumps_json)
 

@@ -52,7 +52,7 @@ from vecsim.errors import (
     close_matches,
 )
 from vecsim import measures as _measures
-from vecsim.store import dumps_json, json_safe  # noqa: F401  (dumps_json is the CLI's)
+from vecsim._io import dumps_json, fsync_replace, json_safe, write_text_atomic
 from vecsim.measures import MEASURES, linear_cka, procrustes_distance, pwcca, svcca
 
 MIN_COMMON = 10
@@ -81,12 +81,6 @@ _CORNER = "A \\ B"
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _out_dir(out: str | os.PathLike) -> Path:
@@ -378,7 +372,7 @@ class Comparison:
         table = table.replace_schema_metadata({b"vecsim": json.dumps(meta).encode()})
         path = folder / "comparison.parquet"
         pq.write_table(table, str(path) + ".tmp", compression="zstd")
-        os.replace(str(path) + ".tmp", path)
+        fsync_replace(Path(str(path) + ".tmp"), path)
         written.append(path)
 
         path = folder / "comparison.csv"
@@ -387,11 +381,11 @@ class Comparison:
             writer.writerow(columns)
             for r in rows:
                 writer.writerow(["" if k == "value" and not math.isfinite(r[k]) else r[k] for k in columns])
-        os.replace(str(path) + ".tmp", path)
+        fsync_replace(Path(str(path) + ".tmp"), path)
         written.append(path)
 
         path = folder / "comparison.json"
-        _write_text_atomic(path, dumps_json(self.to_dict()) + "\n")
+        write_text_atomic(path, dumps_json(self.to_dict()) + "\n")
         written.append(path)
 
         for measure in self.measures:
@@ -402,7 +396,7 @@ class Comparison:
                 writer.writerow(["layer_a \\ layer_b", *self.layers_b])
                 for la, values in zip(self.layers_a, M):
                     writer.writerow([la, *["" if not np.isfinite(v) else repr(float(v)) for v in values]])
-            os.replace(str(path) + ".tmp", path)
+            fsync_replace(Path(str(path) + ".tmp"), path)
             written.append(path)
             path = folder / f"{measure}.png"
             self._plot(measure, path)
@@ -740,7 +734,7 @@ class SpectrumReport:
         path_json = folder / "spectrum.json"
         payload = self.to_dict()
         payload["normalised_spectra"] = {k: (v / v.sum() if v.sum() > 0 else v) for k, v in self.spectra.items()}
-        _write_text_atomic(path_json, dumps_json(payload) + "\n")
+        write_text_atomic(path_json, dumps_json(payload) + "\n")
         path_csv = folder / "spectrum.csv"
         cols = ["layer", "depth", "matrix", "n_train", "n_eigenvalues", "participation_ratio", "entropy_rank",
                 "n_positive", "dims_90", "dims_95", "dims_99", "reduced_dim", "energy_kept"]
@@ -752,7 +746,7 @@ class SpectrumReport:
                 w.writerow([r["layer"], r["depth"], r["matrix"], r["n_train"], r["n_eigenvalues"],
                             _csv(r["participation_ratio"]), _csv(r["entropy_rank"]), r["n_positive"],
                             d.get("0.9"), d.get("0.95"), d.get("0.99"), r["reduced_dim"], _csv(r["energy_kept"])])
-        os.replace(str(path_csv) + ".tmp", path_csv)
+        fsync_replace(Path(str(path_csv) + ".tmp"), path_csv)
         path_png = folder / "spectrum.png"
         self._plot(path_png)
         return [path_json, path_csv, path_png]
@@ -875,7 +869,7 @@ class ChannelReport:
             path = folder / f"{slug}_{name}.npy"
             tmp = folder / f"{slug}_{name}.tmp.npy"
             np.save(tmp, M)
-            os.replace(tmp, path)
+            fsync_replace(tmp, path)
             written.append(path)
             png = folder / f"{slug}_{name}.png"
             label = "cosine similarity" if name == "similarity" else f"CW-NNK overlap (k={self.summary['k']})"
@@ -884,7 +878,7 @@ class ChannelReport:
                      vmin=vmin, vmax=1.0, row_label="channel", col_label="channel", annotate=False)
             written.append(png)
         path = folder / f"{slug}_summary.json"
-        _write_text_atomic(path, dumps_json(self.to_dict()) + "\n")
+        write_text_atomic(path, dumps_json(self.to_dict()) + "\n")
         written.append(path)
         return written
 
@@ -974,7 +968,7 @@ def prune_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(loaded.module.state_dict(), tmp)
-    os.replace(tmp, out)
+    fsync_replace(tmp, out)
     return {**report, "model": loaded.describe(), "out": str(out), "bytes": out.stat().st_size}
 
 

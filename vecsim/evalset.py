@@ -208,7 +208,7 @@ class EvalSubset:
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""
-        from vecsim.store import save_array
+        from vecsim._io import save_array
 
         result = self.layers[layer].result(self.order)
         save_array(directory / "eval.npz", **result)

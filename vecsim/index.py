@@ -50,7 +50,7 @@ def save_index(index, path: Path) -> None:
 
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
-    from vecsim.store import fsync_replace
+    from vecsim._io import fsync_replace
 
     tmp = Path(str(path) + ".tmp")
     faiss.write_index(index, str(tmp))

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from vecsim._io import fsync_replace
 from vecsim.errors import ConfigError, OutputExistsError, QueryError, UnknownStimulusError, close_matches
 
 
@@ -227,7 +228,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
                 pa.array(np.clip(np.asarray(rows_cos, np.float32), -1, 1), pa.float32()),
             ], schema=schema))
             bar.update(len(q_ids))
-    os.replace(tmp, out)
+    fsync_replace(tmp, out)
     return {"path": str(out), "rows": int(len(ids)) * k, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
 
 

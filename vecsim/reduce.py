@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vecsim.errors import ConfigError, DimensionMismatchError
-from vecsim.store import fsync_replace, save_array
+from vecsim._io import fsync_replace, save_array
 
 SIMILARITIES = ("cosine", "correlation")
 POOLINGS = ("flatten", "avg", "max")  # plus "grid:K"

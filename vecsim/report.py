@@ -32,7 +32,7 @@ import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
 from vecsim.measures import _pearson, rankdata
-from vecsim.store import json_safe
+from vecsim._io import json_safe
 
 RECALL_K = 10
 HIST_BINS = 60

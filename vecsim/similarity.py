@@ -59,7 +59,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from vecsim.store import fsync_dir, fsync_path, human_bytes, json_default, package_versions
+from vecsim._io import fsync_dir, fsync_path, human_bytes, json_default, package_versions
 from vecsim.errors import (
     ConfigError,
     DeviceError,

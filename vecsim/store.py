@@ -17,7 +17,6 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from vecsim._faults import kill_point
+from vecsim._io import package_versions, write_json_atomic
 from vecsim.errors import StoreError, StoreExistsError, StoreLockedError, UnknownLayerError, close_matches
 
 NORM_SLACK = 1e-3  # a stored vector's norm is at most 1; float32 rounding may add this much
@@ -47,18 +47,6 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
-    """Installed versions of vecsim's stack (and of the ``extra`` distributions), by name."""
-    from importlib import metadata
-
-    versions = {}
-    for dist in ("vecsim", "torch", "torchvision", "numpy", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "lancedb",
-                 "pyarrow", "pillow", *extra):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    return versions
-
-
 def layer_slug(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", layer).strip("_") or "layer"
 
@@ -74,106 +62,6 @@ def layer_slugs(layers) -> dict[str, str]:
         slugs[layer] = slug
         taken.add(slug)
     return slugs
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KB' (powers of 1024)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a finished file to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames in the folder ``path`` durable (where the platform allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_replace(tmp: Path, target: Path) -> None:
-    """Make the finished temporary file ``tmp`` durable, then rename it onto ``target``: a
-    reader (or a crash) sees the old file or the whole new one, never part of it; the folder
-    is flushed too, so the rename itself survives a power cut."""
-    fsync_path(tmp)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-
-
-def save_array(path: Path, array=None, **arrays) -> None:
-    """One array as .npy (``array``) or several as .npz (keywords), written through fsync_replace."""
-    if (array is None) == (not arrays):
-        raise TypeError("give one array, or named arrays for an .npz")
-    tmp = path.with_name(path.name + (".tmp.npy" if array is not None else ".tmp.npz"))
-    if array is not None:
-        np.save(tmp, array)
-    else:
-        np.savez(tmp, **arrays)
-    fsync_replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, default=json_default)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    kill_point("manifest-written")
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def json_default(obj):
-    """``json.dump``'s ``default``: numpy scalars and arrays as Python values, paths as strings."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: numpy to Python, NaN/±inf → None."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def dumps_json(obj: Any) -> str:
-    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 
 def read_manifest(path: Path) -> dict:

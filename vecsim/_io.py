@@ -1,0 +1,133 @@
+"""Generic file and JSON helpers: durable writes (fsync, atomic replace), JSON of numpy
+values, byte counts for people, installed package versions. No vecsim state, numpy only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from vecsim._faults import kill_point
+
+
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Installed versions of vecsim's stack (and of the ``extra`` distributions), by name."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("vecsim", "torch", "torchvision", "numpy", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "lancedb",
+                 "pyarrow", "pillow", *extra):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return versions
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a finished file to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames in the folder ``path`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_replace(tmp: Path, target: Path) -> None:
+    """Make the finished temporary file ``tmp`` durable, then rename it onto ``target``: a
+    reader (or a crash) sees the old file or the whole new one, never part of it; the folder
+    is flushed too, so the rename itself survives a power cut."""
+    fsync_path(tmp)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+def save_array(path: Path, array=None, **arrays) -> None:
+    """One array as .npy (``array``) or several as .npz (keywords), written through fsync_replace."""
+    if (array is None) == (not arrays):
+        raise TypeError("give one array, or named arrays for an .npz")
+    tmp = path.with_name(path.name + (".tmp.npy" if array is not None else ".tmp.npz"))
+    if array is not None:
+        np.save(tmp, array)
+    else:
+        np.savez(tmp, **arrays)
+    fsync_replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str, kill: str | None = None) -> None:
+    """Write ``text`` to ``path`` through a flushed temporary file and a rename (see fsync_replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if kill:
+        kill_point(kill)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n", kill="manifest-written")
+
+
+def json_default(obj):
+    """``json.dump``'s ``default``: numpy scalars and arrays as Python values, paths as strings."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: numpy to Python, NaN/±inf → None."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False)

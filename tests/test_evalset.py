@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import vecsim
 from vecsim.evalset import allot, eval_order, exact_similarity
@@ -75,7 +76,7 @@ import resource, torch, numpy as np
 from vecsim.evalset import _row_sums
 x = torch.empty(16, 2_000_000).normal_(generator=torch.Generator().manual_seed(0)).add_(1e3)  # no temporary
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the high-water mark is x itself here
-sums = _row_sums(x)
+sums = _row_sums(x).numpy()
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 exact = x.double().sum(dim=1).numpy()
 print(grown, float(np.max(np.abs(sums - exact) / np.abs(exact))))
@@ -84,3 +85,34 @@ print(grown, float(np.max(np.abs(sums - exact) / np.abs(exact))))
     grown_mb, rel_error = map(float, out.stdout.split())
     assert rel_error < 1e-12  # float64 accumulation (a large common offset makes float32 drift)
     assert grown_mb < 120  # a float64 copy of the block would be 256 MB
+
+
+@pytest.mark.parametrize("budget", [10**9, 1_500])  # float32-held; float16-held (too small a budget for float32)
+def test_non_finite_stimuli_are_held_as_zeros_and_left_out_of_the_subset(budget):
+    """The finite mask is applied on the device (nothing waits for it in the hook): a stimulus
+    with NaN activations never reaches the saved Gram, sums or channel responses."""
+    import torch
+
+    from vecsim.evalset import EvalSubset
+
+    rng = np.random.default_rng(2)
+    out = torch.tensor(rng.normal(size=(10, 3, 4, 4)), dtype=torch.float32)
+    out[3, 1, 2, 2] = float("nan")
+    out[8, 0, 0, 0] = float("inf")
+    subset = EvalSubset(list(range(10)), seed=0, eval_size=10, budget_bytes=budget,
+                        units={"l": 48}, shapes={"l": (3, 4, 4)}, device="cpu")
+    for lo in (0, 4, 7):  # three batches
+        hi = {0: 4, 4: 7, 7: 10}[lo]
+        subset.begin_batch(list(range(lo, hi)))
+        x = out[lo:hi].flatten(1)
+        subset.capture("l", x, out[lo:hi], torch.isfinite(x).all(dim=1))
+    ev = subset.layers["l"].result(subset.order)
+    good = [i for i in subset.order.tolist() if i not in (3, 8)]
+    assert ev["ids"].tolist() == good  # in the seeded order, the non-finite two left out
+    raw = out.flatten(1).double().numpy()[good]
+    tol = 1e-5 if budget > 1_500 else 2e-3
+    assert subset.layers["l"].dtype == ("float32" if budget > 1_500 else "float16")
+    np.testing.assert_allclose(exact_similarity(ev), cosine_matrix(raw), atol=tol)
+    np.testing.assert_allclose(ev["sums"], raw.sum(1), rtol=1e-5)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(out[good], 4).flatten(2).numpy()
+    np.testing.assert_allclose(ev["channels"], pooled, rtol=1e-6)

@@ -57,16 +57,17 @@ def _grid(shape: tuple) -> tuple[int, int, int] | None:
     return shape[0], min(CHANNEL_GRID, shape[1]), min(CHANNEL_GRID, shape[2])
 
 
-def _row_sums(x) -> np.ndarray:
-    """Row sums accumulated in float64, over column chunks: ``sum(dtype=float64)`` of the whole
-    block would first make a float64 copy of it (328 MB for 16 rows of a 2.56M-unit layer)."""
+def _row_sums(x):
+    """Row sums accumulated in float64 (a tensor on ``x``'s device), over column chunks:
+    ``sum(dtype=float64)`` of the whole block would first make a float64 copy of it (328 MB
+    for 16 rows of a 2.56M-unit layer)."""
     import torch
 
     chunk = max(1, CHUNK_BYTES // (8 * max(1, x.shape[0])))
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], chunk):
         total += x[:, start : start + chunk].sum(dim=1, dtype=torch.float64)
-    return total.cpu().numpy()
+    return total
 
 
 @dataclass
@@ -83,23 +84,28 @@ class LayerEval:
         # rows in arrival order (row r holds slot self.slots[r]; only rows < len(slots) are
         # ever read, so the buffer is not zero-filled), so the held block is
         # always the view held[:count] and the block products copy nothing; on the
-        # model's device, so they run there without transfers
-        self.held = torch.empty(self.size, self.units, dtype=getattr(torch, self.dtype), device=self.device)
-        self.scale = torch.ones(self.size, dtype=torch.float32, device=self.device)
-        self.slots: list[int] = []
-        self.gram = np.zeros((self.size, self.size), dtype=np.float64)
-        self.sums = np.zeros(self.size, dtype=np.float64)
-        self.filled = np.zeros(self.size, dtype=bool)
-        self._gram_done = False
-        self.channel_responses = (
-            np.zeros((self.size, self.grid[0], self.grid[1] * self.grid[2]), dtype=np.float32)
+        # model's device, so they run there without transfers. Everything a batch adds
+        # stays on the device until the subset is read (finish): inside the hook nothing
+        # makes the host wait for the device.
+        dev = self.device
+        self.held = torch.empty(self.size, self.units, dtype=getattr(torch, self.dtype), device=dev)
+        self.scale = torch.ones(self.size, dtype=torch.float32, device=dev)
+        self.row_sums = torch.zeros(self.size, dtype=torch.float64, device=dev)
+        self.finite = torch.zeros(self.size, dtype=torch.bool, device=dev)  # a non-finite row is held as zeros
+        self.pooled = (  # per-channel responses, (rows, C, gh * gw)
+            torch.zeros(self.size, self.grid[0], self.grid[1] * self.grid[2], dtype=torch.float32, device=dev)
             if self.grid else None
         )
+        self.slots: list[int] = []
+        self.has_channels = False
+        self._gram = None  # float64 numpy Gram of the held rows, once computed
 
-    def add(self, slots: list[int], x, output, rows=None) -> None:
+    def add(self, slots: list[int], x, output, finite=None, rows=None) -> None:
         """x: (B, units) float32 pooled raw vectors on the device; ``rows`` (a device index
-        tensor, default all) picks the ones for these slots, in order. ``output`` is the
-        layer's (B, ...) output, for the per-channel responses.
+        tensor, default all) picks the ones for these slots, in order; ``finite`` is the
+        batch's (B,) finite mask, default all (a non-finite stimulus is held as zeros and
+        left out of the subset when it is read). ``output`` is the layer's (B, ...) output, for the
+        per-channel responses.
 
         The rows go straight into the held block (one copy, no intermediate gather).
         """
@@ -109,31 +115,41 @@ class LayerEval:
         count, b = len(self.slots), len(slots)
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)
+        if finite is None:
+            ok = torch.ones(b, dtype=torch.bool, device=self.finite.device)
+        else:
+            ok = finite.index_select(0, rows.to(finite.device)).to(self.finite.device)
         dest = self.held[count : count + b]
         if self.held.dtype == torch.float32:
             torch.index_select(x, 0, rows, out=dest)
-            self.sums[slots] = _row_sums(dest)
+            dest.masked_fill_(~ok[:, None], 0.0)
+            self.row_sums[count : count + b] = _row_sums(dest)
         else:
-            xs = x.index_select(0, rows)
-            self.sums[slots] = _row_sums(xs)
+            xs = x.index_select(0, rows).masked_fill_(~ok[:, None], 0.0)
+            self.row_sums[count : count + b] = _row_sums(xs)
             scale = xs.abs().amax(dim=1).clamp(min=1e-30)
             dest.copy_(xs.div_(scale[:, None]))
             self.scale[count : count + b] = scale
+        self.finite[count : count + b] = ok
         self.slots.extend(slots)
-        self.filled[slots] = True
-        self._gram_done = False
-        if self.channel_responses is not None and output is not None and output.ndim == 4:
+        self._gram = None
+        if self.pooled is not None and output is not None and output.ndim == 4:
             # pooled before picking the rows: no copy of the output (.float() is free for float32)
             pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
-            self.channel_responses[slots] = pooled.index_select(0, rows.to(pooled.device)).cpu().numpy()
+            self.pooled[count : count + b] = pooled.index_select(0, rows.to(pooled.device))
+            self.has_channels = True
 
-    def compute_gram(self) -> None:
-        """The Gram matrix of everything held: float32 products over column chunks."""
+    def compute_gram(self) -> np.ndarray:
+        """The Gram matrix of the held rows, in arrival order (float64; float32 products, over
+        column chunks for float16-held rows); computed once."""
         import torch
 
         count = len(self.slots)
-        if count == 0 or self._gram_done:
-            return
+        if self._gram is not None:
+            return self._gram
+        if count == 0:
+            self._gram = np.zeros((0, 0))
+            return self._gram
         from vecsim.reduce import add_gram, mirror_upper
 
         held = self.held[:count]
@@ -149,20 +165,25 @@ class LayerEval:
             mirror_upper(gram)
             scale = self.scale[:count].double()
             gram = gram.double() * scale[:, None] * scale[None, :]
-        self.gram[np.ix_(self.slots, self.slots)] = gram.cpu().numpy()
-        self._gram_done = True
+        self._gram = gram.cpu().numpy()
+        return self._gram
 
     def result(self, order: np.ndarray) -> dict:
-        self.compute_gram()
-        keep = np.flatnonzero(self.filled)
+        """ids (in the seeded order), gram, sums, units[, channels] of the finite held stimuli."""
+        gram = self.compute_gram()
+        count = len(self.slots)
+        finite = self.finite[:count].cpu().numpy()
+        slots = np.asarray(self.slots, dtype=np.int64)[finite]
+        rows = np.flatnonzero(finite)[np.argsort(slots, kind="stable")]  # held rows by slot
         out = {
-            "ids": order[: self.size][keep],
-            "gram": self.gram[np.ix_(keep, keep)],
-            "sums": self.sums[keep],
+            "ids": order[: self.size][np.sort(slots)],
+            "gram": gram[np.ix_(rows, rows)],
+            "sums": self.row_sums[:count].cpu().numpy()[rows],
             "units": np.int64(self.units),
         }
-        if self.channel_responses is not None:
-            out["channels"] = self.channel_responses[keep]
+        if self.pooled is not None:
+            channels = self.pooled[:count].cpu().numpy()[rows]
+            out["channels"] = channels if self.has_channels else np.zeros_like(channels)
         return out
 
 
@@ -194,17 +215,16 @@ class EvalSubset:
 
     def capture(self, layer: str, x, output, finite) -> None:
         """Called inside the hook with the pooled float32 raw vectors of the whole batch
-        and their finite mask (a non-finite stimulus is not part of the subset)."""
+        and their finite mask (a non-finite stimulus is not part of the subset). Nothing
+        here waits for the device: the finite mask is applied on the device, and read
+        when the subset is saved."""
         import torch
 
         pos, slots = self._batch.get(layer, ([], []))
         if not pos:
             return
         idx = torch.tensor(pos, device=x.device)
-        keep = [i for i, ok in enumerate(finite[idx].cpu().tolist()) if ok]
-        if not keep:
-            return
-        self.layers[layer].add([slots[i] for i in keep], x, output, rows=idx[keep])
+        self.layers[layer].add(slots, x, output, finite, rows=idx)
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""

@@ -161,6 +161,14 @@ def test_byte_identical_files_have_cosine_one_in_neighbours_and_matrices(shared_
     assert dist[pa_, pb_] == dist[pb_, pa_] == 0.0
     side = json.loads((tmp_path / "d.npy.json").read_text())
     assert side["identical_rows"] == [sorted([pa_, pb_])]
+    # and RSA's stored cosine estimates (compare) follow the same rule
+    from vecsim.compare import _LayerData
+
+    gram = _LayerData(store, LAYERS[1]).stored_gram(ids)
+    cos = gram / np.sqrt(np.outer(np.diag(gram), np.diag(gram)))
+    assert abs(cos[pa_, pb_] - 1.0) < 1e-12
+    np.testing.assert_allclose(np.delete(np.delete(cos, [pa_, pb_], 0), [pa_, pb_], 1),
+                               np.delete(np.delete(expected, [pa_, pb_], 0), [pa_, pb_], 1), atol=1e-5)
 
 
 def test_exports_equal_brute_force_cosine_in_recorded_order(store, tmp_path):

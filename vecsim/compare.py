@@ -261,14 +261,21 @@ class _LayerData:
 
         Off the diagonal ``⟨y_i, y_j⟩ ‖x_i‖ ‖x_j‖``; normalising it by its diagonal gives the
         stored cosine estimates ⟨y_i, y_j⟩, not ⟨y_i, y_j⟩ / (‖y_i‖ ‖y_j‖), which would undo
-        what the normalise-then-project chain keeps.
+        what the normalise-then-project chain keeps. Byte-identical files have identical
+        activations: their pairs get ``‖x_i‖ ‖x_j‖`` (cosine exactly 1, like the diagonal),
+        as in query, neighbors and the similarity export.
         """
         key = np.asarray(ids, dtype=np.int64).tobytes()
         if key not in self._stored_grams:  # the same seeded rows for every RSA cell of a run
             pos = self.positions(ids)
             X = self._features[1][pos]
+            norms = self._features[2][pos]
             G = X @ X.T
-            np.fill_diagonal(G, self._features[2][pos] ** 2)
+            np.fill_diagonal(G, norms**2)
+            for group in self.store.lookup().identical_groups():
+                rows = np.flatnonzero(np.isin(ids, group))
+                if len(rows) > 1:
+                    G[np.ix_(rows, rows)] = np.outer(norms[rows], norms[rows])
             self._stored_grams[key] = G
         return self._stored_grams[key]
 

@@ -65,3 +65,37 @@ def test_forward_stops_after_the_deepest_hooked_layer_with_the_same_results():
     for layer in expected:
         torch.testing.assert_close(first[layer], expected[layer])
         torch.testing.assert_close(second[layer], expected[layer])
+
+
+class _Reuse(nn.Module):
+    """One ReLU module called three times per pass, on outputs of different widths (like a
+    torchvision Bottleneck's relu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.relu = nn.Linear(4, 3), nn.Linear(3, 5), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.b(self.relu(self.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_module_called_several_times_is_captured_at_its_last_call_only(given):
+    from vecsim.models import layer_shapes
+
+    model = _Reuse()
+    x = torch.randn(6, 4)
+    info = {i.name: i for i in layer_shapes(model, 0, ["relu"], input_shape=(4,))}["relu"]
+    assert (info.calls, info.shape) == (3, (5,))
+    seen = []
+
+    def function(output):  # must never see the earlier, 3-wide calls
+        seen.append(tuple(output.shape))
+        return output.clone()
+
+    with LayerCapture(model, ["relu"], {"relu": function}, calls={"relu": 3} if given else None) as capture:
+        for _ in range(2):
+            got = capture.run(x)["relu"]
+    assert seen == [(6, 5), (6, 5)]
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x))

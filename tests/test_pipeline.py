@@ -147,3 +147,35 @@ def test_a_config_built_directly_takes_the_same_loose_forms_as_flags():
     assert direct == resolve(given)
     with pytest.raises(ConfigError, match="three comma-separated numbers"):
         IndexConfig(**{**given, "std": "a,b,c"})
+
+
+def test_a_module_run_several_times_per_pass_is_indexed_at_its_last_call(shared_image_set, tmp_path):
+    """A Bottleneck's relu runs three times per pass (64, 64, then 256 channels): the store
+    holds its last call, with the evaluation subset on (each batch captured once)."""
+    import torch
+
+    from vecsim.models import load_model
+    from vecsim.stimuli import decode_image
+
+    layer = "layer1.0.relu"
+    summary = vecsim.index_stimuli(source=str(shared_image_set), model="resnet50", weights="none", size=32,
+                                   layers=[layer], out=str(tmp_path / "s"), dim="32", batch_size=5,
+                                   progress=False)
+    assert summary.layers[layer]["calls"] == 3
+    store = Store.open(tmp_path / "s")
+    paths = store.stimuli().column("path").to_pylist()
+    loaded = load_model("resnet50", weights="none", size=32)
+    last = {}
+    module = dict(loaded.module.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: last.__setitem__("out", o.detach().clone()))
+    raw = []
+    with torch.no_grad():
+        for rel in paths:
+            loaded.module(loaded.preprocessing(decode_image(shared_image_set / rel).image).unsqueeze(0))
+            raw.append(last["out"].flatten(1).double().numpy())
+    handle.remove()
+    raw = np.concatenate(raw)
+    assert raw.shape[1] == 256 * 8 * 8
+    _, vecs = store.vectors(layer)
+    np.testing.assert_allclose(vecs @ vecs.T, cosine_matrix(raw), atol=1e-4)
+    assert summary.fidelity[layer] > 0.999  # the evaluation subset held each stimulus once

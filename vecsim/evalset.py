@@ -100,19 +100,23 @@ class LayerEval:
         self.has_channels = False
         self._gram = None  # float64 numpy Gram of the held rows, once computed
 
-    def add(self, slots: list[int], x, output, finite=None, rows=None) -> None:
+    def add(self, slots: list[int], x, output, finite=None, rows=None, at: int | None = None) -> None:
         """x: (B, units) float32 pooled raw vectors on the device; ``rows`` (a device index
         tensor, default all) picks the ones for these slots, in order; ``finite`` is the
         batch's (B,) finite mask, default all (a non-finite stimulus is held as zeros and
         left out of the subset when it is read). ``output`` is the layer's (B, ...) output, for the
-        per-channel responses.
+        per-channel responses. ``at`` (default: after the rows held so far) is the held row
+        they start at; rows from there on are replaced, so a module that runs several
+        times in one forward pass leaves its last call's rows, as the hook's result does.
 
         The rows go straight into the held block (one copy, no intermediate gather).
         """
         import torch
         import torch.nn.functional as F
 
-        count, b = len(self.slots), len(slots)
+        count = len(self.slots) if at is None else at
+        b = len(slots)
+        del self.slots[count:]
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)
         if finite is None:
@@ -200,7 +204,7 @@ class EvalSubset:
             layer: LayerEval(m, units[layer], device, _grid(shapes[layer]), dtype)
             for layer, (m, dtype) in allotted.items()
         }
-        self._batch: dict[str, tuple[list[int], list[int]]] = {}
+        self._batch: dict[str, tuple[list[int], list[int], int]] = {}
 
     def begin_batch(self, batch_ids: list[int]) -> None:
         self._batch = {}
@@ -211,7 +215,7 @@ class EvalSubset:
                 if slot is not None and slot < ev.size:
                     pos.append(p)
                     slots.append(slot)
-            self._batch[layer] = (pos, slots)
+            self._batch[layer] = (pos, slots, len(ev.slots))  # the held row this batch starts at
 
     def capture(self, layer: str, x, output, finite) -> None:
         """Called inside the hook with the pooled float32 raw vectors of the whole batch
@@ -220,11 +224,12 @@ class EvalSubset:
         when the subset is saved."""
         import torch
 
-        pos, slots = self._batch.get(layer, ([], []))
+        pos, slots, start = self._batch.get(layer, ([], [], 0))
         if not pos:
             return
         idx = torch.tensor(pos, device=x.device)
-        self.layers[layer].add(slots, x, output, finite, rows=idx)
+        # at the batch's start row: a module called again in the same pass replaces its rows
+        self.layers[layer].add(slots, x, output, finite, rows=idx, at=start)
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""

@@ -45,14 +45,18 @@ class LayerCapture:
     """Context manager that hooks ``layers`` and always removes the hooks on exit.
 
     ``functions[layer]`` runs inside the hook on the layer's output and its result is
-    what :meth:`run` returns. A module called several times in one forward pass keeps
-    the result of its last call. With ``stop_early``, the first pass counts the calls of
-    each hooked module and later passes stop right after the last of them, so the
-    layers after the deepest hooked one are not computed.
+    what :meth:`run` returns. A module called several times in one forward pass
+    (torchvision's ResNet blocks reuse one ReLU) is captured at its last call only: its
+    function does not run on the earlier calls, whose outputs may have another shape.
+    ``calls`` gives the calls per pass of each layer (:func:`vecsim.models.layer_shapes`);
+    without it they are counted on a meta-device copy of the model before the first pass.
+    With ``stop_early``, the first pass counts the calls of each hooked module and later
+    passes stop right after the last of them, so the layers after the deepest hooked one
+    are not computed.
     """
 
     def __init__(self, model, layers: list[str], functions: dict[str, Callable] | None = None,
-                 stop_early: bool = True):
+                 stop_early: bool = True, calls: dict[str, int] | None = None):
         check_layers(model, layers)
         self.model = model
         self.layers = list(layers)
@@ -62,6 +66,7 @@ class LayerCapture:
         self._results: dict[str, Any] = {}
         self._calls: dict[str, int] = {}
         self._expected: dict[str, int] | None = None
+        self._last = None if calls is None else {layer: int(calls.get(layer, 1)) for layer in self.layers}
 
     def __enter__(self) -> "LayerCapture":
         modules = dict(self.model.named_modules())
@@ -87,10 +92,14 @@ class LayerCapture:
         function = self.functions.get(layer, copy_flat)
 
         def hook(_module, _inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"layer {layer!r} returns {type(output).__name__}, not a tensor; hook a submodule")
-            self._results[layer] = function(output)
-            self._calls[layer] = self._calls.get(layer, 0) + 1
+            if self._last is None:  # the call-counting probe (its model copy carries this hook too)
+                return
+            count = self._calls.get(layer, 0) + 1
+            self._calls[layer] = count
+            if count >= self._last.get(layer, 1):  # the module's last call in the pass
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(f"layer {layer!r} returns {type(output).__name__}, not a tensor; hook a submodule")
+                self._results[layer] = function(output)
             if self._expected is not None and self._calls == self._expected:
                 raise _StopForward
 
@@ -100,6 +109,11 @@ class LayerCapture:
         """One forward pass under inference mode; the per-layer results of this batch."""
         import torch
 
+        if self._last is None:
+            from vecsim.models import layer_shapes
+
+            infos = layer_shapes(self.model, 0, self.layers, input_shape=tuple(batch.shape[1:]))
+            self._last = {info.name: info.calls for info in infos}
         self._results, self._calls = {}, {}
         try:
             with torch.inference_mode():

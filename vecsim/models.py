@@ -265,7 +265,8 @@ def check_layers(module, layers: list[str]) -> None:
 class LayerInfo:
     name: str
     kind: str
-    shape: tuple[int, ...]  # per stimulus, without the batch dimension
+    shape: tuple[int, ...]  # per stimulus, without the batch dimension (of the module's last call)
+    calls: int = 1  # times the module runs in one forward pass (torchvision's ResNet blocks reuse one ReLU)
 
     @property
     def units(self) -> int:
@@ -275,18 +276,22 @@ class LayerInfo:
         return n
 
 
-def layer_shapes(module, size: int, names: list[str] | None = None) -> list[LayerInfo]:
-    """Output shape of every (or the named) module for one ``size``×``size`` input."""
+def layer_shapes(module, size: int, names: list[str] | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> list[LayerInfo]:
+    """Output shape (of the last call) and calls per forward pass of every (or the named)
+    module, for one ``size``×``size`` RGB input (or one of ``input_shape``, without the batch)."""
     import torch
 
     wanted = set(names) if names is not None else None
     seen: dict[str, LayerInfo] = {}
     handles = []
+    shape = tuple(input_shape) if input_shape is not None else (3, size, size)
 
     def make_hook(name, kind):
         def hook(_mod, _inp, out):
             if isinstance(out, torch.Tensor):
-                seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]))
+                calls = seen[name].calls + 1 if name in seen else 1
+                seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]), calls)
         return hook
 
     def run(net, device) -> None:
@@ -295,7 +300,7 @@ def layer_shapes(module, size: int, names: list[str] | None = None) -> list[Laye
             for n, m in modules:
                 handles.append(m.register_forward_hook(make_hook(n, type(m).__name__)))
             with torch.inference_mode():
-                net(torch.zeros(1, 3, size, size, device=device))
+                net(torch.zeros(1, *shape, device=device))
         finally:
             for h in handles:
                 h.remove()
@@ -304,7 +309,11 @@ def layer_shapes(module, size: int, names: list[str] | None = None) -> list[Laye
     try:  # shapes only: a copy on the meta device computes no activations (and warms nothing up)
         import copy
 
-        run(copy.deepcopy(module).to("meta"), "meta")
+        shadow = copy.deepcopy(module).to("meta")
+        for m in shadow.modules():  # the copy would carry the model's own hooks (and a capture's)
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        run(shadow, "meta")
     except Exception:  # an operation without a meta kernel: one real forward at batch 1
         seen.clear()
         param = next(module.parameters(), None)

@@ -129,7 +129,9 @@ class _Indexer:
             raise ConfigError("--layers lists a layer twice")
         # shapes from the model while it is still on the CPU: their meta-device copy then
         # never doubles the weights on a GPU
-        shapes = {i.name: i.shape for i in layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers)}
+        infos = layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers)
+        shapes = {i.name: i.shape for i in infos}
+        self.calls = {i.name: i.calls for i in infos}  # a module run several times is captured at its last call
         model = loaded.module.to(device)
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         if previous is not None:
@@ -166,7 +168,8 @@ class _Indexer:
         finally:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
-        layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"]}
+        layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"],
+                          "calls": self.calls.get(layer, 1)}
                   for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary
 
@@ -384,7 +387,7 @@ class _Indexer:
         norms = {layer: torch.empty(n, dtype=torch.float32) for layer in self.reducers}
         rows: list[dict] = []
         functions = {layer: self._layer_function(r, project=False) for layer, r in self.reducers.items()}
-        with LayerCapture(self.model, self.config.layers, functions) as capture:
+        with LayerCapture(self.model, self.config.layers, functions, calls=self.calls) as capture:
             for batch in self._batches(items):
                 keep, results = self._forward(capture, batch, bar)
                 if not keep:
@@ -449,7 +452,7 @@ class _Indexer:
         pending_rows: list[dict] = []
         pending: dict[str, list] = {layer: [] for layer in self.reducers}
         count = 0
-        with LayerCapture(self.model, self.config.layers, functions) as capture:
+        with LayerCapture(self.model, self.config.layers, functions, calls=self.calls) as capture:
             for batch in self._batches(items):
                 keep, results = self._forward(capture, batch, bar)
                 keep = [p for p in keep if batch.ids[p] not in self.eval_only]

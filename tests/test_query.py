@@ -123,6 +123,9 @@ def test_neighbors_graph_equals_brute_force(store, tmp_path):
     assert len(table) == len(ids) * 3
     with pytest.raises(OutputExistsError):
         store.neighbors(LAYERS[0], 3, out, progress=False)
+    # k beyond the store: every other stimulus, and the count returned is the rows written
+    result = store.neighbors(LAYERS[0], len(ids) + 5, tmp_path / "all.parquet", progress=False)
+    assert result["rows"] == pq.read_metadata(tmp_path / "all.parquet").num_rows == len(ids) * (len(ids) - 1)
 
 
 def test_byte_identical_files_have_cosine_one_in_neighbours_and_matrices(shared_image_set, tmp_path):
@@ -141,6 +144,13 @@ def test_byte_identical_files_have_cosine_one_in_neighbours_and_matrices(shared_
     assert (first[a]["neighbor_id"], first[a]["cosine"]) == (b, 1.0)
     assert (first[b]["neighbor_id"], first[b]["cosine"]) == (a, 1.0)
     assert len(table) == 3 * len(store.lookup().ids)
+    # query: the query stimulus first, then its copy, both 1.0; --exclude-self leaves out only itself
+    for me, twin in ((a, b), (b, a)):
+        hits = store.query(id=me, layer=LAYERS[1], k=3)
+        assert [(h["id"], h["cosine"]) for h in hits[:2]] == [(me, 1.0), (twin, 1.0)] and hits[2]["cosine"] < 1.0
+        hits = store.query(id=me, layer=LAYERS[1], k=3, exclude_self=True)
+        assert (hits[0]["id"], hits[0]["cosine"]) == (twin, 1.0) and me not in [h["id"] for h in hits]
+        assert len(hits) == 3
     ids, vecs = store.vectors(LAYERS[1])
     others = [r for r in table if r["id"] not in (a, b)]
     sims = vecs @ vecs.T

@@ -291,7 +291,7 @@ def test_hdf5_correlation_metric_recorded(data, tmp_path):
 def test_existing_output_raises_unless_overwrite(data, tmp_path):
     out = tmp_path / "rdm.npy"
     _export(data, out)
-    with pytest.raises(OutputExistsError, match="overwrite=True"):
+    with pytest.raises(OutputExistsError, match="--overwrite"):
         _export(data, out)
     _export(data, out, overwrite=True, distance=True)
     assert np.load(out)[0, 0] == 0.0  # replaced by the distance form

@@ -86,6 +86,8 @@ def index_cmd(
         fidelity = f", fidelity Spearman {rho:.4f} on the evaluation subset" if rho is not None else ""
         if fit.get("dropped_zero_units"):
             exact += f", {fit['dropped_zero_units']:,} always-zero units dropped"
+        if fit.get("calls", 1) > 1:
+            exact += f", the last of its {fit['calls']} calls per forward pass"
         typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']}){fidelity}")
         if rho is not None and rho < 0.95:
             _echo_err(f"warning: {layer} keeps similarities with Spearman {rho:.3f} < 0.95; "
@@ -108,13 +110,15 @@ def layers_cmd(
     side = loaded.preprocessing.crop
     infos = layer_shapes(loaded.module, side)
     if as_json:
-        typer.echo(json.dumps([{"name": i.name, "type": i.kind, "shape": list(i.shape), "units": i.units} for i in infos], indent=2))
+        typer.echo(json.dumps([{"name": i.name, "type": i.kind, "shape": list(i.shape), "units": i.units,
+                                "calls": i.calls} for i in infos], indent=2))
         return
     typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable modules")
     width = max(len(i.name) for i in infos)
     typer.echo(f"{'layer':<{width}}  {'type':<18} {'shape':<18} {'units':>12}")
     for i in infos:
-        typer.echo(f"{i.name:<{width}}  {i.kind:<18} {'x'.join(map(str, i.shape)):<18} {i.units:>12,}")
+        reused = f"  runs {i.calls}x per pass: the last call is captured" if i.calls > 1 else ""
+        typer.echo(f"{i.name:<{width}}  {i.kind:<18} {'x'.join(map(str, i.shape)):<18} {i.units:>12,}{reused}")
 
 
 # -- info ----------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def query_cmd(
     layer: Optional[str] = typer.Option(None, "--layer", help="One layer [default: all, side by side]."),
     k: int = typer.Option(10, "-k", help="Number of neighbours."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL filter on the stimuli table, e.g. \"label = 'cat'\"."),
-    exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query stimulus out of its results."),
+    exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query stimulus out of its results (for --image, any stored copy of that file); other byte-identical files stay first, at 1.0."),
     device: str = typer.Option("auto", "--device", help="For --image: auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
@@ -280,7 +284,7 @@ def neighbors_cmd(
     from vecsim.store import Store
 
     result = Store.open(store).neighbors(layer, k, out, overwrite=overwrite, progress=not quiet)
-    typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli × k={k}) to {result['path']} "
+    typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli, k={k}) to {result['path']} "
                f"in {result['seconds']:.1f} s")
 
 

@@ -117,27 +117,31 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
         store.layer_info(name)
     lookup = store.lookup()
     allowed = allowed_ids(store, where)
+    # selves: the stored stimuli identical to the query (same file bytes), query stimulus first;
+    # their cosine with it is exactly 1. --exclude-self leaves out the query stimulus (for an
+    # --image, every stored copy of that file); other copies stay, first, at 1.0.
     if image is not None:
         queries, digest = image_vectors(store, image, layers, device)
         selves = lookup.same_bytes(digest)
+        excluded = selves if exclude_self else selves[:0]
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)
         queries = {name: store.vector_of(name, self_id) for name in layers}
-        selves = lookup.same_bytes(lookup.sha256[lookup.position(np.array([self_id]))[0]])
+        twins = lookup.same_bytes(lookup.sha256[lookup.position(np.array([self_id]))[0]])
+        selves = np.concatenate([[self_id], twins[twins != self_id]]).astype(np.int64)
+        excluded = selves[:1] if exclude_self else selves[:0]
+    first = selves[~np.isin(selves, excluded)]
     if allowed is not None:
-        selves_allowed = np.intersect1d(selves, allowed)
-        if exclude_self:
-            allowed = np.setdiff1d(allowed, selves)
-    else:
-        selves_allowed = selves
+        first = first[np.isin(first, allowed)]
+        allowed = np.setdiff1d(allowed, excluded)
     hits = []
-    extra = len(selves) if allowed is None or not exclude_self else 0  # twins the search must see past
+    extra = len(selves)  # the copies the search must see past (they are dropped, then put first)
     for name in layers:
         scores, found = search_index(store.index(name), queries[name], k + extra, allowed, store, name)
-        exact_self = not exclude_self and bool(np.any(queries[name]))
-        ranked = _rank_with_twins(scores[0], found[0], drop=selves if exclude_self or exact_self else (),
-                                  first=selves_allowed if exact_self else (), k=k)
+        nonzero = bool(np.any(queries[name]))  # an all-zero vector has cosine 0 with everything, itself too
+        ranked = _rank_with_twins(scores[0], found[0], drop=selves if nonzero else excluded,
+                                  first=first if nonzero else (), k=k)
         positions = lookup.position(np.array([stim_id for _, stim_id in ranked], dtype=np.int64)).tolist()
         for rank, ((score, stim_id), pos) in enumerate(zip(ranked, positions), start=1):
             hits.append({"layer": name, "rank": rank, "id": stim_id, "path": str(lookup.paths[pos]),
@@ -208,6 +212,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
     tmp = out.with_name(out.name + ".tmp")
     start = time.time()
+    written = 0
     with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(ids), unit="q", desc=f"neighbors {layer}",
                                                      disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(ids), batch_size):
@@ -227,9 +232,11 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
                 pa.array(rows_id, pa.int64()), pa.array(rows_rank, pa.int32()), pa.array(rows_nb, pa.int64()),
                 pa.array(np.clip(np.asarray(rows_cos, np.float32), -1, 1), pa.float32()),
             ], schema=schema))
+            written += len(rows_id)
             bar.update(len(q_ids))
     fsync_replace(tmp, out)
-    return {"path": str(out), "rows": int(len(ids)) * k, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
+    # fewer than k per stimulus when the store holds k or fewer other stimuli
+    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
 
 
 # -- similarity -----------------------------------------------------------------------------

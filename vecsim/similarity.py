@@ -633,7 +633,7 @@ def export_similarity(
     if not overwrite:
         for p in (out, sidecar):
             if p is not None and p.exists():
-                raise OutputExistsError(f"{p} already exists; pass overwrite=True or choose another name")
+                raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it or choose another name")
 
     strings_bytes = 0
     if fmt == "hdf5":

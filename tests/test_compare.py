@@ -283,3 +283,32 @@ def test_channel_matrices_and_summary(stores, tmp_path):
         assert (out / f"features_relu3_{name}").is_file(), name
     assert np.load(out / "features_relu3_overlap.npy").shape == (64, 64)
     _no_nan_json((out / "features_relu3_summary.json").read_text())
+
+
+def test_cca_measures_report_their_chance_level_and_flag_directions_that_fill_the_stimuli(tmp_path):
+    """SVCCA/PWCCA with as many directions as stimuli are 1 by construction: the cell says so
+    and its chance level (B's stimuli shuffled) shows it; with few directions, related layers
+    score far above chance."""
+    from vecsim.compare import DEGENERATE_CCA_NOTE
+    from vecsim.store import store_from_vectors
+
+    rng = np.random.default_rng(0)
+    for n, dim, degenerate in ((300, 8, False), (30, 20, True)):
+        a = rng.standard_normal((n, dim)).astype(np.float32)
+        b = a @ np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)  # same space, rotated
+        b += 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
+        unit = {k: v / np.linalg.norm(v, axis=1, keepdims=True) for k, v in (("a", a), ("b", b))}
+        store = store_from_vectors(tmp_path / f"s{n}", unit)
+        result = compare_stores(store, measures=["svcca", "pwcca"], layers_a=["a"], layers_b=["b"],
+                                source="stored-vectors")
+        for measure in ("svcca", "pwcca"):
+            cell = result.cell(measure, "a", "b")
+            assert cell["value"] > 0.95
+            if degenerate:
+                assert DEGENERATE_CCA_NOTE in cell["note"] and cell["chance"] > 0.5  # 11+ of 20 correlations are 1
+            else:
+                assert DEGENERATE_CCA_NOTE not in cell["note"] and cell["chance"] < 0.4
+        assert "chance level" in result.format()
+        result.save(tmp_path / f"out{n}")
+        table = pq.read_table(tmp_path / f"out{n}" / "comparison.parquet").to_pylist()
+        assert all((r["chance"] is None) == (r["measure"] not in ("svcca", "pwcca")) for r in table)

@@ -72,6 +72,33 @@ _FEATURE_FORMS = {
     "pwcca": pwcca,
 }
 _ASYMMETRIC = {"pwcca"}  # weights come from the row (A) layer
+DEGENERATE_CCA_NOTE = ("CCA directions of A and B together reach the number of stimuli: their subspaces "
+                       "must share directions, whose correlations are 1 whatever the layers; compare "
+                       "with the chance level (B's stimuli shuffled)")
+
+
+def _svcca_with_chance(X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray) -> tuple[float, dict]:
+    res = svcca(X, Y)
+    return res["mean"], {"chance": svcca(X, Y[shuffle])["mean"], "dims": res["dims"], "n": len(X)}
+
+
+def _pwcca_with_chance(X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray) -> tuple[float, dict]:
+    dims = (_measures._feature_basis(X)[0].shape[1], _measures._feature_basis(Y)[0].shape[1])
+    return pwcca(X, Y), {"chance": pwcca(X, Y[shuffle]), "dims": dims, "n": len(X)}
+
+
+# SVCCA and PWCCA from features also report their chance level (B's stimuli shuffled)
+_CCA_MEASURES = {"svcca": _svcca_with_chance, "pwcca": _pwcca_with_chance}
+
+
+def _cca_extras(extra: dict, note: str) -> dict:
+    """A cell's ``chance`` (CCA measures; None otherwise) and note, flagging a CCA whose
+    directions fill the stimulus space (k_A + k_B >= n - 1)."""
+    if "chance" not in extra:
+        return {"chance": None, "note": note}
+    if sum(extra["dims"]) >= extra["n"] - 1:
+        note = f"{note}; {DEGENERATE_CCA_NOTE}" if note else DEGENERATE_CCA_NOTE
+    return {"chance": float(extra["chance"]), "note": note}
 # Exact-Gram SVCCA/Procrustes reuse each layer's centred-Gram eigenbasis (the same steps as
 # measures.svcca_gram / procrustes_distance_gram; tests check the values are identical).
 _BASIS_MEASURES = {"svcca", "procrustes"}
@@ -367,11 +394,12 @@ class Comparison:
         folder = _out_dir(out)
         written = []
         rows = self.rows()
-        columns = ["measure", "layer_a", "layer_b", "row", "col", "value", "source", "n",
+        columns = ["measure", "layer_a", "layer_b", "row", "col", "value", "chance", "source", "n",
                    "higher_is_more_similar", "note"]
         schema = pa.schema([
             ("measure", pa.string()), ("layer_a", pa.string()), ("layer_b", pa.string()),
-            ("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64()), ("source", pa.string()),
+            ("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64()), ("chance", pa.float64()),
+            ("source", pa.string()),
             ("n", pa.int64()), ("higher_is_more_similar", pa.bool_()), ("note", pa.string()),
         ])
         meta = {k: v for k, v in self.to_dict().items() if k != "cells"}
@@ -387,7 +415,8 @@ class Comparison:
             writer = csv.writer(fh)
             writer.writerow(columns)
             for r in rows:
-                writer.writerow(["" if k == "value" and not math.isfinite(r[k]) else r[k] for k in columns])
+                writer.writerow(["" if k in ("value", "chance") and (r[k] is None or not math.isfinite(r[k]))
+                                 else r[k] for k in columns])
         fsync_replace(Path(str(path) + ".tmp"), path)
         written.append(path)
 
@@ -457,6 +486,13 @@ class Comparison:
         for la, values in zip(self.layers_a, M):
             out.append(f"{la:<{head}}  " + "  ".join(f"{_fmt(v):>{width}}" for v in values))
         cells = [c for c in self.cells if c["measure"] == measure]
+        if any(c.get("chance") is not None for c in cells):
+            chance = np.full(M.shape, np.nan)
+            for c in cells:
+                chance[c["row"], c["col"]] = np.nan if c.get("chance") is None else c["chance"]
+            out.append("chance level (the same measure with B's stimuli shuffled):")
+            for la, values in zip(self.layers_a, chance):
+                out.append(f"{la:<{head}}  " + "  ".join(f"{_fmt(v):>{width}}" for v in values))
         if len({(c["source"], c["n"]) for c in cells}) <= 1:
             c = cells[0]
             out.append(f"source: {c['source']}, n={c['n']} (every cell)" + (f"; {c['note']}" if c["note"] else ""))
@@ -475,10 +511,11 @@ class Comparison:
         cells = [c for c in self.cells if c["measure"] == measure]
         wa = max(7, *(len(c["layer_a"]) for c in cells))
         wb = max(7, *(len(c["layer_b"]) for c in cells))
-        out = [f"{'layer_a':<{wa}}  {'layer_b':<{wb}}  {'value':>8}  {'source':<14}  {'n':>6}"]
+        out = [f"{'layer_a':<{wa}}  {'layer_b':<{wb}}  {'value':>8}  {'chance':>8}  {'source':<14}  {'n':>6}"]
         for c in cells:
-            out.append(f"{c['layer_a']:<{wa}}  {c['layer_b']:<{wb}}  {_fmt(c['value']):>8}  {c['source']:<14}  {c['n']:>6}"
-                       + (f"  ({c['note']})" if c["note"] else ""))
+            chance = _fmt(np.nan if c.get("chance") is None else c["chance"])
+            out.append(f"{c['layer_a']:<{wa}}  {c['layer_b']:<{wb}}  {_fmt(c['value']):>8}  {chance:>8}  "
+                       f"{c['source']:<14}  {c['n']:>6}" + (f"  ({c['note']})" if c["note"] else ""))
         return out
 
 
@@ -605,6 +642,7 @@ class _Calculator:
         else:
             keep = np.arange(n)
         self.rsa_rows = keep
+        self.seed = seed
         self._bases: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._bases_bytes = 0
 
@@ -614,8 +652,8 @@ class _Calculator:
             ids, why = self._exact_ids(da, db)
             if ids is not None:
                 ids_b = np.array([self.partner[i] for i in ids.tolist()], dtype=np.int64)
-                value = self._exact(measure, da, ids, db, ids_b)
-                return {"value": float(value), "source": EXACT, "n": int(len(ids)), "note": ""}
+                value, extra = self._exact(measure, da, ids, db, ids_b)
+                return {"value": float(value), "source": EXACT, "n": int(len(ids)), **_cca_extras(extra, "")}
             if self.source == EXACT:
                 raise StoreError(f"{measure} of {da.layer} × {db.layer} cannot use exact Grams: {why}; "
                                  "use source auto or stored-vectors")
@@ -626,17 +664,25 @@ class _Calculator:
             note = f"{measure} needs features; Grams do not keep individual units"
         return self._stored(measure, da, db, note)
 
-    def _exact(self, measure: str, da: _LayerData, ids_a: np.ndarray, db: _LayerData, ids_b: np.ndarray) -> float:
+    def _shuffle(self, n: int) -> np.ndarray:
+        """The seeded stimulus order of B for the CCA measures' chance level."""
+        return np.random.default_rng([self.seed, 3]).permutation(n)
+
+    def _exact(self, measure: str, da: _LayerData, ids_a: np.ndarray, db: _LayerData,
+               ids_b: np.ndarray) -> tuple[float, dict]:
         K, L = da.gram(ids_a), db.gram(ids_b)
         if measure not in _BASIS_MEASURES:
-            return MEASURES[measure].fn(K, L)
+            return MEASURES[measure].fn(K, L), {}
         # SVCCA and Procrustes start from an eigendecomposition of each centred Gram: do it
         # once per layer and stimulus set, not once per cell (2·L² → L per measure grid).
         Ux, sx = self._basis(da, ids_a, K)
         Uy, sy = self._basis(db, ids_b, L)
         if measure == "svcca":
-            return _measures._svcca_from_bases(Ux, sx, Uy, sy, SVCCA_KEEP)["mean"]
-        return _measures._nuclear_procrustes(Ux * sx, Uy * sy, K, L)
+            res = _measures._svcca_from_bases(Ux, sx, Uy, sy, SVCCA_KEEP)
+            # B's rows (stimuli) shuffled: the same directions, no correspondence
+            chance = _measures._svcca_from_bases(Ux, sx, Uy[self._shuffle(len(ids_b))], sy, SVCCA_KEEP)["mean"]
+            return res["mean"], {"chance": chance, "dims": res["dims"], "n": len(ids_a)}
+        return _measures._nuclear_procrustes(Ux * sx, Uy * sy, K, L), {}
 
     def _basis(self, data: _LayerData, ids: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = (str(data.store.path), data.layer, ids.tobytes())
@@ -663,7 +709,12 @@ class _Calculator:
 
     def _stored(self, measure: str, da: _LayerData, db: _LayerData, note: str) -> dict:
         matched = len(self.match.ids_a)
-        if measure in _FEATURE_FORMS:
+        extra: dict = {}
+        if measure in _CCA_MEASURES:
+            X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
+            value, extra = _CCA_MEASURES[measure](X, Y, self._shuffle(matched))
+            n = matched
+        elif measure in _FEATURE_FORMS:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
             value, n = _FEATURE_FORMS[measure](X, Y), matched
         else:  # Gram-only measures (RSA): all pairs, so a seeded subsample caps the cost
@@ -674,7 +725,7 @@ class _Calculator:
             if n < matched:
                 extra = f"seeded subsample of {n} of {matched} matched stimuli"
                 note = f"{note}; {extra}" if note else extra
-        return {"value": float(value), "source": STORED, "n": int(n), "note": note}
+        return {"value": float(value), "source": STORED, "n": int(n), **_cca_extras(extra, note)}
 
 
 # --------------------------------------------------------------------------- spectra

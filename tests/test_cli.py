@@ -122,3 +122,13 @@ def test_index_prints_fidelity_per_layer_and_warns_when_low(shared_image_set, tm
     assert set(lines) == {"features.relu1", "features.relu4"}
     assert "features.relu4" not in result.stderr  # exact at dim 16 with 18 stimuli: no warning
     assert "warning: features.relu1 keeps similarities with Spearman" in result.stderr
+
+
+def test_index_with_center_does_not_blame_the_dim_for_storing_the_centred_cosine(shared_image_set, tmp_path):
+    # exact for the centred cosine (17 centred directions of 18 stimuli, dim 32), which is not
+    # the raw cosine: Spearman against the raw one is below 0.95 on relu1 here
+    result = run_cli("index", str(shared_image_set), "--model", "digits-cnn", "--layers", "features.relu1",
+                     "--out", str(tmp_path / "s"), "--center", "--dim", "32", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "exact" in result.stdout and "raise --dim" not in result.stderr
+    assert "note: features.relu1 stores the cosine after centring" in result.stderr

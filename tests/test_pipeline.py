@@ -179,3 +179,15 @@ def test_a_module_run_several_times_per_pass_is_indexed_at_its_last_call(shared_
     _, vecs = store.vectors(layer)
     np.testing.assert_allclose(vecs @ vecs.T, cosine_matrix(raw), atol=1e-4)
     assert summary.fidelity[layer] > 0.999  # the evaluation subset held each stimulus once
+
+
+def test_info_says_which_pairs_are_exact(shared_image_set, tmp_path):
+    """A projection that keeps every direction of its training sample is exact for pairs with a
+    training stimulus; for all pairs only when every stimulus was in the sample."""
+    layer = "features.relu4"
+    for train_size, want in ((6, "training"), (1000, "all")):
+        out = tmp_path / f"s{train_size}"
+        vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=[layer], out=str(out),
+                             dim="8" if train_size == 6 else "32", train_size=train_size, progress=False)
+        info = Store.open(out).info()["layers"][layer]
+        assert info["exact"] and info["exact_pairs"] == want

@@ -81,7 +81,12 @@ def index_cmd(
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
     )
     for layer, fit in summary.layers.items():
-        exact = "exact on the training sample" if fit["exact"] else f"{fit['energy_kept']:.1%} of the energy"
+        if fit["exact"] and (fit["lossless"] or fit["n_train"] >= summary.indexed):
+            exact = "exact"
+        elif fit["exact"]:
+            exact = "exact on the training sample (and for pairs with one of it), approximate for other pairs"
+        else:
+            exact = f"{fit['energy_kept']:.1%} of the energy"
         rho = summary.fidelity.get(layer)
         fidelity = f", fidelity Spearman {rho:.4f} on the evaluation subset" if rho is not None else ""
         if fit.get("dropped_zero_units"):
@@ -89,7 +94,11 @@ def index_cmd(
         if fit.get("calls", 1) > 1:
             exact += f", the last of its {fit['calls']} calls per forward pass"
         typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']}){fidelity}")
-        if rho is not None and rho < 0.95:
+        if rho is not None and rho < 0.95 and fit.get("center"):
+            _echo_err(f"note: {layer} stores the cosine after centring (--center), which is not the raw "
+                      f"cosine the evaluation subset measures (Spearman {rho:.3f} against it): by design, "
+                      "not a sign that --dim is too small")
+        elif rho is not None and rho < 0.95:
             _echo_err(f"warning: {layer} keeps similarities with Spearman {rho:.3f} < 0.95; "
                       "raise --dim (or use --dim auto) and see `vecsim report`")
 
@@ -148,6 +157,9 @@ def format_index(index: dict) -> str:
     return text
 
 
+_EXACT_SHORT = {"all": "all", "training": "train", "none": "no"}
+
+
 def format_info(info: dict) -> str:
     from vecsim._io import human_bytes
 
@@ -169,7 +181,7 @@ def format_info(info: dict) -> str:
         energy = f"{layer['energy_kept']:.1%}" if layer["energy_kept"] is not None else "-"
         lines.append(
             f"{name:<28} {shape:<14} {layer['units']:>11,} {sketch:>7} {layer['dim']:>5} {layer['projection']:<11} "
-            f"{energy:>7} {'yes' if layer['exact'] else 'no':>5}  {format_index(layer['index'])}"
+            f"{energy:>7} {_EXACT_SHORT[layer['exact_pairs']]:>5}  {format_index(layer['index'])}"
         )
     lines += [
         "",

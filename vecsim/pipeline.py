@@ -169,7 +169,7 @@ class _Indexer:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
         layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"],
-                          "calls": self.calls.get(layer, 1)}
+                          "calls": self.calls.get(layer, 1), "center": bool(r.config.center)}
                   for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary
 

@@ -401,6 +401,7 @@ class Store:
                 "similarity": red["config"]["similarity"],
                 "projection": "centred PCA" if red["config"]["center"] else "uncentred",
                 "exact": red["fit"]["exact"] if red.get("fit") else None,
+                "exact_pairs": _exact_pairs(red.get("fit"), self.table(entry["table"]).count_rows()),
                 "energy_kept": red["fit"]["energy_kept"] if red.get("fit") else None,
                 "n_train": red["fit"]["n_train"] if red.get("fit") else None,
                 "vectors": self.table(entry["table"]).count_rows(),
@@ -433,6 +434,18 @@ class Store:
                 "ratio": data_bytes / raw_total if raw_total else 0.0,
             },
         }
+
+
+def _exact_pairs(fit: dict | None, vectors: int) -> str:
+    """Which stored cosines equal the raw ones: ``all`` (the projection keeps the whole input
+    space, or every stored stimulus was in the training sample it keeps exactly), ``training``
+    (pairs with at least one training stimulus: the sample's span is kept, the rest is
+    projected onto it) or ``none`` (an approximation; see the fidelity report)."""
+    if not fit:
+        return "none"
+    if fit.get("lossless") or (fit.get("exact") and fit.get("n_train", 0) >= vectors):
+        return "all"
+    return "training" if fit.get("exact") else "none"
 
 
 def _size(path: Path) -> int:

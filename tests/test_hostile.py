@@ -266,7 +266,7 @@ def test_animated_gif_gives_its_first_frame(hostile):
 def test_exif_rotation_is_applied(hostile):
     decoded = decode_image(hostile[0] / "exif_rotated.jpg")
     assert decoded.image.size == (20, 40)  # stored 40x20, displayed rotated
-    assert (decoded.width, decoded.height) == (40, 20)  # the file's own size
+    assert (decoded.width, decoded.height) == (20, 40)  # recorded as displayed (and as the model sees it)
 
 
 # -- the pixel limit -------------------------------------------------------------------

@@ -115,7 +115,22 @@ def test_alpha_is_composited_and_exif_rotation_applied():
     exif[0x0112] = 6  # rotate 90° on display
     decoded = decode_bytes(_png_bytes(img, format="JPEG", exif=exif.tobytes()))
     assert decoded.image.size == (2, 6)
-    assert (decoded.width, decoded.height) == (6, 2)
+    assert (decoded.width, decoded.height) == (2, 6)  # the size the model sees
+
+
+@pytest.mark.parametrize("mode, colour", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_png_transparent_colour_is_composited_on_white(mode, colour):
+    img = Image.new(mode, (3, 1), colour)
+    img.putpixel((1, 0), 7 if mode == "L" else (7, 7, 7))
+    out = np.asarray(decode_bytes(_png_bytes(img, transparency=colour)).image)
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [7, 7, 7]
+
+
+def test_float_images_in_the_unit_range_are_taken_as_they_are():
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert np.asarray(decode_bytes(_png_bytes(floats, format="TIFF")).image)[0, :, 0].tolist() == [0, 128, 255]
+    wide = Image.fromarray(np.array([[-1.0, 2.0, 4.0]], dtype=np.float32), mode="F")
+    assert np.asarray(decode_bytes(_png_bytes(wide, format="TIFF")).image)[0, :, 0].tolist() == [0, 128, 255]
 
 
 def test_pixel_limit_and_garbage_are_decode_errors(tmp_path):

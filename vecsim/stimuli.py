@@ -345,6 +345,7 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
+        width, height = img.size  # as the model sees it (a 90° EXIF rotation swaps them)
         rgb = to_rgb(img)
     except ImageDecodeError:
         raise
@@ -356,19 +357,32 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
 
 
 def to_rgb(img):
-    """Convert any PIL mode to RGB without clipping high-bit-depth data."""
+    """Convert any PIL mode to RGB without clipping high-bit-depth data.
+
+    16-bit images are scaled by 255/65535; 32-bit integer images (mode ``I``) by
+    255/65535 when their maximum exceeds 255, as 8-bit data otherwise. Float images (mode ``F``) in [0, 1]
+    are taken as they are, others are divided by their maximum; negatives become 0.
+    Transparency (an alpha channel, a palette's or a PNG's transparent colour) is
+    composited on white.
+    """
     from PIL import Image
     import numpy as np
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        peak = float(arr.max(initial=0))
         if img.mode == "F":
-            top = max(float(arr.max(initial=0)), 1.0)
+            top = 1.0 if peak <= 1.0 else peak
+        elif img.mode.startswith("I;16"):
+            top = 65535.0
+        else:  # "I": 32 bits, whose full range real images rarely use
+            top = 65535.0 if peak > 255 else 255.0
         arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette entry or a PNG tRNS colour marks transparent pixels
+    elif img.mode == "P":
+        img = img.convert("RGB")
     if img.mode in ("LA", "PA"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
@@ -376,3 +390,4 @@ def to_rgb(img):
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB") if img.mode != "RGB" else img
+

@@ -441,3 +441,21 @@ def test_tiles_hold_one_earlier_strip_at_a_time(threads):
     assert len(live) == sum(range(n // tile + 1))  # one strip per earlier tile, per tile
     np.testing.assert_allclose(out, np.clip(V @ V.T, -1, 1) * (1 - np.eye(n)) + np.eye(n), atol=1e-6)
     assert np.array_equal(out, out.T)
+
+
+def test_float16_conversion_is_numpys_bit_for_bit():
+    """Every finite float32 below 65504 in magnitude (random bit patterns across the whole
+    range, subnormal results, ties, signed zeros), into a strided destination."""
+    from vecsim.similarity import _to_float16
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 0x477FE000, 300_000, dtype=np.uint32) | (rng.integers(0, 2, 300_000, dtype=np.uint32) << 31)
+    src = bits.view(np.float32).reshape(100, 3000).copy()
+    edge = np.array([0.0, -0.0, 1.0, -1.0, 2.0, 6.1e-5, 6.103515625e-05, 5.96e-8, 2**-24, 2**-25, 3 * 2**-25,
+                     2**-26, 1e-30, 65504.0, -65504.0, 0.5 + 2**-12, 0.5 + 3 * 2**-12, 1 + 2**-11, 1 + 3 * 2**-11],
+                    dtype=np.float32)
+    src[0, : len(edge)] = edge
+    wide = np.zeros((100, 5000), dtype=np.float16)
+    _to_float16(src, wide[:, 1000:4000])
+    np.testing.assert_array_equal(wide[:, 1000:4000].view(np.uint16), src.astype(np.float16).view(np.uint16))
+    assert not wide[:, :1000].any() and not wide[:, 4000:].any()

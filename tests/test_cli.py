@@ -132,3 +132,14 @@ def test_index_with_center_does_not_blame_the_dim_for_storing_the_centred_cosine
     assert result.returncode == 0, result.stderr
     assert "exact" in result.stdout and "raise --dim" not in result.stderr
     assert "note: features.relu1 stores the cosine after centring" in result.stderr
+
+
+def test_info_describes_an_index_below_its_recall_target_and_unheld_queries():
+    from vecsim.cli import format_index
+
+    text = format_index({"factory": "IVF8,PQ4", "recall_at_10": 0.51, "queries": 1000, "recall_target": 0.95,
+                         "nprobe": 8, "held_out": False})
+    assert "recall@10 0.510 on 1000 training-sample (none held out) queries, nprobe 8, below the 0.95 target" in text
+    text = format_index({"factory": "HNSW32", "recall_at_10": 0.97, "queries": 1000, "recall_target": 0.95,
+                         "efSearch": 64, "held_out": True})
+    assert "held-out queries, efSearch 64)" in text and "below" not in text

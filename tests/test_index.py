@@ -36,10 +36,27 @@ def test_approximate_indexes_report_recall_and_queries_work(tmp_path, kind):
         assert info["recall_at_10"] >= 0.95  # the search setting is raised until it gets there
     else:  # 4-byte PQ codes of 32-d vectors cap recall (about 0.5 here) even with every list probed
         assert info["recall_at_10"] >= 0.3 and info["nprobe"] > 1
+    assert info["held_out"] is (kind == "hnsw")  # 2000 vectors: the IVF indexes train on all of them
     hits = store.query(id=17, layer="v", k=5)
     assert hits[0]["id"] == 17
-    filtered = store.query(id=17, layer="v", k=5, where="label = 'c3'")
-    assert len(filtered) == 5 and all(h["label"] == "c3" for h in filtered)
+    # the cosines are the stored inner products (candidates rescored), best first
+    np.testing.assert_allclose([h["cosine"] for h in hits[1:]], vecs[[h["id"] for h in hits[1:]]] @ vecs[17], atol=1e-5)
+    assert [h["cosine"] for h in hits] == sorted((h["cosine"] for h in hits), reverse=True)
+    # a filtered query is exact over the matching stimuli, however selective the filter
+    for where, allowed in (("label = 'c3'", np.arange(3, 2000, 4)), ("id < 40", np.arange(40))):
+        filtered = store.query(id=17, layer="v", k=5, where=where, exclude_self=True)
+        s = vecs[allowed] @ vecs[17]
+        keep = allowed != 17
+        want = allowed[keep][np.argsort(-s[keep], kind="stable")[:5]]
+        assert [h["id"] for h in filtered] == want.tolist()
+    # neighbors: the stored inner products too
+    store.neighbors("v", 3, tmp_path / "nn.parquet", progress=False)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "nn.parquet").to_pylist()
+    got = np.array([r["cosine"] for r in rows])
+    want = np.einsum("ij,ij->i", vecs[[r["id"] for r in rows]], vecs[[r["neighbor_id"] for r in rows]])
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_recall_of_an_exact_index_is_one():

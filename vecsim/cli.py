@@ -94,6 +94,11 @@ def index_cmd(
         if fit.get("calls", 1) > 1:
             exact += f", the last of its {fit['calls']} calls per forward pass"
         typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']}){fidelity}")
+        idx = fit.get("index") or {}
+        if "recall_at_10" in idx and idx["recall_at_10"] < idx.get("recall_target", 0):
+            _echo_err(f"warning: {layer}'s index {idx.get('factory')} reaches recall@10 {idx['recall_at_10']:.3f} "
+                      f"< {idx['recall_target']:.2f} at its largest setting; queries rescore its candidates on the "
+                      "stored vectors, but neighbours it never proposes are missed: use --index flat or hnsw")
         if rho is not None and rho < 0.95 and fit.get("center"):
             _echo_err(f"note: {layer} stores the cosine after centring (--center), which is not the raw "
                       f"cosine the evaluation subset measures (Spearman {rho:.3f} against it): by design, "
@@ -153,7 +158,10 @@ def format_index(index: dict) -> str:
     text = index.get("factory", index.get("kind", "?"))
     if "recall_at_10" in index:
         knob = next((f", {k} {index[k]}" for k in ("efSearch", "nprobe") if k in index), "")
-        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} held-out queries{knob})"
+        queries = "held-out" if index.get("held_out", True) else "training-sample (none held out)"
+        below = (f", below the {index['recall_target']:.2f} target"
+                 if index["recall_at_10"] < index.get("recall_target", 0) else "")
+        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} {queries} queries{knob}{below})"
     return text
 
 

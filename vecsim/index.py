@@ -263,12 +263,14 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
                 seed: int = 0, exclude: np.ndarray | None = None) -> dict:
     """recall@k of ``index`` against exact search over ``vectors`` on held-out queries.
 
-    Queries are stored vectors not used to train the index (``exclude``); exact
-    neighbours come from a brute-force scan in blocks.
+    Queries are stored vectors not used to train the index (``exclude``), or training
+    vectors when there are no others (``held_out`` says which); exact neighbours come
+    from a brute-force scan in blocks.
     """
     rng = np.random.default_rng([seed, 7])
     candidates = np.arange(len(ids)) if exclude is None else np.flatnonzero(~np.isin(ids, exclude))
-    if len(candidates) == 0:
+    held_out = len(candidates) > 0
+    if not held_out:  # the index was trained on every vector: its training vectors are the queries
         candidates = np.arange(len(ids))
     pick = rng.choice(candidates, size=min(queries, len(candidates)), replace=False)
     q = np.ascontiguousarray(vectors[pick])
@@ -285,7 +287,7 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
     exact = best_ids
     _, found = index.search(q, k)
     hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found))
-    return {"recall_at_10": hits / float(len(q) * k), "queries": int(len(q)), "k": int(k)}
+    return {"recall_at_10": hits / float(len(q) * k), "queries": int(len(q)), "k": int(k), "held_out": held_out}
 
 
 # -- exact single queries, faster than a float32 scan ------------------------------------

@@ -169,7 +169,8 @@ class _Indexer:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
         layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"],
-                          "calls": self.calls.get(layer, 1), "center": bool(r.config.center)}
+                          "calls": self.calls.get(layer, 1), "center": bool(r.config.center),
+                          "index": self.writer.manifest["layers"][layer].get("index", {})}
                   for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary
 

@@ -164,23 +164,40 @@ def _rank_with_twins(scores, found, drop, first, k: int) -> list[tuple[float, in
     return ([(1.0, int(i)) for i in first] + ranked)[:k]
 
 
+FILTER_EXACT_MAX = 200_000  # a filtered query on an approximate index scans up to this many matches exactly
+REFINE = 4  # an approximate index returns REFINE × k candidates, rescored exactly on the stored vectors
+
+
 def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None, store=None, layer=None):
-    """FAISS search; with a filter on an approximate index, exact over the allowed stimuli
-    whenever the filtered graph/lists returned fewer than k of them."""
+    """(scores, ids) of the k best stimuli for one query; -1 ids pad missing results.
+
+    An exact index answers directly. On an approximate index (HNSW, IVF...) a filtered
+    query scans the matching stimuli's stored vectors exactly (up to FILTER_EXACT_MAX of
+    them: a filtered graph or list search loses recall as the filter narrows); otherwise
+    the index proposes REFINE × k candidates whose stored vectors rescore them, so the
+    cosines reported are the stored inner products and the order is theirs.
+    """
     from vecsim.index import exact_search_one, is_exact, search
 
     if allowed is None and len(queries) == 1:
         fast = exact_search_one(index, queries, k)
         if fast is not None:
             return fast
-    scores, found = search(index, queries, k, allowed)
-    if allowed is None or is_exact(index) or store is None:
-        return scores, found
-    wanted = min(k, len(allowed))
-    if (found[0] >= 0).sum() >= wanted:
-        return scores, found
-    ids, vecs = store.vectors_for(layer, allowed)
-    s = vecs @ queries[0]
+    if is_exact(index) or store is None:
+        return search(index, queries, k, allowed)
+    if allowed is not None and len(allowed) <= FILTER_EXACT_MAX:
+        return _exact_over(store, layer, queries[0], allowed, k)
+    _, found = search(index, queries, REFINE * k, allowed)
+    cand = found[0][found[0] >= 0]
+    if allowed is not None and len(cand) < min(k, len(allowed)):  # the filtered search came back short
+        return _exact_over(store, layer, queries[0], allowed, k)
+    return _exact_over(store, layer, queries[0], cand, k)
+
+
+def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray, k: int):
+    """The k best of ``ids`` by exact inner product with their stored vectors, (1, k) arrays."""
+    ids, vecs = store.vectors_for(layer, ids)
+    s = vecs @ query
     order = np.argsort(-s, kind="stable")[:k]
     out_s = np.full((1, k), -np.inf, np.float32)
     out_i = np.full((1, k), -1, np.int64)
@@ -189,6 +206,21 @@ def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None,
 
 
 # -- neighbors -----------------------------------------------------------------------------
+
+def _rescore(q: np.ndarray, found: np.ndarray, row_of: dict, vecs: np.ndarray, k: int):
+    """Per query row, the k best of the candidate ids ``found`` (-1 = none) by exact inner
+    product with their stored vectors: (scores, ids), padded with -inf / -1."""
+    scores = np.full((len(q), k), -np.inf, np.float32)
+    out = np.full((len(q), k), -1, np.int64)
+    for r, row in enumerate(found):
+        cand = np.array([i for i in row.tolist() if i >= 0], dtype=np.int64)
+        if len(cand) == 0:
+            continue
+        s = vecs[[row_of[int(i)] for i in cand]] @ q[r]
+        order = np.argsort(-s, kind="stable")[:k]
+        scores[r, : len(order)], out[r, : len(order)] = s[order], cand[order]
+    return scores, out
+
 
 def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: int = 4096,
               overwrite: bool = False, progress: bool = True) -> dict:
@@ -203,8 +235,12 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     if k < 1:
         raise QueryError("-k must be at least 1")
     _check_output(out, overwrite, (".parquet",))
+    from vecsim.index import is_exact
+
     index = store.index(layer)
+    exact = is_exact(index)
     ids, vecs = store.vectors(layer)
+    row_of = None if exact else {int(i): r for r, i in enumerate(ids.tolist())}
     lookup = store.lookup()
     # byte-identical files (same sha256) have cosine exactly 1 with each other, as in query()
     twins = {int(i): g[g != i] for g in lookup.identical_groups() for i in g}
@@ -219,7 +255,10 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
             q_ids, q = ids[lo : lo + batch_size], vecs[lo : lo + batch_size]
             # deeper only as far as this batch's twins need (they are dropped from the results)
             extra = max((len(twins[i]) for i in q_ids.tolist() if i in twins), default=0)
-            scores, found = index.search(q, k + 1 + extra)
+            if exact:
+                scores, found = index.search(q, k + 1 + extra)
+            else:  # candidates from the approximate index, rescored on the stored vectors
+                scores, found = _rescore(q, index.search(q, REFINE * (k + 1 + extra))[1], row_of, vecs, k + 1 + extra)
             rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
             for qi, (srow, frow) in enumerate(zip(scores, found)):
                 same = twins.get(int(q_ids[qi]), ()) if np.any(q[qi]) else ()

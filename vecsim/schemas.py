@@ -127,6 +127,8 @@ MANIFEST_SCHEMA = {
                             "kind": _STR, "factory": _STR, "metric": _STR, "ntotal": _INT, "exact": {"type": "boolean"},
                             "recall_at_10": {**_NUM, "description": "approximate index vs exact search, held-out queries"},
                             "queries": _INT, "k": _INT, "recall_target": _NUM,
+                            "held_out": {"type": "boolean",
+                                         "description": "false: the index was trained on every vector, so the queries are training vectors"},
                             "efSearch": {**_INT, "description": "HNSW search setting tuned to reach recall_target"},
                             "nprobe": {**_INT, "description": "IVF lists probed, tuned to reach recall_target"},
                         },

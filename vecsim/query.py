@@ -207,19 +207,21 @@ def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray, k: int):
 
 # -- neighbors -----------------------------------------------------------------------------
 
-def _rescore(q: np.ndarray, found: np.ndarray, row_of: dict, vecs: np.ndarray, k: int):
+def _rescore(q: np.ndarray, found: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int, block: int = 256):
     """Per query row, the k best of the candidate ids ``found`` (-1 = none) by exact inner
-    product with their stored vectors: (scores, ids), padded with -inf / -1."""
-    scores = np.full((len(q), k), -np.inf, np.float32)
-    out = np.full((len(q), k), -1, np.int64)
-    for r, row in enumerate(found):
-        cand = np.array([i for i in row.tolist() if i >= 0], dtype=np.int64)
-        if len(cand) == 0:
-            continue
-        s = vecs[[row_of[int(i)] for i in cand]] @ q[r]
-        order = np.argsort(-s, kind="stable")[:k]
-        scores[r, : len(order)], out[r, : len(order)] = s[order], cand[order]
-    return scores, out
+    product with their stored vectors (``vecs`` rows, ids ``ids`` sorted): (scores, ids),
+    padded with -inf / -1."""
+    valid = found >= 0
+    rows = np.searchsorted(ids, np.where(valid, found, ids[0]))
+    scores = np.empty(found.shape, np.float32)
+    for lo in range(0, len(q), block):  # (block, candidates, dim) at a time
+        hi = min(len(q), lo + block)
+        scores[lo:hi] = np.einsum("bcd,bd->bc", vecs[rows[lo:hi]], q[lo:hi])
+    scores[~valid] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_ids = np.where(np.isfinite(top_scores), np.take_along_axis(found, order, axis=1), -1)
+    return top_scores, top_ids
 
 
 def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: int = 4096,
@@ -240,7 +242,6 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     index = store.index(layer)
     exact = is_exact(index)
     ids, vecs = store.vectors(layer)
-    row_of = None if exact else {int(i): r for r, i in enumerate(ids.tolist())}
     lookup = store.lookup()
     # byte-identical files (same sha256) have cosine exactly 1 with each other, as in query()
     twins = {int(i): g[g != i] for g in lookup.identical_groups() for i in g}
@@ -258,7 +259,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
             if exact:
                 scores, found = index.search(q, k + 1 + extra)
             else:  # candidates from the approximate index, rescored on the stored vectors
-                scores, found = _rescore(q, index.search(q, REFINE * (k + 1 + extra))[1], row_of, vecs, k + 1 + extra)
+                scores, found = _rescore(q, index.search(q, REFINE * (k + 1 + extra))[1], ids, vecs, k + 1 + extra)
             rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
             for qi, (srow, frow) in enumerate(zip(scores, found)):
                 same = twins.get(int(q_ids[qi]), ()) if np.any(q[qi]) else ()

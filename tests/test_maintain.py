@@ -122,3 +122,36 @@ def test_half_precision_activations_are_reduced_in_float32():
         vecs, norms, finite = reducer(x.to(dtype))
         assert vecs.dtype == torch.float32 and norms.dtype == torch.float32 and bool(finite.all())
         torch.testing.assert_close(vecs, reducer(x)[0], atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kill_at", ["vectors-written", "add-index-saved:1"])
+def test_an_add_killed_midway_is_rolled_back_by_the_next_add(store_copy, tmp_path, kill_at):
+    """Killed after its vector rows (before the stimuli rows), or after one layer's index: verify
+    says so, and rerunning the add removes the partial rows and index entries first, ending
+    where an uninterrupted add ends."""
+    import os
+    import subprocess
+    import sys
+
+    reference = tmp_path / "reference"
+    shutil.copytree(store_copy, reference)
+    extra = make_image_set(tmp_path / "extra", per_class=3, classes=("newt",), seed=5)
+    add(reference, [str(extra)], label="newt", progress=False)
+    cmd = [sys.executable, "-m", "vecsim", "add", str(store_copy), str(extra), "--label", "newt", "-q"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VECSIM_KILL_AT": kill_at})
+    assert killed.returncode == -9
+    assert any("stopped before it finished" in p for p in verify(Store.open(store_copy)))
+    env = {k: v for k, v in os.environ.items() if k != "VECSIM_KILL_AT"}
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    store, ref = Store.open(store_copy), Store.open(reference)
+    assert verify(store) == []
+    assert store.stimuli().to_pylist() == ref.stimuli().to_pylist()
+    for layer in LAYERS:
+        ids, vecs = store.vectors(layer)
+        ref_ids, ref_vecs = ref.vectors(layer)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(vecs, ref_vecs, atol=1e-6)
+        assert store.index(layer).ntotal == len(ids)
+        hits = store.query(id=int(ids[-1]), layer=layer, k=1)
+        assert hits[0]["id"] == int(ids[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def verify(store, rehash: bool = False) -> list[str]:
     """
     problems: list[str] = []
     manifest = store.manifest
+    if manifest.get(PENDING_ADD):
+        problems.append(f"an add (run {manifest[PENDING_ADD]['run']}) stopped before it finished: its stimuli from "
+                        f"id {manifest[PENDING_ADD]['first_id']} on are partly written; the next `vecsim add` "
+                        "removes them first (rerun the add)")
     if manifest.get("status") != "complete":
         problems.append(f"status is {manifest.get('status')!r}, not complete: rerun the index command to resume it")
     try:
@@ -135,8 +140,6 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
     manifest records which stimuli came later. Files whose sha256 is already in the store
     are skipped.
     """
-    import sys
-
     from tqdm import tqdm
 
     from vecsim.extract import LayerCapture, iter_decoded, resolve_device
@@ -148,6 +151,12 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
         raise StoreError(f"{store_path} is not complete; finish it first (rerun its index command)")
     writer = StoreWriter.reopen(store.path)
     try:
+        if writer.manifest.get(PENDING_ADD):
+            if progress:
+                print(f"rolling back an interrupted add (run {writer.manifest[PENDING_ADD]['run']}) first",
+                      file=sys.stderr)
+            roll_back_add(writer)
+            store = Store.open(store_path)  # the rolled-back tables and indexes
         manifest = writer.manifest
         root = Path(manifest["source"]["root"])
         candidates, failures = _candidates(sources, root)
@@ -189,6 +198,10 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
                                      "width": width, "height": height})
         chunk = {layer: tuple(np.concatenate([p[i] for p in parts]) if parts else np.zeros((0,)) for i in range(3))
                  for layer, parts in vectors.items()}
+        # from here until the manifest below records the addition, a stop leaves rows and index
+        # entries that the next `vecsim add` removes again (roll_back_add) before adding anything
+        manifest[PENDING_ADD] = {"run": run, "first_id": int(next_id)}
+        writer.save_manifest()
         if rows:
             writer.append(rows, chunk, bad, run)
             for layer in store.layers:
@@ -208,11 +221,43 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
         counts = manifest.setdefault("counts", {})
         counts["stimuli"] = total
         counts["failures"] = counts.get("failures", 0) + len(bad)
-        writer.save_manifest()
+        manifest.pop(PENDING_ADD, None)
+        writer.save_manifest()  # the addition is committed by this one atomic write
     finally:
         writer.close()
     return {"added": len(rows), "skipped_duplicates": skipped, "failed": len(bad), "stimuli": total,
             "seconds": time.time() - started}
+
+
+PENDING_ADD = "pending_add"  # manifest key of an add in progress: {"run", "first_id"}
+
+
+def roll_back_add(writer) -> None:
+    """Undo an add that stopped before its manifest write: its stimuli, vector and failure
+    rows go, and each layer's index loses the ids it may have gained (rebuilt from the
+    vectors table where the index type cannot remove ids)."""
+    import faiss
+
+    from vecsim.index import save_index
+
+    pending = writer.manifest[PENDING_ADD]
+    first, run = int(pending["first_id"]), int(pending["run"])
+    for table in ["stimuli", *(entry["table"] for entry in writer.manifest["layers"].values())]:
+        writer.db.open_table(table).delete(f"id >= {first}")
+    writer.db.open_table("failures").delete(f"run = {run}")
+    for layer, entry in writer.manifest["layers"].items():
+        path = writer.layer_dir(layer) / "index.faiss"
+        index = faiss.read_index(str(path))
+        try:
+            index.remove_ids(faiss.IDSelectorRange(first, 2**62))
+            save_index(index, path)
+            entry.setdefault("index", {})["ntotal"] = int(index.ntotal)
+        except RuntimeError:  # e.g. HNSW: no removal, so the index is rebuilt without them
+            writer.build_index(layer, int(entry["reducer"]["fit"]["dim"]), entry["index"].get("factory", "auto"),
+                               seed=int(writer.manifest.get("config", {}).get("seed", 0)))
+    writer.manifest.pop(PENDING_ADD)
+    writer.manifest.setdefault("counts", {})["stimuli"] = writer.count_stimuli()
+    writer.save_manifest()
 
 
 def _candidates(sources: list[str], root: Path):
@@ -243,8 +288,11 @@ def _stored_path(path: Path, root: Path) -> str:
 def _extend_index(writer, store, layer: str, ids: np.ndarray, vecs: np.ndarray) -> None:
     from vecsim.index import add as index_add, save_index
 
+    from vecsim._faults import kill_point
+
     index = store.index(layer)
     if len(ids):
         index_add(index, vecs, ids)
     save_index(index, writer.layer_dir(layer) / "index.faiss")
+    kill_point("add-index-saved")
     writer.manifest["layers"][layer].setdefault("index", {})["ntotal"] = int(index.ntotal)

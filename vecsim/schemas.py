@@ -154,6 +154,13 @@ MANIFEST_SCHEMA = {
             "description": "vecsim add runs: stimuli added through the fitted transforms after the fit",
             "items": {"type": "object", "required": ["run", "added", "skipped_duplicates", "failed", "note"]},
         },
+        "pending_add": {
+            "type": "object",
+            "description": "a vecsim add in progress (or stopped midway): rows from first_id on are rolled back "
+                           "by the next add",
+            "required": ["run", "first_id"],
+            "properties": {"run": _INT, "first_id": _INT},
+        },
     },
 }
 

@@ -87,6 +87,10 @@ def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy,
         assert len(hits) == len(store.layers) and all(h["id"] == row["id"] and h["cosine"] > 0.999 for h in hits)
     again = add(store_copy, [str(extra)], progress=False)
     assert again["added"] == 0 and again["skipped_duplicates"] == 3
+    # stimuli from outside the store's folder are recorded by absolute path, and found by it
+    for row in added:
+        assert row["path"].startswith("/")
+        assert store.query(path=row["path"], layer=LAYERS[0], k=1)[0]["id"] == row["id"]
 
 
 def test_readers_see_only_committed_chunks_while_a_writer_appends(store_copy):

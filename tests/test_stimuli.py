@@ -66,6 +66,23 @@ def test_manifest_errors(image_set, tmp_path):
         discover(image_set, manifest=tmp_path / "missing.csv")
 
 
+def test_manifest_paths_are_normalised_but_never_moved(image_set, tmp_path):
+    """'./a' and 'a/./b' name the same files; '../x' or '/x' (outside the folder) are errors,
+    not quietly rewritten to a file inside it."""
+    import shutil
+
+    shutil.copy(image_set / "cat" / "img_00.png", image_set / ".hidden.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n./cat/img_00.png,a\ndog/./img_00.png,b\n.hidden.png,c\n")
+    found = discover(image_set, manifest=manifest)
+    assert [(s.path, s.label) for s in found.stimuli] == [(".hidden.png", "c"), ("cat/img_00.png", "a"),
+                                                          ("dog/img_00.png", "b")]
+    for outside in ("../img_00.png", str((image_set / "cat" / "img_00.png").resolve())):
+        manifest.write_text(f"path,label\n{outside},x\n")
+        with pytest.raises(StimulusSetError, match="is not inside the stimulus folder"):
+            discover(image_set, manifest=manifest)
+
+
 def test_manifest_row_for_a_missing_file_is_a_failure(image_set, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\ncat/img_00.png,c\ngone.png,g\n")

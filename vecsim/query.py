@@ -55,7 +55,9 @@ class StimulusLookup:
             raise UnknownStimulusError(f"no stimulus with id {stim_id} in this store (ids run from {lo} to {hi})")
 
     def id_of_path(self, path: str) -> int:
-        key = Path(path).as_posix().lstrip("./")
+        from vecsim.stimuli import path_key
+
+        key = path_key(path)
         if key in self._by_path:
             return self._by_path[key]
         raise UnknownStimulusError(

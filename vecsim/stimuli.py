@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vecsim.errors import ImageDecodeError, StimulusSetError
@@ -272,9 +272,12 @@ def _from_manifest(root: Path, manifest: Path) -> StimulusSet:
     seen: set[str] = set()
     by_path = {}
     for row in rows:
-        rel = Path(str(row["path"])).as_posix().lstrip("./") if row["path"] is not None else ""
-        if not rel or rel in seen:
+        rel = path_key(row["path"]) if row["path"] is not None else ""
+        if not rel or rel == "." or rel in seen:
             raise StimulusSetError(f"manifest {manifest} has an empty or duplicate path: {row['path']!r}")
+        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+            raise StimulusSetError(f"manifest {manifest} path {row['path']!r} is not inside the stimulus folder "
+                                   f"{root}; paths are relative to it")
         seen.add(rel)
         by_path[rel] = row
     stimuli, failures = [], []
@@ -300,6 +303,12 @@ class DecodedImage:
     width: int
     height: int
     image: Any  # PIL.Image in RGB
+
+
+def path_key(path) -> str:
+    """A stimulus path as stores record it: POSIX separators, ``.`` components dropped
+    (``./a/b.png`` and ``a/./b.png`` are ``a/b.png``); ``..`` and a leading ``/`` are kept."""
+    return PurePosixPath(Path(str(path)).as_posix()).as_posix()
 
 
 def file_sha256(path: Path) -> str:

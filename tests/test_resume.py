@@ -60,13 +60,20 @@ def assert_same_store(store: Store, reference: Store):
     assert store.failures().num_rows == reference.failures().num_rows
 
 
-@pytest.mark.parametrize("kill_at", ["fit-pass", "transforms-saved", "vectors-written:3", "chunk:2",
-                                     "manifest-written:2"])
+@pytest.mark.parametrize("kill_at", ["manifest-written:1", "fit-pass", "transforms-saved", "vectors-written:3",
+                                     "chunk:2", "manifest-written:2"])
 def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_path, kill_at):
     out = tmp_path / "store"
     killed = run(index_cmd(images, out, "--chunk-size", "8"), kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert Store.open(out).manifest["status"] != "complete"
+    if kill_at == "manifest-written:1":  # before the store's first manifest: no store yet, a folder to reuse
+        assert not (out / "vecsim.json").exists() and (out / "vecsim.json.tmp").exists()
+    else:
+        assert Store.open(out).manifest["status"] != "complete"
+        info = run([sys.executable, "-m", "vecsim", "info", str(out)])  # an unfinished store is described
+        assert info.returncode == 0, info.stderr
+        checked = run([sys.executable, "-m", "vecsim", "verify", str(out)])
+        assert checked.returncode != 0 and "not complete" in checked.stdout + checked.stderr
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)

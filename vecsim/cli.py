@@ -188,7 +188,7 @@ def format_info(info: dict) -> str:
         sketch = str(layer["sketch_dim"]) if layer["sketch_dim"] else "-"
         energy = f"{layer['energy_kept']:.1%}" if layer["energy_kept"] is not None else "-"
         lines.append(
-            f"{name:<28} {shape:<14} {layer['units']:>11,} {sketch:>7} {layer['dim']:>5} {layer['projection']:<11} "
+            f"{name:<28} {shape:<14} {layer['units']:>11,} {sketch:>7} {layer['dim'] or '-':>5} {layer['projection']:<11} "
             f"{energy:>7} {_EXACT_SHORT[layer['exact_pairs']]:>5}  {format_index(layer['index'])}"
         )
     lines += [

@@ -65,6 +65,8 @@ def verify(store, rehash: bool = False) -> list[str]:
 def _verify_layer(store, layer: str, stimulus_ids: np.ndarray) -> list[str]:
     problems = []
     entry = store.layer_info(layer)
+    if not entry.get("reducer", {}).get("fit"):  # killed while fitting: nothing of this layer to check yet
+        return ["not fitted yet"] if store.manifest.get("status") == "complete" else []
     dim = int(entry["reducer"]["fit"]["dim"])
     layer_dir = store.layer_dir(layer)
     try:

@@ -380,7 +380,15 @@ class Store:
     # sizes
     def info(self) -> dict:
         """What ``vecsim info`` prints: manifest facts, counts, sizes on disk vs raw."""
-        counts = {"stimuli": self.table("stimuli").count_rows(), "failures": self.table("failures").count_rows()}
+        def rows(table: str) -> int:
+            try:
+                return self.table(table).count_rows()
+            except StoreError:
+                if self.complete:
+                    raise
+                return 0  # an unfinished store creates its tables with its first chunk
+
+        counts = {"stimuli": rows("stimuli"), "failures": rows("failures")}
         layers = {}
         raw_total = 0
         for layer in self.layers:
@@ -401,10 +409,10 @@ class Store:
                 "similarity": red["config"]["similarity"],
                 "projection": "centred PCA" if red["config"]["center"] else "uncentred",
                 "exact": red["fit"]["exact"] if red.get("fit") else None,
-                "exact_pairs": _exact_pairs(red.get("fit"), self.table(entry["table"]).count_rows()),
+                "exact_pairs": _exact_pairs(red.get("fit"), rows(entry["table"])),
                 "energy_kept": red["fit"]["energy_kept"] if red.get("fit") else None,
                 "n_train": red["fit"]["n_train"] if red.get("fit") else None,
-                "vectors": self.table(entry["table"]).count_rows(),
+                "vectors": rows(entry["table"]),
                 "raw_bytes": raw_bytes,
                 "transform_bytes": transform_bytes,
                 "eval_bytes": eval_bytes,
@@ -434,6 +442,18 @@ class Store:
                 "ratio": data_bytes / raw_total if raw_total else 0.0,
             },
         }
+
+
+def _creation_leftovers(path: Path) -> bool:
+    """Whether ``path`` holds only what a run killed while creating its store leaves (the lock,
+    an empty layers/ folder, the manifest's temporary file): safe to start afresh in."""
+    for entry in path.iterdir():
+        if entry.name in (".lock", MANIFEST_NAME + ".tmp"):
+            continue
+        if entry.name == "layers" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return False
+    return True
 
 
 def _exact_pairs(fit: dict | None, vectors: int) -> str:
@@ -494,7 +514,7 @@ class StoreWriter:
         """Lock the folder and write the manifest; the tables are created on first use, so
         lancedb's import (seconds) can overlap with the first forward passes."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(path.iterdir()) and not _creation_leftovers(path):
             if (path / MANIFEST_NAME).is_file():
                 if not overwrite:  # a damaged manifest must not stop --overwrite from replacing the store
                     status = read_manifest(path).get("status")

@@ -180,6 +180,22 @@ def test_existing_output_needs_overwrite(labelled, labelled_report):
         build_report(labelled.path, labelled.path, overwrite=True)
 
 
+def test_a_report_stopped_midway_is_replaced_by_the_next_run(labelled, tmp_path):
+    """Figures written, report.json (written last) missing: the folder holds an unfinished
+    report of ours, which a rerun replaces without --overwrite; anything else still needs it."""
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "00_x_energy.png").write_bytes(b"partial")
+    (out / "report.html.tmp").write_text("<html>half")
+    report = build_report(labelled.path, out)
+    assert (out / "report.json").is_file() and not (out / "report.html.tmp").exists()
+    assert not (out / "figures" / "00_x_energy.png").exists() and report["files"]["figures"]
+    (out / "report.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        build_report(labelled.path, out)
+
+
 def test_unlabelled_store_gets_a_report_without_class_sections(tmp_path):
     store = _index(make_image_set(tmp_path / "stimuli"), tmp_path / "store", labels=False, layers=["pool"])
     report = build_report(store.path, tmp_path / "out")

@@ -32,7 +32,7 @@ import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
 from vecsim.measures import _pearson, rankdata
-from vecsim._io import json_safe
+from vecsim._io import json_safe, write_text_atomic
 
 RECALL_K = 10
 HIST_BINS = 60
@@ -549,9 +549,11 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
         "summary": [_summary_row(f) for f in fids],
     }
     payload = json_safe(report)
-    (out / "report.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(_markdown(payload), encoding="utf-8")
-    (out / "report.html").write_text(_html(payload, out), encoding="utf-8")
+    # each file whole or not at all (temporary file, flush, rename); report.json last: a
+    # folder without it holds an unfinished report, which the next run replaces
+    write_text_atomic(out / "report.md", _markdown(payload))
+    write_text_atomic(out / "report.html", _html(payload, out))
+    write_text_atomic(out / "report.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     pngs = sorted((out / FIGURES_DIR).glob("*.png"))
     payload["files"] = {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
                         "json": str(out / "report.json"), "figures": [str(p) for p in pngs]}
@@ -564,11 +566,15 @@ def _prepare_out(out: Path, store, overwrite: bool) -> None:
     if (out / "vecsim.json").exists() or out.resolve() == store.path.resolve():
         raise OutputExistsError(f"{out} is a vecsim store; write the report to another --out")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
+        own = set(REPORT_FILES) | {FIGURES_DIR} | {name + ".tmp" for name in REPORT_FILES}
+        unfinished = not (out / "report.json").exists() and all(p.name in own for p in out.iterdir()) and all(
+            p.suffix == ".png" for p in (out / FIGURES_DIR).glob("*"))
+        if not overwrite and not unfinished:
             raise OutputExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
         # only what a report writes is removed, so a mistaken --out loses nothing else
         for name in REPORT_FILES:
             (out / name).unlink(missing_ok=True)
+            (out / (name + ".tmp")).unlink(missing_ok=True)
         for png in (out / FIGURES_DIR).glob("*.png"):
             png.unlink()
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)

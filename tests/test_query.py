@@ -221,3 +221,16 @@ def test_export_errors(store, tmp_path):
         store.similarity(tmp_path / "exists.npy")
     with pytest.raises(QueryError, match="no stimulus matches"):
         store.similarity(tmp_path / "none.npy", where="label = 'zebra'")
+
+
+def test_a_failed_neighbors_run_leaves_no_temporary_file(store, tmp_path, monkeypatch):
+    import vecsim.query as query_module
+
+    def fail(tmp, *args):
+        tmp.write_bytes(b"half a graph")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(query_module, "_write_neighbors", fail)
+    with pytest.raises(OSError):
+        store.neighbors(LAYERS[0], 3, tmp_path / "nn.parquet", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -53,8 +53,11 @@ def save_index(index, path: Path) -> None:
     from vecsim._io import fsync_replace
 
     tmp = Path(str(path) + ".tmp")
-    faiss.write_index(index, str(tmp))
-    fsync_replace(tmp, path)
+    try:
+        faiss.write_index(index, str(tmp))
+        fsync_replace(tmp, path)
+    finally:  # a failed write (disk full) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
 
 
 def load_index(path: Path):

@@ -232,14 +232,13 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
 
     Byte-identical files (same sha256) are each other's first neighbours with cosine 1.0."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
+
+    from vecsim.index import is_exact
 
     out = Path(out)
     if k < 1:
         raise QueryError("-k must be at least 1")
     _check_output(out, overwrite, (".parquet",))
-    from vecsim.index import is_exact
 
     index = store.index(layer)
     exact = is_exact(index)
@@ -251,6 +250,20 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
     tmp = out.with_name(out.name + ".tmp")
     start = time.time()
+    try:
+        written = _write_neighbors(tmp, schema, index, exact, ids, vecs, twins, k, batch_size, progress, layer)
+        fsync_replace(tmp, out)
+    finally:  # a failed run (disk full, an error) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+    # fewer than k per stimulus when the store holds k or fewer other stimuli
+    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
+
+
+def _write_neighbors(tmp, schema, index, exact, ids, vecs, twins, k, batch_size, progress, layer) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
     written = 0
     with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(ids), unit="q", desc=f"neighbors {layer}",
                                                      disable=not progress, file=sys.stderr) as bar:
@@ -276,9 +289,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
             ], schema=schema))
             written += len(rows_id)
             bar.update(len(q_ids))
-    fsync_replace(tmp, out)
-    # fewer than k per stimulus when the store holds k or fewer other stimuli
-    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
+    return written
 
 
 # -- similarity -----------------------------------------------------------------------------

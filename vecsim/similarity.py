@@ -723,6 +723,9 @@ def export_similarity(
                 fh.write(prov_json)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if tmp_side is not None:  # an old sidecar goes first: a stop between the two renames
+            with contextlib.suppress(FileNotFoundError):  # leaves no sidecar, never a stale one
+                sidecar.unlink()
         os.replace(tmp, out)
         if tmp_side is not None:
             os.replace(tmp_side, sidecar)

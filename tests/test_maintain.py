@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import vecsim
+from vecsim.errors import StoreError
 from vecsim.maintain import add, verify
 from vecsim.store import Store
 
@@ -159,3 +160,14 @@ def test_an_add_killed_midway_is_rolled_back_by_the_next_add(store_copy, tmp_pat
         assert store.index(layer).ntotal == len(ids)
         hits = store.query(id=int(ids[-1]), layer=layer, k=1)
         assert hits[0]["id"] == int(ids[-1])
+
+
+def test_a_damaged_table_file_is_a_problem_line_not_a_raw_lance_error(store_copy):
+    data = sorted((store_copy / "lance" / "stimuli.lance" / "data").glob("*.lance"))
+    assert data
+    for f in data:
+        f.write_bytes(f.read_bytes()[: 40])
+    problems = verify(Store.open(store_copy))
+    assert any("table 'stimuli' cannot be read" in p for p in problems), problems
+    with pytest.raises(StoreError, match="table 'stimuli' cannot be read"):
+        Store.open(store_copy).stimuli()

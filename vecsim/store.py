@@ -226,7 +226,13 @@ class Store:
             raise StoreError(f"{self.path}: table {name!r} cannot be opened ({type(exc).__name__}); run `vecsim verify`") from None
 
     def _read(self, name: str, columns: list[str] | None = None):
-        return read_table(self.table(name), columns)
+        table = self.table(name)
+        try:
+            return read_table(table, columns)
+        except Exception as exc:  # damaged data files: name the table, one line
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise StoreError(f"{self.path}: table {name!r} cannot be read ({type(exc).__name__}: {first}); "
+                             "run `vecsim verify`") from None
 
     def stimuli(self):
         """All indexed stimuli as an Arrow table, in id order."""

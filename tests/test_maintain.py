@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,16 @@ def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy,
         assert len(hits) == len(store.layers) and all(h["id"] == row["id"] and h["cosine"] > 0.999 for h in hits)
     again = add(store_copy, [str(extra)], progress=False)
     assert again["added"] == 0 and again["skipped_duplicates"] == 3
+    # a changed file under a path the store already holds is a failure, not a second stimulus of that path
+    inside = Path(store.manifest["source"]["root"]) / "cat" / "img_00.png"
+    original = inside.read_bytes()
+    try:
+        Image.new("RGB", (40, 40), "green").save(inside)
+        changed = add(store_copy, [str(inside)], progress=False)
+    finally:
+        inside.write_bytes(original)
+    assert changed["added"] == 0 and changed["failed"] == 1
+    assert "already in the store" in Store.open(store_copy).failures().to_pylist()[-1]["reason"]
     # stimuli from outside the store's folder are recorded by absolute path, and found by it
     for row in added:
         assert row["path"].startswith("/")

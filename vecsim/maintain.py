@@ -145,6 +145,7 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
     from tqdm import tqdm
 
     from vecsim.extract import LayerCapture, iter_decoded, resolve_device
+    from vecsim.stimuli import Failure
     from vecsim.store import Store, StoreWriter, now
 
     started = time.time()
@@ -162,13 +163,20 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
         manifest = writer.manifest
         root = Path(manifest["source"]["root"])
         candidates, failures = _candidates(sources, root)
-        known = set(store.stimuli().column("sha256").to_pylist())
+        stimuli = store.stimuli()
+        known = set(stimuli.column("sha256").to_pylist())
+        taken = set(stimuli.column("path").to_pylist())
         hashed = []
         for path in candidates:
             sha = file_sha256(path)
-            if sha not in known:
-                known.add(sha)
-                hashed.append(path)
+            if sha in known:
+                continue
+            if _stored_path(path, root) in taken:  # same name, other bytes: paths must stay unique
+                failures.append(Failure(None, str(path), "discover", "a stimulus with this path is already in the "
+                                        "store (with other content); copy the file under a new name to add it"))
+                continue
+            known.add(sha)
+            hashed.append(path)
         skipped = len(candidates) - len(hashed)
         next_id = writer.next_stimulus_id()
         items = [(next_id + i, _stored_path(p, root)) for i, p in enumerate(sorted(hashed, key=str))]

@@ -99,3 +99,36 @@ def test_a_module_called_several_times_is_captured_at_its_last_call_only(given):
     assert seen == [(6, 5), (6, 5)]
     with torch.no_grad():
         torch.testing.assert_close(got, model(x))
+
+
+def test_a_low_precision_model_is_probed_in_its_own_dtype():
+    """Counting a module's calls runs the model once on zeros: in the model's dtype, or a
+    bfloat16 model whose convolutions have biases would reject float32 input."""
+    model = load_model("digits-cnn", weights="none").module.to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with LayerCapture(model, ["features.relu4"]) as capture:
+        got = capture.run(x)["features.relu4"]
+    assert got.shape == (2, 64 * 8 * 8)
+
+
+def test_fit_accepts_a_sample_made_under_inference_mode():
+    from vecsim.reduce import LayerReducer, ReducerConfig
+
+    with torch.inference_mode():
+        sample = torch.randn(20, 12)
+    before = sample.clone()
+    reducer = LayerReducer("l", (12,), ReducerConfig(sketch_dim=0, dim=4))
+    report = reducer.fit(sample)
+    assert report.dim == 4 and torch.equal(sample, before)
+
+
+def test_a_cuda_device_number_beyond_the_gpus_is_a_device_error(monkeypatch):
+    from vecsim.errors import DeviceError
+    from vecsim.extract import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0"
+    for bad in ("cuda:1", "cuda:x"):
+        with pytest.raises(DeviceError, match="numbered cuda:0 to cuda:0"):
+            resolve_device(bad)

@@ -204,9 +204,14 @@ class EvalSubset:
             layer: LayerEval(m, units[layer], device, _grid(shapes[layer]), dtype)
             for layer, (m, dtype) in allotted.items()
         }
-        self._batch: dict[str, tuple[list[int], list[int], int]] = {}
+        self.device = device
+        self._batch: dict[str, tuple] = {}
 
     def begin_batch(self, batch_ids: list[int]) -> None:
+        """Before the batch's forward pass: which of its rows each layer keeps (as a device
+        index tensor, made here so the hook never copies from the host)."""
+        import torch
+
         self._batch = {}
         for layer, ev in self.layers.items():
             pos, slots = [], []
@@ -215,21 +220,19 @@ class EvalSubset:
                 if slot is not None and slot < ev.size:
                     pos.append(p)
                     slots.append(slot)
-            self._batch[layer] = (pos, slots, len(ev.slots))  # the held row this batch starts at
+            if pos:  # with the held row this batch starts at
+                self._batch[layer] = (torch.tensor(pos, device=self.device), slots, len(ev.slots))
 
     def capture(self, layer: str, x, output, finite) -> None:
         """Called inside the hook with the pooled float32 raw vectors of the whole batch
         and their finite mask (a non-finite stimulus is not part of the subset). Nothing
         here waits for the device: the finite mask is applied on the device, and read
         when the subset is saved."""
-        import torch
-
-        pos, slots, start = self._batch.get(layer, ([], [], 0))
-        if not pos:
+        if layer not in self._batch:
             return
-        idx = torch.tensor(pos, device=x.device)
+        idx, slots, start = self._batch[layer]
         # at the batch's start row: a module called again in the same pass replaces its rows
-        self.layers[layer].add(slots, x, output, finite, rows=idx, at=start)
+        self.layers[layer].add(slots, x, output, finite, rows=idx.to(x.device), at=start)
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""

@@ -25,6 +25,10 @@ def resolve_device(device: str = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {device} was requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if device.startswith("cuda:"):
+        count = torch.cuda.device_count()
+        if not device[5:].isdigit() or int(device[5:]) >= count:
+            raise DeviceError(f"--device {device}: torch sees {count} CUDA GPU(s), numbered cuda:0 to cuda:{count - 1}")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
     return device

@@ -48,8 +48,7 @@ def save_index(index, path: Path) -> None:
     """Write atomically: temporary file, fsync, rename (a GPU index is copied to the CPU first)."""
     import faiss
 
-    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
-        index = faiss.index_gpu_to_cpu(index)
+    index = to_cpu(index)
     from vecsim._io import fsync_replace
 
     tmp = Path(str(path) + ".tmp")
@@ -247,6 +246,16 @@ def is_exact(index) -> bool:
     import faiss
 
     return _first(index, faiss.IndexFlat) is not None
+
+
+def to_cpu(index):
+    """The index with every GPU part copied back to the CPU (``index_cpu_to_gpu`` keeps CPU
+    wrappers such as IDMap or PreTransform around a GPU index, so look down the chain)."""
+    import faiss
+
+    if hasattr(faiss, "index_gpu_to_cpu") and any("Gpu" in type(part).__name__ for part in _chain(index)):
+        return faiss.index_gpu_to_cpu(index)
+    return index
 
 
 def to_gpu(index, device: str):

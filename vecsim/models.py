@@ -300,7 +300,9 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
             for n, m in modules:
                 handles.append(m.register_forward_hook(make_hook(n, type(m).__name__)))
             with torch.inference_mode():
-                net(torch.zeros(1, *shape, device=device))
+                param = next(net.parameters(), None)  # a float16/bfloat16 model takes its own dtype
+                dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
+                net(torch.zeros(1, *shape, device=device, dtype=dtype))
         finally:
             for h in handles:
                 h.remove()

@@ -314,11 +314,14 @@ class LayerReducer:
         """Fit the projection on the prepared training sample ``train`` (n, dim_in).
 
         A float32 tensor's rows are scaled to unit length in place (the sample can be GBs;
-        :meth:`project` gives the same vectors for them either way).
+        :meth:`project` gives the same vectors for them either way), except an inference
+        tensor's, which is copied first.
         """
         import torch
 
         z = torch.as_tensor(train, dtype=torch.float32).cpu()
+        if z.is_inference():  # made under inference_mode (e.g. straight from a hook): no in-place update
+            z = z.clone()
         n, d = z.shape
         if d != self.dim_in:
             raise DimensionMismatchError(f"training sample of {self.layer} has {d} columns, expected {self.dim_in}")

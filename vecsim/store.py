@@ -711,6 +711,7 @@ class StoreWriter:
                 vindex.add(index, batch_vecs, batch_ids)
         else:
             vindex.add(index, vecs, ids)
+        index = vindex.to_cpu(index)  # trained and filled on a GPU where there is one; tuned and saved on the CPU
         vindex.set_search_params(index)
         description = {"kind": resolved, "factory": spec, "metric": "inner_product", "ntotal": int(index.ntotal),
                        "exact": exact}

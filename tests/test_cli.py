@@ -143,3 +143,19 @@ def test_info_describes_an_index_below_its_recall_target_and_unheld_queries():
     text = format_index({"factory": "HNSW32", "recall_at_10": 0.97, "queries": 1000, "recall_target": 0.95,
                          "efSearch": 64, "held_out": True})
     assert "held-out queries, efSearch 64)" in text and "below" not in text
+
+
+def test_usage_mistakes_are_one_line(shared_image_set, tmp_path):
+    typo = run_cli("index", "x", "--sizee", "3")
+    assert typo.returncode == 2 and typo.stderr.strip().count("\n") == 0
+    assert typo.stderr.startswith("error: No such option: --sizee") and "--size" in typo.stderr
+    config = tmp_path / "c.toml"
+    config.write_text('train_size = "abc"\n')
+    bad = run_cli("index", str(shared_image_set), "--model", "digits-cnn", "--layers", "features.relu4",
+                  "--out", str(tmp_path / "s"), "--config", str(config))
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --train-size must be an integer, got 'abc'"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\ncat/img_00.png,c\n")
+    both = run_cli("index", str(shared_image_set), "--model", "digits-cnn", "--layers", "features.relu4",
+                   "--out", str(tmp_path / "s"), "--manifest", str(manifest), "--labels-from-folders")
+    assert both.returncode == 2 and "not both" in both.stderr and not (tmp_path / "s").exists()

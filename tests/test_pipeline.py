@@ -191,3 +191,10 @@ def test_info_says_which_pairs_are_exact(shared_image_set, tmp_path):
                              dim="8" if train_size == 6 else "32", train_size=train_size, progress=False)
         info = Store.open(out).info()["layers"][layer]
         assert info["exact"] and info["exact_pairs"] == want
+    # a count sketch before the projection estimates the raw cosines: never "exact"
+    out = tmp_path / "sketched"
+    summary = vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu2"],
+                                   out=str(out), dim="32", sketch_dim=1024, progress=False)
+    fit = summary.layers["features.relu2"]
+    assert fit["exact"] and fit["sketched"] and fit["units"] == 32768
+    assert Store.open(out).info()["layers"]["features.relu2"]["exact_pairs"] == "none"

@@ -92,6 +92,13 @@ def test_query_by_a_stimulus_file_finds_that_stimulus_first(store, shared_image_
         assert first["path"] == "owl/img_03.jpg" and first["cosine"] >= 0.999
 
 
+def test_a_where_is_one_condition(store):
+    with pytest.raises(QueryError, match="one SQL condition"):
+        store.query(id=0, layer=LAYERS[0], k=2, where="label = 'cat'; DROP TABLE stimuli")
+    hits = store.query(id=0, layer=LAYERS[0], k=2, where="label != 'a;b'")  # inside quotes it is text
+    assert len(hits) == 2
+
+
 def test_query_errors(store, tmp_path):
     with pytest.raises(UnknownStimulusError, match="no stimulus with id 999"):
         store.query(id=999)

@@ -83,6 +83,13 @@ def test_manifest_paths_are_normalised_but_never_moved(image_set, tmp_path):
             discover(image_set, manifest=manifest)
 
 
+def test_an_empty_csv_cell_is_missing_as_in_parquet(image_set, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,note\ncat/img_00.png,c,\ndog/img_00.png,d,seen\n")
+    found = discover(image_set, manifest=manifest)
+    assert [s.extra["note"] for s in found.stimuli] == [None, "seen"]
+
+
 def test_manifest_row_for_a_missing_file_is_a_failure(image_set, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\ncat/img_00.png,c\ngone.png,g\n")

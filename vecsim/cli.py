@@ -81,7 +81,9 @@ def index_cmd(
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
     )
     for layer, fit in summary.layers.items():
-        if fit["exact"] and (fit["lossless"] or fit["n_train"] >= summary.indexed):
+        if fit["exact"] and fit.get("sketched"):
+            exact = "every direction of the sketched training sample kept (the sketch estimates raw cosines)"
+        elif fit["exact"] and (fit["lossless"] or fit["n_train"] >= summary.indexed):
             exact = "exact"
         elif fit["exact"]:
             exact = "exact on the training sample (and for pairs with one of it), approximate for other pairs"
@@ -93,7 +95,9 @@ def index_cmd(
             exact += f", {fit['dropped_zero_units']:,} always-zero units dropped"
         if fit.get("calls", 1) > 1:
             exact += f", the last of its {fit['calls']} calls per forward pass"
-        typer.echo(f"  {layer}: {fit['dim_in']} → {fit['dim']} dims, {exact} (n_train={fit['n_train']}){fidelity}")
+        dims = (f"{fit['units']:,} units → sketch {fit['dim_in']:,} → {fit['dim']}" if fit.get("sketched")
+                else f"{fit['dim_in']} → {fit['dim']}")
+        typer.echo(f"  {layer}: {dims} dims, {exact} (n_train={fit['n_train']}){fidelity}")
         idx = fit.get("index") or {}
         if "recall_at_10" in idx and idx["recall_at_10"] < idx.get("recall_target", 0):
             _echo_err(f"warning: {layer}'s index {idx.get('factory')} reaches recall@10 {idx['recall_at_10']:.3f} "
@@ -255,8 +259,11 @@ def query_cmd(
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
 ) -> None:
     """Nearest stimuli per layer to a stimulus or a new image."""
+    from vecsim.errors import ConfigError
     from vecsim.store import Store
 
+    if as_json and as_csv:
+        raise ConfigError("give --json or --csv, not both")
     hits = Store.open(store).query(id=stim_id, path=path, image=image, layer=layer, k=k, where=where,
                                    exclude_self=exclude_self, device=device)
     if as_json:
@@ -462,13 +469,37 @@ def add_cmd(
 
 # -- entry point ---------------------------------------------------------------------
 
+def _click_exceptions() -> tuple:
+    """(usage error, exit, abort) exception classes of the click that typer runs on (its own
+    vendored copy in recent typer, the click package in older ones)."""
+    import importlib
+
+    core = importlib.import_module("typer.core")
+    click = getattr(core, "click", None) or getattr(core, "_click")
+    exc = importlib.import_module(click.__name__ + ".exceptions")
+    return exc.UsageError, tuple({getattr(exc, "Exit", typer.Exit), typer.Exit}), tuple({getattr(exc, "Abort", typer.Abort), typer.Abort})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, maps errors to one line and an exit code."""
     from vecsim.errors import VecsimError
 
+    usage_error, exits, aborts = _click_exceptions()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, prog_name="vecsim")  # standalone: typer reports its own usage errors
+        code = app(args=argv, prog_name="vecsim", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except usage_error as exc:  # a mistyped option or a missing argument: one line too
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "vecsim"
+        if exc.format_message():  # (no arguments at all: the help was printed instead)
+            _echo_err(f"error: {exc.format_message()} (see `{command} --help`)")
+        sys.exit(2)
+    except exits as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except aborts:
+        _echo_err("interrupted")
+        sys.exit(130)
     except VecsimError as exc:
         if debug:
             raise

@@ -522,7 +522,7 @@ class Comparison:
 def _ckpt(model: dict) -> str:
     if model.get("checkpoint"):
         return f", checkpoint {Path(model['checkpoint']).name}"
-    return f", weights {model.get('weights')}"
+    return f", weights {model.get('weights') or 'none, random init'}"
 
 
 def parse_measures(measures: str | Iterable[str]) -> list[str]:

@@ -64,6 +64,13 @@ class IndexConfig:
                 setattr(self, name, parse_floats(getattr(self, name), name))
 
     def validate(self) -> "IndexConfig":
+        for name, kinds in _SCALAR_TYPES.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds)):
+                want = {(int,): "an integer", (int, float): "a number", (bool,): "true or false"}.get(kinds, "text")
+                raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {value!r}")
+        if self.manifest and self.labels_from_folders:
+            raise ConfigError("give --manifest (labels from its label column) or --labels-from-folders, not both")
         for name in ("source", "model", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
@@ -93,6 +100,18 @@ class IndexConfig:
         "sketch_dim", "sketch_seed", "drop_zero_units", "pooling", "index", "train_size", "seed", "eval_size", "eval_memory", "manifest", "labels_from_folders",
         "size", "mean", "std", "max_pixels",
     )
+
+
+# settings with one scalar type (after __post_init__'s loose forms): a config file's
+# ``train_size = "abc"`` is a clear error, not a failed comparison deep in the run
+_SCALAR_TYPES = {
+    **{name: (int,) for name in ("max_dim", "sketch_dim", "sketch_seed", "train_size", "seed", "eval_size", "size",
+                                 "batch_size", "workers", "max_pixels", "chunk_size")},
+    **{name: (int, float) for name in ("energy", "eval_memory")},
+    **{name: (bool,) for name in ("center", "drop_zero_units", "labels_from_folders", "overwrite")},
+    **{name: (str,) for name in ("source", "model", "out", "weights", "checkpoint", "dim", "similarity", "pooling",
+                                 "index", "manifest", "device")},
+}
 
 
 def config_fields() -> list:

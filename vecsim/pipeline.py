@@ -170,6 +170,7 @@ class _Indexer:
                 self.writer.close()
         layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"],
                           "calls": self.calls.get(layer, 1), "center": bool(r.config.center),
+                          "units": r.units, "sketched": r.sketch is not None,
                           "index": self.writer.manifest["layers"][layer].get("index", {})}
                   for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary

@@ -4,6 +4,7 @@ full similarity matrices, all from a store."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
     """Stimulus ids matching a SQL filter over the stimuli table (e.g. ``label = 'cat'``)."""
     if not where:
         return None
+    if ";" in re.sub(r"'(?:[^']|'')*'", "", where):  # outside quoted text
+        raise QueryError(f"--where {where!r} must be one SQL condition (no ';')")
     try:
         table = store.table("stimuli").search().where(where).select(["id"]).limit(None).to_arrow()
     except Exception as exc:

@@ -693,7 +693,7 @@ def _summary_table(report: dict) -> list[list[str]]:
 def _intro(report: dict) -> list[str]:
     model = report.get("model") or {}
     return [
-        f"Store `{report['store']}`: model {model.get('name')} (weights {model.get('weights')}), "
+        f"Store `{report['store']}`: model {model.get('name')} (weights {model.get('weights') or 'none, random init'}), "
         f"{report['stimuli']:,} stimuli, {len(report['layers'])} layer(s). Created {report['created']}.",
         "Every number compares the stored (reduced) similarities with the exact similarities of the raw "
         "activations, over all pairs of each layer's evaluation subset (M stimuli). Fewer dims = the first "

@@ -250,7 +250,8 @@ def read_manifest_table(path: Path):
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pq.read_table(path)
-        return pacsv.read_csv(path)
+        # an empty cell is missing whatever the column's type (as in a Parquet manifest): NULL
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     except Exception as exc:  # pyarrow raises several unrelated types for bad files
         raise StimulusSetError(f"cannot read manifest {path}: {_short_reason(exc)}") from None
 

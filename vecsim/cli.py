@@ -18,6 +18,7 @@ app = typer.Typer(
     help="Reduce CNN layer activations on the fly, index them, and compare stimuli layer by layer.",
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 256]" is text, not a markup tag
 )
 _state = {"debug": False}
 

@@ -122,6 +122,8 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise ConfigError(f"config file {path} must be TOML (.toml) or JSON (.json)")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".toml":

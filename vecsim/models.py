@@ -308,17 +308,19 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
                 h.remove()
             handles.clear()
 
+    param = next(module.parameters(), None)
     try:  # shapes only: a copy on the meta device computes no activations (and warms nothing up)
         import copy
 
+        if param is not None and param.device.type != "cpu":
+            raise RuntimeError("a deep copy would first duplicate the weights on the device")
         shadow = copy.deepcopy(module).to("meta")
         for m in shadow.modules():  # the copy would carry the model's own hooks (and a capture's)
             m._forward_hooks.clear()
             m._forward_pre_hooks.clear()
         run(shadow, "meta")
-    except Exception:  # an operation without a meta kernel: one real forward at batch 1
+    except Exception:  # a model on a GPU, or an operation without a meta kernel: one real forward at batch 1
         seen.clear()
-        param = next(module.parameters(), None)
         run(module, param.device if param is not None else torch.device("cpu"))
     order = [n for n, m in module.named_modules() if n and (wanted is None or n in wanted)]
     return [seen[n] for n in order if n in seen]

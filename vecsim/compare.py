@@ -53,7 +53,7 @@ from vecsim.errors import (
 )
 from vecsim import measures as _measures
 from vecsim._io import dumps_json, fsync_replace, json_safe, write_text_atomic
-from vecsim.measures import MEASURES, linear_cka, procrustes_distance, pwcca, svcca
+from vecsim.measures import MEASURES, linear_cka, procrustes_distance
 
 MIN_COMMON = 10
 EXACT = "exact-gram"
@@ -67,28 +67,30 @@ ENERGY_FRACTIONS: tuple[float, ...] = (0.9, 0.95, 0.99)
 _FEATURE_FORMS = {
     "cka": lambda X, Y: linear_cka(X, Y),
     "cka_debiased": lambda X, Y: linear_cka(X, Y, debiased=True),
-    "svcca": lambda X, Y: svcca(X, Y)["mean"],
     "procrustes": procrustes_distance,
-    "pwcca": pwcca,
-}
+}  # SVCCA and PWCCA from features: _cca_with_chance
 _ASYMMETRIC = {"pwcca"}  # weights come from the row (A) layer
 DEGENERATE_CCA_NOTE = ("CCA directions of A and B together reach the number of stimuli: their subspaces "
                        "must share directions, whose correlations are 1 whatever the layers; compare "
                        "with the chance level (B's stimuli shuffled)")
 
 
-def _svcca_with_chance(X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray) -> tuple[float, dict]:
-    res = svcca(X, Y)
-    return res["mean"], {"chance": svcca(X, Y[shuffle])["mean"], "dims": res["dims"], "n": len(X)}
+def _cca_with_chance(measure: str, X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray) -> tuple[float, dict]:
+    """SVCCA or PWCCA of features X, Y and its chance level: the same measure with B's rows
+    (stimuli) in the order ``shuffle``. Centring commutes with a row permutation, so B's
+    shuffled basis is its basis with the rows permuted: each side is decomposed once."""
+    X, Y = _measures._feature_pair(X, Y, min_n=2)
+    (Ux, sx), (Uy, sy) = _measures._feature_basis(X), _measures._feature_basis(Y)
+    if measure == "svcca":
+        res = _measures._svcca_from_bases(Ux, sx, Uy, sy, SVCCA_KEEP)
+        chance = _measures._svcca_from_bases(Ux, sx, Uy[shuffle], sy, SVCCA_KEEP)["mean"]
+        return res["mean"], {"chance": chance, "dims": res["dims"], "n": len(X)}
+    value = _measures._pwcca_from_bases(X, Ux, Uy)
+    chance = _measures._pwcca_from_bases(X, Ux, Uy[shuffle])
+    return value, {"chance": chance, "dims": (Ux.shape[1], Uy.shape[1]), "n": len(X)}
 
 
-def _pwcca_with_chance(X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray) -> tuple[float, dict]:
-    dims = (_measures._feature_basis(X)[0].shape[1], _measures._feature_basis(Y)[0].shape[1])
-    return pwcca(X, Y), {"chance": pwcca(X, Y[shuffle]), "dims": dims, "n": len(X)}
-
-
-# SVCCA and PWCCA from features also report their chance level (B's stimuli shuffled)
-_CCA_MEASURES = {"svcca": _svcca_with_chance, "pwcca": _pwcca_with_chance}
+_CCA_MEASURES = ("svcca", "pwcca")  # they also report their chance level (B's stimuli shuffled)
 
 
 def _cca_extras(extra: dict, note: str) -> dict:
@@ -712,7 +714,7 @@ class _Calculator:
         extra: dict = {}
         if measure in _CCA_MEASURES:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
-            value, extra = _CCA_MEASURES[measure](X, Y, self._shuffle(matched))
+            value, extra = _cca_with_chance(measure, X, Y, self._shuffle(matched))
             n = matched
         elif measure in _FEATURE_FORMS:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)

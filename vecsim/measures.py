@@ -471,8 +471,12 @@ def pwcca(X: npt.ArrayLike, Y: npt.ArrayLike) -> float:
     features: the weights depend on individual neurons, which a Gram does not keep.
     """
     X, Y = _feature_pair(X, Y, min_n=2)
-    Qx, _ = _feature_basis(X)
-    rho, Ux = _cca(Qx, _feature_basis(Y)[0])
+    return _pwcca_from_bases(X, _feature_basis(X)[0], _feature_basis(Y)[0])
+
+
+def _pwcca_from_bases(X: np.ndarray, Qx: np.ndarray, Qy: np.ndarray) -> float:
+    """:func:`pwcca` from X and the orthonormal bases of both centred column spaces."""
+    rho, Ux = _cca(Qx, Qy)
     if rho.size == 0:
         return float("nan")
     H = Qx @ Ux  # n × m canonical variates of X, orthonormal

@@ -97,26 +97,21 @@ class LayerEval:
             if self.grid else None
         )
         self.slots: list[int] = []
-        self.has_channels = False
         self._gram = None  # float64 numpy Gram of the held rows, once computed
 
-    def add(self, slots: list[int], x, output, finite=None, rows=None, at: int | None = None) -> None:
+    def add(self, slots: list[int], x, output, finite=None, rows=None) -> None:
         """x: (B, units) float32 pooled raw vectors on the device; ``rows`` (a device index
         tensor, default all) picks the ones for these slots, in order; ``finite`` is the
         batch's (B,) finite mask, default all (a non-finite stimulus is held as zeros and
         left out of the subset when it is read). ``output`` is the layer's (B, ...) output, for the
-        per-channel responses. ``at`` (default: after the rows held so far) is the held row
-        they start at; rows from there on are replaced, so a module that runs several
-        times in one forward pass leaves its last call's rows, as the hook's result does.
+        per-channel responses.
 
         The rows go straight into the held block (one copy, no intermediate gather).
         """
         import torch
         import torch.nn.functional as F
 
-        count = len(self.slots) if at is None else at
-        b = len(slots)
-        del self.slots[count:]
+        count, b = len(self.slots), len(slots)
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)
         if finite is None:
@@ -141,7 +136,6 @@ class LayerEval:
             # pooled before picking the rows: no copy of the output (.float() is free for float32)
             pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
             self.pooled[count : count + b] = pooled.index_select(0, rows.to(pooled.device))
-            self.has_channels = True
 
     def compute_gram(self) -> np.ndarray:
         """The Gram matrix of the held rows, in arrival order (float64; float32 products, over
@@ -186,8 +180,7 @@ class LayerEval:
             "units": np.int64(self.units),
         }
         if self.pooled is not None:
-            channels = self.pooled[:count].cpu().numpy()[rows]
-            out["channels"] = channels if self.has_channels else np.zeros_like(channels)
+            out["channels"] = self.pooled[:count].cpu().numpy()[rows]
         return out
 
 
@@ -220,8 +213,8 @@ class EvalSubset:
                 if slot is not None and slot < ev.size:
                     pos.append(p)
                     slots.append(slot)
-            if pos:  # with the held row this batch starts at
-                self._batch[layer] = (torch.tensor(pos, device=self.device), slots, len(ev.slots))
+            if pos:
+                self._batch[layer] = (torch.tensor(pos, device=self.device), slots)
 
     def capture(self, layer: str, x, output, finite) -> None:
         """Called inside the hook with the pooled float32 raw vectors of the whole batch
@@ -230,9 +223,8 @@ class EvalSubset:
         when the subset is saved."""
         if layer not in self._batch:
             return
-        idx, slots, start = self._batch[layer]
-        # at the batch's start row: a module called again in the same pass replaces its rows
-        self.layers[layer].add(slots, x, output, finite, rows=idx.to(x.device), at=start)
+        idx, slots = self._batch[layer]  # once per batch: LayerCapture runs a layer's function at its last call only
+        self.layers[layer].add(slots, x, output, finite, rows=idx.to(x.device))
 
     def save(self, layer: str, directory: Path) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""

@@ -202,12 +202,7 @@ def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None,
 def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray, k: int):
     """The k best of ``ids`` by exact inner product with their stored vectors, (1, k) arrays."""
     ids, vecs = store.vectors_for(layer, ids)
-    s = vecs @ query
-    order = np.argsort(-s, kind="stable")[:k]
-    out_s = np.full((1, k), -np.inf, np.float32)
-    out_i = np.full((1, k), -1, np.int64)
-    out_s[0, : len(order)], out_i[0, : len(order)] = s[order], ids[order]
-    return out_s, out_i
+    return _rescore(query[None, :], ids[None, :], ids, vecs, k)
 
 
 # -- neighbors -----------------------------------------------------------------------------
@@ -215,7 +210,11 @@ def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray, k: int):
 def _rescore(q: np.ndarray, found: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int, block: int = 256):
     """Per query row, the k best of the candidate ids ``found`` (-1 = none) by exact inner
     product with their stored vectors (``vecs`` rows, ids ``ids`` sorted): (scores, ids),
-    padded with -inf / -1."""
+    k columns, padded with -inf / -1."""
+    if found.shape[1] < k:
+        found = np.pad(found, ((0, 0), (0, k - found.shape[1])), constant_values=-1)
+    if len(ids) == 0:
+        return np.full(found.shape, -np.inf, np.float32)[:, :k], np.full(found.shape, -1, np.int64)[:, :k]
     valid = found >= 0
     rows = np.searchsorted(ids, np.where(valid, found, ids[0]))
     scores = np.empty(found.shape, np.float32)

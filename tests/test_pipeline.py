@@ -147,6 +147,10 @@ def test_a_config_built_directly_takes_the_same_loose_forms_as_flags():
     assert direct == resolve(given)
     with pytest.raises(ConfigError, match="three comma-separated numbers"):
         IndexConfig(**{**given, "std": "a,b,c"})
+    from pathlib import Path
+
+    paths = IndexConfig(**{**given, "source": Path("s"), "out": Path("o")}).validate()  # type-checked after
+    assert (paths.source, paths.out) == ("s", "o")
 
 
 def test_a_module_run_several_times_per_pass_is_indexed_at_its_last_call(shared_image_set, tmp_path):

@@ -72,6 +72,7 @@ def index_cmd(
     """Index a stimulus set: reduce every hooked layer and write a store (rerun to resume)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume")}
     from vecsim.pipeline import index_stimuli, resume_options
+    from vecsim.store import exact_pairs
 
     if resume is not None:
         options = {**resume_options(resume), **{k: v for k, v in options.items() if v is not None and k == "device"}}
@@ -82,12 +83,13 @@ def index_cmd(
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
     )
     for layer, fit in summary.layers.items():
-        if fit["exact"] and fit.get("sketched"):
-            exact = "every direction of the sketched training sample kept (the sketch estimates raw cosines)"
-        elif fit["exact"] and (fit["lossless"] or fit["n_train"] >= summary.indexed):
+        pairs = exact_pairs(fit, summary.indexed, fit.get("sketched", False))
+        if pairs == "all":
             exact = "exact"
-        elif fit["exact"]:
+        elif pairs == "training":
             exact = "exact on the training sample (and for pairs with one of it), approximate for other pairs"
+        elif fit["exact"]:  # sketched
+            exact = "every direction of the sketched training sample kept (the sketch estimates raw cosines)"
         else:
             exact = f"{fit['energy_kept']:.1%} of the energy"
         rho = summary.fidelity.get(layer)

@@ -7,6 +7,7 @@ defaults below. The resolved config is saved in the store's manifest.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,11 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         """The loose forms a flag, a config file or a keyword may give, in their one type:
-        'a,b' layers, an int dim, 'R,G,B' mean/std (also for a config built directly)."""
+        'a,b' layers, an int dim, 'R,G,B' mean/std, path objects for paths (also for a
+        config built directly)."""
+        for name in ("source", "out", "manifest", "checkpoint"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         if isinstance(self.layers, str):
             self.layers = split_list(self.layers)
         if isinstance(self.dim, int) and not isinstance(self.dim, bool):
@@ -64,7 +69,7 @@ class IndexConfig:
                 setattr(self, name, parse_floats(getattr(self, name), name))
 
     def validate(self) -> "IndexConfig":
-        for name, kinds in _SCALAR_TYPES.items():
+        for name, kinds in _scalar_types().items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds)):
                 want = {(int,): "an integer", (int, float): "a number", (bool,): "true or false"}.get(kinds, "text")
@@ -102,16 +107,21 @@ class IndexConfig:
     )
 
 
-# settings with one scalar type (after __post_init__'s loose forms): a config file's
-# ``train_size = "abc"`` is a clear error, not a failed comparison deep in the run
-_SCALAR_TYPES = {
-    **{name: (int,) for name in ("max_dim", "sketch_dim", "sketch_seed", "train_size", "seed", "eval_size", "size",
-                                 "batch_size", "workers", "max_pixels", "chunk_size")},
-    **{name: (int, float) for name in ("energy", "eval_memory")},
-    **{name: (bool,) for name in ("center", "drop_zero_units", "labels_from_folders", "overwrite")},
-    **{name: (str,) for name in ("source", "model", "out", "weights", "checkpoint", "dim", "similarity", "pooling",
-                                 "index", "manifest", "device")},
-}
+def _scalar_types() -> dict[str, tuple]:
+    """Per setting with one scalar type (its annotation, None allowed; after __post_init__'s
+    loose forms), the Python types its value may have: a config file's ``train_size = "abc"``
+    is a clear error, not a failed comparison deep in the run. Lists are left out."""
+    import types
+    import typing
+
+    accepted = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+    out = {}
+    for name, tp in typing.get_type_hints(IndexConfig).items():
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(iter(a for a in typing.get_args(tp) if a is not type(None)))
+        if tp in accepted:
+            out[name] = accepted[tp]
+    return out
 
 
 def config_fields() -> list:

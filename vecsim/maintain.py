@@ -248,7 +248,7 @@ def roll_back_add(writer) -> None:
     vectors table where the index type cannot remove ids)."""
     import faiss
 
-    from vecsim.index import save_index
+    from vecsim.index import load_index, save_index
 
     pending = writer.manifest[PENDING_ADD]
     first, run = int(pending["first_id"]), int(pending["run"])
@@ -257,7 +257,7 @@ def roll_back_add(writer) -> None:
     writer.db.open_table("failures").delete(f"run = {run}")
     for layer, entry in writer.manifest["layers"].items():
         path = writer.layer_dir(layer) / "index.faiss"
-        index = faiss.read_index(str(path))
+        index = load_index(path)
         try:
             index.remove_ids(faiss.IDSelectorRange(first, 2**62))
             save_index(index, path)

@@ -300,8 +300,6 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
             for n, m in modules:
                 handles.append(m.register_forward_hook(make_hook(n, type(m).__name__)))
             with torch.inference_mode():
-                param = next(net.parameters(), None)  # a float16/bfloat16 model takes its own dtype
-                dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
                 net(torch.zeros(1, *shape, device=device, dtype=dtype))
         finally:
             for h in handles:
@@ -309,6 +307,8 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
             handles.clear()
 
     param = next(module.parameters(), None)
+    # a float16/bfloat16 model takes input of its own dtype
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
     try:  # shapes only: a copy on the meta device computes no activations (and warms nothing up)
         import copy
 

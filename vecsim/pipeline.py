@@ -168,7 +168,8 @@ class _Indexer:
         finally:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
-        layers = {layer: {**r.describe()["fit"], "dropped_zero_units": r.describe()["dropped_zero_units"],
+        described = {layer: r.describe() for layer, r in self.reducers.items()}
+        layers = {layer: {**described[layer]["fit"], "dropped_zero_units": described[layer]["dropped_zero_units"],
                           "calls": self.calls.get(layer, 1), "center": bool(r.config.center),
                           "units": r.units, "sketched": r.sketch is not None,
                           "index": self.writer.manifest["layers"][layer].get("index", {})}

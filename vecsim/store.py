@@ -406,6 +406,7 @@ class Store:
             layer_dir = self.layer_dir(layer)
             transform_bytes = _size(layer_dir / "transform.faiss")
             eval_bytes = _size(layer_dir / "eval.npz") if (layer_dir / "eval.npz").exists() else 0
+            vectors = rows(entry["table"])
             layers[layer] = {
                 "shape": red["shape"],
                 "units": units,
@@ -415,10 +416,10 @@ class Store:
                 "similarity": red["config"]["similarity"],
                 "projection": "centred PCA" if red["config"]["center"] else "uncentred",
                 "exact": red["fit"]["exact"] if red.get("fit") else None,
-                "exact_pairs": _exact_pairs(red.get("fit"), rows(entry["table"]), bool(red.get("sketch"))),
+                "exact_pairs": exact_pairs(red.get("fit"), vectors, bool(red.get("sketch"))),
                 "energy_kept": red["fit"]["energy_kept"] if red.get("fit") else None,
                 "n_train": red["fit"]["n_train"] if red.get("fit") else None,
-                "vectors": rows(entry["table"]),
+                "vectors": vectors,
                 "raw_bytes": raw_bytes,
                 "transform_bytes": transform_bytes,
                 "eval_bytes": eval_bytes,
@@ -462,7 +463,7 @@ def _creation_leftovers(path: Path) -> bool:
     return True
 
 
-def _exact_pairs(fit: dict | None, vectors: int, sketched: bool = False) -> str:
+def exact_pairs(fit: dict | None, vectors: int, sketched: bool = False) -> str:
     """Which stored cosines equal the raw ones: ``all`` (the projection keeps the whole input
     space, or every stored stimulus was in the training sample it keeps exactly), ``training``
     (pairs with at least one training stimulus: the sample's span is kept, the rest is

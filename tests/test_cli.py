@@ -112,6 +112,12 @@ def test_query_json_csv_and_side_by_side_table(shared_image_set, tmp_path):
     assert done.returncode == 0, done.stderr
     again = run_cli("similarity", str(out), "--all-layers", "--out", str(npy))
     assert again.returncode == 2 and "already exists" in again.stderr
+    import torch
+
+    if not torch.cuda.is_available():  # the default --device auto ran on the CPU above
+        gpu = run_cli("similarity", str(out), "--all-layers", "--out", str(tmp_path / "g.npy"), "--device", "cuda")
+        assert gpu.returncode != 0 and len(gpu.stderr.strip().splitlines()) == 1 and "CUDA" in gpu.stderr
+        assert not (tmp_path / "g.npy").exists()
 
 
 def test_index_prints_fidelity_per_layer_and_warns_when_low(shared_image_set, tmp_path):

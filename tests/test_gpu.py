@@ -335,6 +335,26 @@ def test_similarity_tiles_on_cuda_equal_the_cpu_tiles():
     np.testing.assert_allclose(similarity_matrix(v[:900], device=GPU), similarity_matrix(v[:900]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("float16", 1e-3)])
+def test_npy_export_on_cuda_equals_the_cpu_export(tmp_path, dtype, atol):
+    """Tiles finished and converted on the GPU, overlapped with the host's mirroring and
+    writing: the same file as the CPU export (float16: within one rounding step), exactly
+    symmetric, diagonal 1, the zero row 0, byte-identical stimuli 1."""
+    from vecsim.similarity import export_similarity
+
+    v = _unit_rows(3001, 64)
+    kw = dict(ids=np.arange(3001), paths=[f"s{i}.png" for i in range(3001)], labels=[None] * 3001,
+              metadata={}, dtype=dtype, memory_limit_bytes=3001 * 16 * 400, identical=[[1, 2000]])
+    export_similarity({"l": v}, tmp_path / "cpu.npy", **kw)
+    summary = export_similarity({"l": v}, tmp_path / "gpu.npy", device=GPU, **kw)
+    assert summary["tile_rows"] < 3001  # several tiles
+    a, b = np.load(tmp_path / "cpu.npy"), np.load(tmp_path / "gpu.npy")
+    assert b.dtype == np.dtype(dtype) and np.array_equal(b, b.T)
+    np.testing.assert_allclose(b.astype(np.float64), a.astype(np.float64), rtol=0, atol=atol)
+    diag = np.diag(b)
+    assert diag[7] == 0 and np.all(np.delete(diag, 7) == 1) and b[7].max() == 0 and b[1, 2000] == 1
+
+
 # -- index --------------------------------------------------------------------------------
 
 

@@ -115,13 +115,81 @@ def test_similarity_tiles_accepts_memmap(data, tmp_path):
     np.testing.assert_allclose(np.vstack(blocks), data.ref, atol=1e-5)
 
 
-def test_torch_matmul_path_matches_numpy(data):
-    """The GPU code path, run on torch's CPU device (no GPU here)."""
+def _numpy_tiles(V, tile, upper, distance, same):
+    zero = sim._zero_rows(V)
+    return [(r0, r1, c0, S.copy()) for r0, r1, c0, S in
+            sim._blocks(V, zero, tile, "cpu", upper=upper, distance=distance, same=same)]
+
+
+@pytest.mark.parametrize("upper", [True, False], ids=["upper", "full"])
+@pytest.mark.parametrize("distance", [False, True], ids=["similarity", "distance"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_torch_tiles_equal_the_numpy_tiles(data, upper, distance, dtype):
+    """The GPU code path (matmul, finishing and conversion on the device), run on torch's CPU
+    device: the same blocks as the numpy path, exactly 1 / 0 where the numpy path sets them
+    (diagonal, the all-zero row, byte-identical pairs across tiles), and a float16 block is
+    the float32 block rounded once."""
+    torch = pytest.importorskip("torch")
+    same = sim._identical_pairs([[3, 40, 41], [100, 250]], N)
+    zero = sim._zero_rows(data.V)
+    precision = torch.get_float32_matmul_precision()
+    want = _numpy_tiles(data.V, 37, upper, distance, same)
+    got = [(r0, r1, c0, S.copy()) for r0, r1, c0, S in
+           sim._torch_blocks(data.V, zero, 37, "cpu", upper=upper, distance=distance, reuse=True,
+                             same=same, dtype=np.dtype(dtype))]
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    fixed_one = 0.0 if distance else 1.0
+    for (r0, r1, c0, S), (_, _, _, W) in zip(got, want):
+        assert S.dtype == np.dtype(dtype) and S.shape == W.shape
+        tol = 1e-3 if dtype == "float16" else 1e-6
+        np.testing.assert_allclose(S.astype(np.float64), W, atol=tol)
+        exact = W == fixed_one  # set, not computed: the diagonal and identical pairs
+        exact |= (W == (1.0 if distance else 0.0))  # the zero row/column
+        assert exact.sum() >= r1 - r0 - 1
+        assert np.array_equal(S[exact].astype(np.float32), W[exact])
+    if dtype == "float16":  # the device's rounding is numpy's
+        f32 = [S for *_, S in sim._torch_blocks(data.V, zero, 37, "cpu", upper=upper, distance=distance,
+                                                 reuse=False, same=same, dtype=np.dtype("float32"))]
+        f16 = [S for *_, S in got]
+        for a, b in zip(f32, f16):
+            assert np.array_equal(a.astype(np.float16).view(np.uint16), b.view(np.uint16))
+    assert torch.get_float32_matmul_precision() == precision  # restored after the matmuls at "highest"
+
+
+def test_torch_tiles_fresh_blocks_are_not_reused(data):
     pytest.importorskip("torch")
-    out = np.empty((40, N - 60), dtype=np.float32)
-    with sim._torch_matmul(data.V, "cpu") as mm:
-        mm(60, 100, 60, out)
-    np.testing.assert_allclose(out, data.V[60:100] @ data.V[60:].T, atol=1e-6)
+    zero = sim._zero_rows(data.V)
+    blocks = [S for *_, S in sim._torch_blocks(data.V, zero, 50, "cpu", upper=False, distance=False,
+                                               reuse=False, same=None, dtype=np.dtype("float32"))]
+    np.testing.assert_allclose(np.vstack(blocks), data.ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix,dtype", [(".npy", "float16"), (".npy", "float32"), (".parquet", "float16")])
+def test_export_through_the_gpu_tile_path_equals_the_cpu_export(data, tmp_path, monkeypatch, suffix, dtype):
+    """export_similarity(device="cuda") with the device tiles computed by torch on the CPU:
+    the float16 tiles that arrive already converted go through the mirroring and the
+    writers like the CPU path's float32 ones, and the files agree."""
+    pytest.importorskip("torch")
+    real = sim._torch_blocks
+    monkeypatch.setattr(sim, "_require_cuda", lambda device: None)
+    monkeypatch.setattr(sim, "_torch_blocks", lambda V, zero, tile, device, **kw: real(V, zero, tile, "cpu", **kw))
+    groups = [[3, 40], [100, 250, 251]]
+    _export(data, tmp_path / f"cpu{suffix}", dtype=dtype, memory_limit_bytes=TINY_LIMIT, identical=groups)
+    _export(data, tmp_path / f"gpu{suffix}", dtype=dtype, memory_limit_bytes=TINY_LIMIT, identical=groups,
+            device="cuda")
+    if suffix == ".npy":
+        a, b = np.load(tmp_path / "cpu.npy"), np.load(tmp_path / "gpu.npy")
+        assert b.dtype == np.dtype(dtype) and np.array_equal(b, b.T)
+        assert np.all(np.diag(b)[np.arange(N) != ZERO_ROW] == 1) and b[ZERO_ROW].max() == 0
+        assert b[3, 40] == b[250, 100] == 1
+    else:
+        import pyarrow.parquet as pq
+        ta, tb = pq.read_table(tmp_path / "cpu.parquet"), pq.read_table(tmp_path / "gpu.parquet")
+        assert ta.column_names == tb.column_names and ta.schema == tb.schema
+        for name in ("i", "j", "id_i", "id_j"):
+            assert ta[name].equals(tb[name])
+        a, b = (t["similarity"].to_numpy() for t in (ta, tb))
+    np.testing.assert_allclose(b.astype(np.float64), a.astype(np.float64), atol=1e-3 if dtype == "float16" else 1e-6)
 
 
 # --------------------------------------------------------------------------- .npy

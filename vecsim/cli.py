@@ -330,7 +330,8 @@ def similarity_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float16."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL filter on the stimuli table."),
     triangle: str = typer.Option("full", "--triangle", help="Parquet only: full or upper (i < j)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the tiles are computed."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]: where the tiles are computed "
+                               "(auto: the GPU when torch sees one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ) -> None:
     """Export pairwise similarity matrices (tiled, memory-bounded) with their row order and provenance."""

@@ -327,15 +327,19 @@ def _check_metric(store, layers: list[str], metric: str) -> None:
 
 def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str] | None = None,
                metric: str | None = None, distance: bool = False, dtype: str = "float32", where: str | None = None,
-               triangle: str = "full", overwrite: bool = False, device: str = "cpu",
+               triangle: str = "full", overwrite: bool = False, device: str = "auto",
                memory_limit_bytes: int | None = None, progress: Callable | None = None):
     """Pairwise similarity (or 1 − s) matrices of the stored vectors, tile by tile.
 
     With ``out`` (.npy, .parquet, .h5) writes the file and returns a summary; without it,
     returns the (N, N) array of one layer (or (L, N, N)) when it fits in memory.
+    ``device``: where the tiles are computed, ``auto`` (the GPU when torch sees one), ``cpu``
+    or ``cuda[:N]``; the values are the same to float32 rounding.
     """
     from vecsim import similarity as sim
+    from vecsim.extract import resolve_device
 
+    device = resolve_device(device)
     layers = layers or store.layers
     for layer in layers:
         store.layer_info(layer)
@@ -348,8 +352,8 @@ def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str]
         need = len(layers) * n * n * (4 if dtype == "float32" else 2)
         if need > 4 * 2**30:
             raise QueryError(f"the matrix needs {need / 2**30:.1f} GB; write it to a file with --out instead")
-        mats = [sim.similarity_matrix(loaded[layer], dtype=dtype, distance=distance, identical=identical)
-                for layer in layers]
+        mats = [sim.similarity_matrix(loaded[layer], dtype=dtype, distance=distance, identical=identical,
+                                      device=device) for layer in layers]
         return (mats[0] if len(mats) == 1 else np.stack(mats)), ids
     extra = {"memory_limit_bytes": memory_limit_bytes} if memory_limit_bytes else {}
     return sim.export_similarity(

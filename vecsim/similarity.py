@@ -39,6 +39,10 @@ Memory stays bounded by ``memory_limit_bytes``: rows are processed in tiles of
     condensed form has no diagonal, so ``get_matrices()`` shows 0 there, also
     for an all-zero row (whose self-distance is 1 in the other formats).
 
+With ``device="cuda"`` the tiles are computed on the GPU (:func:`_torch_blocks`): the
+products, the finishing and the conversion to the output dtype run there, and the next tile
+is computed while the host mirrors and writes the current one.
+
 Every export writes to a temporary name in the target folder, fsyncs it and
 ``os.replace``-s it into place at the end, so an interrupted export never
 leaves a half-written file under the final name.
@@ -162,25 +166,6 @@ def _condensed_offset(n: int, i: int) -> int:
 # --------------------------------------------------------------------------- #
 
 
-@contextlib.contextmanager
-def _matmul_fn(V: np.ndarray, device: str):
-    """Yield ``mm(r0, r1, c0, out)`` that writes ``V[r0:r1] @ V[c0:].T`` into ``out`` (float32).
-
-    The only device-specific step: numpy (BLAS) on the CPU, torch on a GPU.
-    """
-    if not device.startswith("cuda"):
-
-        def mm(r0: int, r1: int, c0: int, out: np.ndarray) -> np.ndarray:
-            return np.matmul(V[r0:r1], V[c0:].T, out=out)
-
-        yield mm
-        return
-
-    _require_cuda(device)
-    with _torch_matmul(V, device) as mm:
-        yield mm
-
-
 def _require_cuda(device: str) -> None:
     """Raise DeviceError unless torch sees a CUDA device (imports torch: GPU path only)."""
     try:
@@ -189,33 +174,6 @@ def _require_cuda(device: str) -> None:
         raise DeviceError(f"device={device!r} needs torch, which failed to import: {exc}") from exc
     if not torch.cuda.is_available():
         raise DeviceError(f"device={device!r} but CUDA is not available here; use device='cpu'")
-
-
-@contextlib.contextmanager
-def _torch_matmul(V: np.ndarray, device: str):
-    """torch version of the tile matmul: ``V`` goes to ``device`` once, each tile comes back.
-
-    float32 matmuls run at "highest" precision (no TF32) for the duration, so the
-    tiles match the CPU ones to float32 rounding; the previous setting is restored.
-    """
-    import torch
-
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    Vd = None
-    try:
-        Vd = torch.from_numpy(np.array(V, dtype=np.float32, copy=True)).to(device)
-
-        def mm(r0: int, r1: int, c0: int, out: np.ndarray) -> np.ndarray:
-            torch.from_numpy(out).copy_(Vd[r0:r1] @ Vd[c0:].T)
-            return out
-
-        yield mm
-    finally:
-        Vd = None  # release the device copy before emptying the cache
-        torch.set_float32_matmul_precision(previous)
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
 
 
 def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool,
@@ -257,26 +215,110 @@ def _blocks(
     distance: bool = False,
     reuse: bool = True,
     same: np.ndarray | None = None,
+    dtype: np.dtype = np.dtype(np.float32),
 ) -> Iterator[tuple[int, int, int, np.ndarray]]:
-    """Yield ``(r0, r1, c0, S)``: finished float32 block of rows r0:r1, columns c0:N.
+    """Yield ``(r0, r1, c0, S)``: finished block of rows r0:r1, columns c0:N.
 
     ``upper`` computes only columns from ``r0`` on (``c0 = r0``), else all (``c0 = 0``).
-    With ``reuse`` the block lives in one buffer that the next tile overwrites.
+    With ``reuse`` the block lives in a buffer that a later tile overwrites (the caller is
+    done with it when it asks for the next one). On the CPU ``S`` is float32; on a GPU
+    (:func:`_torch_blocks`) it is ``dtype``, converted on the device.
     """
+    if device.startswith("cuda"):
+        _require_cuda(device)
+        yield from _torch_blocks(V, zero, tile_rows, device, upper=upper, distance=distance,
+                                 reuse=reuse, same=same, dtype=dtype)
+        return
     n = V.shape[0]
     buf = np.empty(tile_rows * n, dtype=np.float32) if reuse else None
-    with _matmul_fn(V, device) as mm:
-        for r0 in range(0, n, tile_rows):
+    for r0 in range(0, n, tile_rows):
+        r1 = min(n, r0 + tile_rows)
+        c0 = r0 if upper else 0
+        shape = (r1 - r0, n - c0)
+        S = buf[: shape[0] * shape[1]].reshape(shape) if reuse else np.empty(shape, dtype=np.float32)
+        np.matmul(V[r0:r1], V[c0:].T, out=S)
+        _finish(S, r0, c0, zero, distance, same)
+        yield r0, r1, c0, S
+
+
+def _torch_blocks(V, zero, tile_rows, device, *, upper, distance, reuse, same, dtype):
+    """:func:`_blocks` with torch on ``device``: the matmul, the finishing (clip, diagonal,
+    zero rows, identical pairs, ``1 - s``) and the conversion to ``dtype`` all run on the
+    device, and only finished tiles cross to the host. On CUDA, tile t+1 is computed while
+    the caller works on tile t, and tiles come back through one page-locked (pinned) host
+    buffer, which copies several times faster than ordinary memory. ``V`` is copied to the
+    device once. float32 matmuls run at "highest" precision (no TF32), so the tiles match
+    the CPU ones to float32 rounding; the previous setting is restored. Also runs on torch's
+    CPU device (no pinning, no overlap), which is how the tests check it without a GPU.
+    """
+    import torch
+
+    cuda = str(device).startswith("cuda")
+    tdt = torch.float16 if np.dtype(dtype) == np.float16 else torch.float32
+    n = V.shape[0]
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    Vd = zd = host = None
+    try:
+        Vd = torch.from_numpy(np.array(V, dtype=np.float32, copy=True)).to(device)
+        zd = torch.from_numpy(np.ascontiguousarray(zero, dtype=bool)).to(device)
+        host = torch.empty(tile_rows * n, dtype=tdt, pin_memory=cuda)
+        starts = list(range(0, n, tile_rows))
+
+        def compute(r0: int):
             r1 = min(n, r0 + tile_rows)
             c0 = r0 if upper else 0
-            shape = (r1 - r0, n - c0)
+            S = Vd[r0:r1] @ Vd[c0:].T
+            _finish_torch(S, r0, c0, zd, distance, same, zero)
+            return r0, r1, c0, S.to(tdt)
+
+        ahead = compute(starts[0])
+        for t in range(len(starts)):
+            r0, r1, c0, S = ahead
+            h = host[: S.numel()].view(S.shape)
+            h.copy_(S, non_blocking=cuda)
+            done = torch.cuda.Event() if cuda else None
+            if cuda:
+                done.record(torch.cuda.current_stream(Vd.device))
+            del S
+            # queued behind the copy: the device computes the next tile while the caller works
+            ahead = compute(starts[t + 1]) if t + 1 < len(starts) else None
+            if cuda:
+                done.synchronize()
             if reuse:
-                S = buf[: shape[0] * shape[1]].reshape(shape)
-            else:
-                S = np.empty(shape, dtype=np.float32)
-            mm(r0, r1, c0, S)
-            _finish(S, r0, c0, zero, distance, same)
-            yield r0, r1, c0, S
+                yield r0, r1, c0, h.numpy()
+            else:  # a fresh array; torch's host copy runs on all its threads, numpy's on one
+                block = np.empty(tuple(h.shape), dtype=np.float16 if tdt == torch.float16 else np.float32)
+                torch.from_numpy(block).copy_(h)
+                yield r0, r1, c0, block
+    finally:
+        Vd = zd = host = ahead = None  # release the device copy before emptying the cache
+        torch.set_float32_matmul_precision(previous)
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _finish_torch(S, r0: int, c0: int, zd, distance: bool, same: np.ndarray | None,
+                  zero: np.ndarray) -> None:
+    """:func:`_finish` for a torch block on its device, with no host-device synchronisation
+    (the masks are applied whole; the identical pairs are selected on the host)."""
+    import torch
+
+    R, C = S.shape
+    S.clamp_(-1.0, 1.0)
+    S.masked_fill_(zd[r0 : r0 + R, None] | zd[None, c0 : c0 + C], 0.0)
+    lo, hi = max(0, c0 - r0), min(R, C - (r0 - c0))  # the rows whose diagonal is in the block
+    if hi > lo:
+        rows = torch.arange(lo, hi, device=S.device)
+        S[rows, rows + (r0 - c0)] = (~zd[r0 + rows]).to(S.dtype)
+    if same is not None:
+        lo, hi = np.searchsorted(same[:, 0], [r0, r0 + R])
+        i, j = same[lo:hi, 0], same[lo:hi, 1]
+        sel = (j >= c0) & (j < c0 + C) & ~zero[i] & ~zero[j]
+        if sel.any():
+            S[torch.from_numpy(i[sel] - r0).to(S.device), torch.from_numpy(j[sel] - c0).to(S.device)] = 1.0
+    if distance:
+        S.neg_().add_(1.0)
 
 
 _F16_BLOCK = 1 << 16  # elements per pass: the temporaries stay in the core's cache
@@ -351,6 +393,7 @@ def _fill_symmetric(
     done: Callable[[int, int, np.ndarray], None],
     same: np.ndarray | None = None,
     pool=None,
+    dtype: np.dtype = np.dtype(np.float32),
 ) -> None:
     """Fill an (N, N) matrix one row tile at a time, computing only the upper triangle.
 
@@ -359,16 +402,18 @@ def _fill_symmetric(
     transpose of the rows already finished, which ``source(s0, s1)`` returns
     (one earlier tile at a time, ``s0``/``s1`` on tile boundaries). The result is
     exactly symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
+    ``dtype`` is the target's: on a GPU the tiles arrive in it (converted on the device).
     With a thread ``pool``, the copy into ``target`` (the dtype conversion) and the
     mirroring are split by rows over its threads.
     """
-    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same):
+    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same,
+                                  dtype=dtype):
         R = r1 - r0
         _symmetrize_diagonal_block(S[:, :R])
         dst = target(r0, r1)
 
         def upper(a0: int, a1: int, dst=dst, S=S, r0=r0) -> None:
-            if dst.dtype == np.float16:
+            if dst.dtype == np.float16 and S.dtype != np.float16:
                 _to_float16(S[a0:a1], dst[a0:a1, r0:])
             else:
                 dst[a0:a1, r0:] = S[a0:a1]
@@ -399,7 +444,7 @@ def similarity_tiles(vectors: np.ndarray, tile_rows: int | None = None, device: 
     norm at most 1 or all-zero. Each block is a fresh float32 ``(rows, N)`` array,
     clipped to [-1, 1] with the exact diagonal (1, or 0 for an all-zero row).
     ``tile_rows`` defaults to what fits in :data:`DEFAULT_MEMORY_LIMIT`.
-    ``device="cuda"`` does the matmul with torch on the GPU.
+    ``device="cuda"`` computes and finishes the blocks with torch on the GPU.
     """
     V = _as_vectors(vectors)
     zero = _zero_rows(V)
@@ -444,6 +489,7 @@ def similarity_matrix(
         source=lambda a, b: out[a:b],
         done=lambda a, b, rows: None,
         same=same,
+        dtype=dt,
     )
     return out
 
@@ -821,7 +867,8 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
                 tick(r1 - r0)
 
             try:
-                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, workers)
+                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, workers,
+                                dtype=dt)
             finally:
                 for fut in pending:
                     if fut is not None:
@@ -869,7 +916,8 @@ def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, 
 
     with pq.ParquetWriter(str(tmp), schema) as writer:
         for li, (V, zero) in enumerate(zip(mats, zeros)):
-            for r0, r1, c0, S in _blocks(V, zero, tile_rows, device, upper=upper, distance=distance, same=same):
+            for r0, r1, c0, S in _blocks(V, zero, tile_rows, device, upper=upper, distance=distance, same=same,
+                                         dtype=dt):
                 R = r1 - r0
                 rows = np.arange(r0, r1, dtype=np.int32)
                 if not upper:

@@ -14,13 +14,17 @@ no disk, so the numbers are the model's and the reducers' alone):
     ``--train`` images, which are copied to the host as the pipeline's fit pass does. Images/s,
     its ratio to (a), and the peak GPU memory (``torch.cuda.max_memory_allocated``, reset
     between the runs). On CUDA the same is done for the model in float16 (``--no-half`` skips).
-(c) fidelity on ``--eval-n`` fresh images (not in the training sample): the exact cosines of
-    the raw activations, from a Gram accumulated in float64 on the device inside the hook
-    (the raw activations are never kept), against the cosines of the sketches and of the
-    reduced vectors: Spearman and max/mean |Δcos| per layer;
+(c) fidelity on ``--eval-n`` fresh images (not in the training sample: what a query image or
+    ``vecsim add`` gets) and on as many of the training images (what an indexed stimulus set
+    no larger than the training sample gets): the exact cosines of the raw activations, from a
+    Gram accumulated in float64 on the device inside the hook (the raw activations are never
+    kept), against the cosines of the sketches and of the reduced vectors: Spearman and
+    max/mean |Δcos| per layer;
 (d) ``vecsim.similarity.similarity_tiles`` (and ``similarity_matrix``) for ``--sim-n`` random
     unit vectors of ``--sim-dim`` dims on the GPU vs numpy on the CPU: the time of the full
-    matrix in tiles, the ratio, and the largest difference between the two.
+    matrix in tiles, the ratio, and the largest difference between the two; then
+    ``export_similarity`` of the same vectors to a float16 ``.npy`` on each device, against a
+    plain sequential write of as many bytes to the same folder (``--tmp``).
 
 Run with: python benchmarks/bench_gpu.py [--n 256] [--size 400]
 
@@ -52,17 +56,18 @@ sys.path.insert(0, str(REPO))
 
 MODEL = "densenet121"
 LAYERS = ["features.transition1.norm", "features.transition2.norm", "features.transition3.norm"]
-GPU_DEFAULTS = dict(n=256, size=400, batch=32, train=256, eval_n=64, sim_n=20_000)
+GPU_DEFAULTS = dict(n=1024, size=400, batch=32, train=1000, eval_n=64, sim_n=20_000)
 CPU_DEFAULTS = dict(n=48, size=224, batch=16, train=48, eval_n=16, sim_n=4_000)
 GRAM_COLUMNS = 1 << 18  # float64 Gram in column blocks of this many units
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, help="images for the throughput runs [cuda 256, cpu 48]")
+    p.add_argument("--n", type=int, help="images for the throughput runs [cuda 1024, cpu 48]")
     p.add_argument("--size", type=int, help="input side in pixels [cuda 400, cpu 224]")
     p.add_argument("--batch", type=int, help="batch size [cuda 32, cpu 16]")
-    p.add_argument("--train", type=int, help="images the projection is fitted on (at most --n) [cuda 256, cpu 48]")
+    p.add_argument("--train", type=int, help="images the projection is fitted on (at most --n) [cuda 1000, "
+                   "vecsim's default training sample; cpu 48]")
     p.add_argument("--eval-n", type=int, help="fresh images for the fidelity check (c) [cuda 64, cpu 16]")
     p.add_argument("--sim-n", type=int, help="vectors for the similarity tiles (d) [cuda 20000, cpu 4000]")
     p.add_argument("--sim-dim", type=int, default=256)
@@ -73,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--no-half", action="store_true", help="skip the float16 runs on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--tmp", type=Path, help="folder for the export files of (d) [the system's temporary folder]")
     args = p.parse_args(argv)
     return args
 
@@ -306,8 +312,66 @@ def fidelity(model, reducers, images, device):
     return rows
 
 
-def similarity_bench(n: int, k: int, seed: int, device: str) -> dict:
-    """similarity_tiles (and similarity_matrix) over n unit vectors: numpy on the CPU vs torch on the GPU."""
+def plain_write(path: Path, nbytes: int) -> float:
+    """Seconds to write nbytes of zeros in 8 MiB chunks and fsync (the export's baseline)."""
+    chunk = bytes(8 << 20)
+    os.sync()
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        left = nbytes
+        while left > 0:
+            fh.write(chunk[: min(len(chunk), left)])
+            left -= min(len(chunk), left)
+        fh.flush()
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def export_bench(v: np.ndarray, devices: list[str], folder: Path | None) -> dict:
+    """export_similarity of v to a float16 .npy on each device (the CLI's `vecsim similarity
+    --dtype float16 --device ...`), then a plain write of as many bytes to the same folder."""
+    import tempfile
+
+    from vecsim.similarity import export_similarity
+
+    n = len(v)
+    work = Path(tempfile.mkdtemp(prefix="vecsim-bench-gpu-", dir=folder))
+    kw = dict(ids=np.arange(n), paths=[f"s{i}.png" for i in range(n)], labels=[None] * n, metadata={},
+              dtype="float16")
+    out: dict = {}
+    try:
+        files = {}
+        for dev in devices:
+            path = work / f"{dev.replace(':', '_')}.npy"
+            os.sync()
+            t0 = time.perf_counter()
+            summary = export_similarity({"l": v}, path, device=dev, **kw)  # fsyncs before returning
+            out[f"export_{dev}_s"] = time.perf_counter() - t0
+            out["export_mb"] = summary["bytes_written"] / 1e6
+            files[dev] = path
+        out["plain_write_s"] = plain_write(work / "plain.bin", int(out["export_mb"] * 1e6))
+        if len(devices) == 2:
+            a = np.load(files[devices[0]], mmap_mode="r")
+            b = np.load(files[devices[1]], mmap_mode="r")
+            diff, symmetric = 0.0, True
+            for r0 in range(0, n, 2048):  # in strips: the files can be larger than memory
+                sa, sb = np.asarray(a[r0 : r0 + 2048], np.float32), np.asarray(b[r0 : r0 + 2048], np.float32)
+                diff = max(diff, float(np.abs(sa - sb).max()))
+                symmetric &= bool(np.array_equal(b[r0 : r0 + 2048], b[:, r0 : r0 + 2048].T))
+            out["export_max_abs_diff"], out["export_symmetric"] = diff, symmetric
+            del a, b
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def similarity_bench(n: int, k: int, seed: int, device: str, folder: Path | None = None) -> dict:
+    """similarity_tiles, similarity_matrix and a float16 .npy export over n unit vectors: numpy on
+    the CPU vs torch on the GPU."""
     from vecsim.similarity import similarity_matrix, similarity_tiles
 
     rng = np.random.default_rng([seed, 4])
@@ -333,6 +397,7 @@ def similarity_bench(n: int, k: int, seed: int, device: str) -> dict:
         first_cpu = next(similarity_tiles(v, device="cpu"))[2]
         first_gpu = next(similarity_tiles(v, device=device))[2]
         out["max_abs_diff_first_tile"] = float(np.abs(first_cpu - first_gpu).max())
+    out.update(export_bench(v, devices, folder))
     return out
 
 
@@ -444,23 +509,28 @@ def main(argv=None) -> int:
 
     if on_gpu:
         reset_peak(device)
-    fid = fidelity(model, reducers, eval_images, device)
+    inside = images[: min(args.eval_n, args.train)]
+    fid = {"fresh": fidelity(model, reducers, eval_images, device),
+           "in training sample": fidelity(model, reducers, inside, device)}
     results["fidelity"] = fid
     results["fidelity_peak_bytes"] = peak(device)
     print()
-    print(table(["layer", "pairs", "exact cos mean±sd", "ρ sketch", "max|Δ| sketch", "ρ reduced",
+    print(table(["layer", "images", "pairs", "exact cos mean±sd", "ρ sketch", "max|Δ| sketch", "ρ reduced",
                  "max|Δ| reduced", "mean|Δ| reduced"],
-                [[short(layer), r["pairs"], f"{r['exact_cos_mean']:.3f}±{r['exact_cos_std']:.3f}",
+                [[short(layer), which, r["pairs"], f"{r['exact_cos_mean']:.3f}±{r['exact_cos_std']:.3f}",
                   f"{r['sketch_spearman']:.4f}", f"{r['sketch_max_abs_dcos']:.4f}", f"{r['reduced_spearman']:.4f}",
-                  f"{r['reduced_max_abs_dcos']:.4f}", f"{r['reduced_mean_abs_dcos']:.4f}"] for layer, r in fid.items()],
-                title=f"(c) Fidelity on {args.eval_n} fresh images (not in the training sample): exact raw cosines "
-                      f"(float64 Gram on the device) vs sketch ({args.sketch_dim:,}) and reduced vectors"
+                  f"{r['reduced_max_abs_dcos']:.4f}", f"{r['reduced_mean_abs_dcos']:.4f}"]
+                 for which, rows in fid.items() for layer, r in rows.items()],
+                title=f"(c) Fidelity: exact raw cosines (float64 Gram on the device) vs sketch ({args.sketch_dim:,}) and "
+                      f"reduced vectors, on {args.eval_n} fresh images (as a query image or `vecsim add` gets) and on "
+                      f"{len(inside)} of the {args.train} training images (as an indexed stimulus set up to the "
+                      "training sample's size gets)"
                       + (f"; peak GPU {gib(results['fidelity_peak_bytes'])} GiB" if on_gpu else "")), flush=True)
 
-    del model, images, eval_images, reducers
+    del model, images, eval_images, reducers, inside
     if on_gpu:
         torch.cuda.empty_cache()
-    sim = similarity_bench(args.sim_n, args.sim_dim, args.seed, device)
+    sim = similarity_bench(args.sim_n, args.sim_dim, args.seed, device, args.tmp)
     results["similarity"] = sim
     rows = []
     for what in ("tiles", "matrix"):
@@ -469,12 +539,21 @@ def main(argv=None) -> int:
         rows.append([f"similarity_{what}" + (f" ({sim['tiles']} tiles)" if what == "tiles" else " (N×N in RAM)"),
                      f"{cpu_s:.2f}", "n/a" if gpu_s is None else f"{gpu_s:.2f}",
                      "n/a" if gpu_s is None else f"{cpu_s / gpu_s:.2f}×"])
+    cpu_s, gpu_s = sim["export_cpu_s"], sim.get(f"export_{device}_s") if on_gpu else None
+    rows.append([f"export_similarity .npy float16 ({sim['export_mb']:,.0f} MB)", f"{cpu_s:.2f}",
+                 "n/a" if gpu_s is None else f"{gpu_s:.2f}", "n/a" if gpu_s is None else f"{cpu_s / gpu_s:.2f}×"])
     print()
     print(table(["call", "cpu numpy s", f"{device} s", "speed-up"], rows,
                 title=f"(d) Similarities of N={args.sim_n:,} unit vectors, dim {args.sim_dim} "
-                      f"({sim['entries'] / 1e6:,.0f} M entries, float32)"))
+                      f"({sim['entries'] / 1e6:,.0f} M entries; tiles and matrix float32)"))
     if "max_abs_diff_first_tile" in sim:
-        print(f"  max |gpu - cpu| on the first tile: {sim['max_abs_diff_first_tile']:.2e}")
+        print(f"  max |gpu - cpu| on the first tile: {sim['max_abs_diff_first_tile']:.2e}; "
+              f"exported files: max |gpu - cpu| {sim['export_max_abs_diff']:.2e}, gpu file symmetric: "
+              f"{sim['export_symmetric']}")
+    plain = sim["plain_write_s"]
+    print(f"  export rate against a plain sequential write of the same {sim['export_mb']:,.0f} MB to the same "
+          f"folder ({plain:.2f} s, fsync'd like the export): cpu {plain / cpu_s:.2f}×"
+          + ("" if gpu_s is None else f", {device} {plain / gpu_s:.2f}×"))
     total = time.perf_counter() - started
     results["total_seconds"] = total
     print(f"\nTotal {total:.1f} s on {info['device']}.")

@@ -97,7 +97,10 @@ def _import_lancedb_in_background() -> None:
             sys.setswitchinterval(interval)
 
     sys.setswitchinterval(min(interval, 0.0005))
-    threading.Thread(target=run, daemon=True, name="vecsim-import-lancedb").start()
+    # not a daemon: a run that fails early (a missing folder) must not exit while the import is
+    # inside lancedb's native initialisation, which aborts the process ("FATAL: exception not
+    # rethrown", exit status 134) instead of returning the error's status; exit waits for it
+    threading.Thread(target=run, daemon=False, name="vecsim-import-lancedb").start()
 
 
 class _Indexer:

@@ -105,6 +105,40 @@ def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy,
         assert store.query(path=row["path"], layer=LAYERS[0], k=1)[0]["id"] == row["id"]
 
 
+def test_a_store_opened_before_an_add_follows_it(store_copy, shared_image_set, tmp_path):
+    """A reader opened before `vecsim add` and used after it: a layer first searched after the
+    add finds the added stimuli with their own paths and labels (its cached id lookup used to
+    be the old one, so an added stimulus took the last old stimulus's path and label), and a
+    byte-identical copy of an added file is that stimulus, cosine 1."""
+    reader = Store.open(store_copy)
+    assert reader.query(id=0, layer=LAYERS[0], k=2)[0]["id"] == 0  # caches the lookup and one index
+    extra = make_image_set(tmp_path / "extra", per_class=2, classes=("newt",), seed=7)
+    assert add(store_copy, [str(extra)], label="newt", progress=False)["added"] == 2
+    copy = tmp_path / "copy.png"
+    copy.write_bytes((extra / "newt" / "img_00.png").read_bytes())
+    for layer in LAYERS:  # the layer searched before the add and the one first searched after it
+        hits = reader.query(image=str(copy), layer=layer, k=3, device="cpu")
+        assert hits[0]["id"] == 18 and hits[0]["cosine"] == 1.0 and hits[0]["label"] == "newt"
+        assert hits[0]["path"].endswith("newt/img_00.png")
+        every = reader.query(id=0, layer=layer, k=25)
+        assert {h["id"] for h in every} == set(range(20))
+        assert {h["path"] for h in every if h["id"] >= 18} == {str(p) for p in (extra / "newt").iterdir()}
+    reader.neighbors(LAYERS[1], 19, tmp_path / "nn.parquet", progress=False)
+    import pyarrow.parquet as pq
+
+    graph = pq.read_table(tmp_path / "nn.parquet")
+    assert set(graph.column("id").to_pylist()) == set(range(20)) == set(graph.column("neighbor_id").to_pylist())
+
+
+def test_a_lookup_never_answers_for_an_id_it_does_not_hold(store_copy):
+    from vecsim.query import StimulusLookup
+
+    lookup = StimulusLookup(Store.open(store_copy).stimuli())
+    assert lookup.position(np.array([0, 17])).tolist() == [0, 17]
+    with pytest.raises(StoreError, match="stimulus 18 is in an index but not in the stimuli table"):
+        lookup.position(np.array([3, 18]))
+
+
 def test_readers_see_only_committed_chunks_while_a_writer_appends(store_copy):
     """A chunk's vectors are written before its stimuli rows; a reader in between sees the old version."""
     from vecsim.store import StoreWriter

@@ -30,8 +30,15 @@ class StimulusLookup:
         self._by_sha: dict[str, list[int]] | None = None
 
     def position(self, ids: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self.ids, ids)
-        pos = np.clip(pos, 0, len(self.ids) - 1)
+        """Rows of these ids; an id that is not in the table is an error (never another row)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(0, len(self.ids) - 1))
+        missing = (self.ids[pos] != ids) if len(self.ids) else np.ones(len(ids), bool)
+        if missing.any():
+            from vecsim.errors import StoreError
+
+            raise StoreError(f"stimulus {int(ids[missing][0])} is in an index but not in the stimuli table: the store "
+                             "changed while this ran (run it again) or is damaged (run `vecsim verify`)")
         return pos
 
     def _sha_groups(self) -> dict[str, list[int]]:

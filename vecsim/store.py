@@ -64,6 +64,15 @@ def layer_slugs(layers) -> dict[str, str]:
     return slugs
 
 
+def _manifest_stamp(path: Path) -> tuple | None:
+    """What changes when the manifest is rewritten (written atomically: a new file each time)."""
+    try:
+        st = (Path(path) / MANIFEST_NAME).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def read_manifest(path: Path) -> dict:
     manifest_path = Path(path) / MANIFEST_NAME
     if not Path(path).exists():
@@ -181,10 +190,25 @@ class Store:
         self._db = None
         self._indexes: dict[str, Any] = {}
         self._reducers: dict[tuple[str, str], Any] = {}
+        self._lookup = None
+        self._stamp = _manifest_stamp(self.path)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
         return cls(Path(path), read_manifest(Path(path)))
+
+    def _fresh(self) -> None:
+        """Follow a writer: when the manifest was rewritten since it was read (``vecsim add``
+        committed, a resumed or new index run), read it again and drop every cache (FAISS
+        indexes, the id ↔ path lookup, reducers), so the indexes and the stimulus table read
+        next belong together. One ``stat`` per call."""
+        stamp = _manifest_stamp(self.path)
+        if stamp != self._stamp:
+            self.manifest = read_manifest(self.path)
+            self._indexes.clear()
+            self._reducers.clear()
+            self._lookup = None
+            self._stamp = stamp
 
     # basic facts
     @property
@@ -312,6 +336,7 @@ class Store:
         return table.column("id").to_numpy(), table.column("raw_norm").to_numpy()
 
     def index(self, layer: str):
+        self._fresh()
         if layer not in self._indexes:
             import faiss
 
@@ -344,8 +369,10 @@ class Store:
         return load_eval(self.layer_dir(layer))
 
     def lookup(self):
-        """id ↔ path/label arrays of the indexed stimuli (read once, cached)."""
-        if getattr(self, "_lookup", None) is None:
+        """id ↔ path/label arrays of the indexed stimuli (read once, cached until a writer
+        commits a change)."""
+        self._fresh()
+        if self._lookup is None:
             from vecsim.query import StimulusLookup
 
             self._lookup = StimulusLookup(self.stimuli())

@@ -24,7 +24,10 @@ no disk, so the numbers are the model's and the reducers' alone):
     unit vectors of ``--sim-dim`` dims on the GPU vs numpy on the CPU: the time of the full
     matrix in tiles, the ratio, and the largest difference between the two; then
     ``export_similarity`` of the same vectors to a float16 ``.npy`` on each device, against a
-    plain sequential write of as many bytes to the same folder (``--tmp``).
+    plain sequential write of as many bytes to the same folder (``--tmp``);
+(e) the all-vs-all exact 10-NN of ``--nn-n`` unit vectors (``vecsim neighbors`` on an exact
+    index): a FAISS flat scan on the CPU vs vecsim's torch search on the GPU (skipped when
+    faiss is not importable).
 
 Run with: python benchmarks/bench_gpu.py [--n 256] [--size 400]
 
@@ -33,8 +36,8 @@ N=4000), a smoke test of a minute or two. DenseNet121 has random weights (seeded
 torchvision ImageNet weights are already in the torch hub cache (nothing is downloaded);
 ``--weights none`` forces random weights. ``--json FILE`` also writes every number as JSON.
 
-Only the GPU stages are used (models, extract, reduce, similarity): neither lancedb nor
-faiss is needed.
+Only the GPU stages are used (models, extract, reduce, similarity, the neighbours search):
+lancedb is not needed, and faiss only for (e).
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ sys.path.insert(0, str(REPO))
 
 MODEL = "densenet121"
 LAYERS = ["features.transition1.norm", "features.transition2.norm", "features.transition3.norm"]
-GPU_DEFAULTS = dict(n=1024, size=400, batch=32, train=1000, eval_n=64, sim_n=20_000)
-CPU_DEFAULTS = dict(n=48, size=224, batch=16, train=48, eval_n=16, sim_n=4_000)
+GPU_DEFAULTS = dict(n=1024, size=400, batch=32, train=1000, eval_n=64, sim_n=20_000, nn_n=100_000)
+CPU_DEFAULTS = dict(n=48, size=224, batch=16, train=48, eval_n=16, sim_n=4_000, nn_n=10_000)
 GRAM_COLUMNS = 1 << 18  # float64 Gram in column blocks of this many units
 
 
@@ -71,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, help="fresh images for the fidelity check (c) [cuda 64, cpu 16]")
     p.add_argument("--sim-n", type=int, help="vectors for the similarity tiles (d) [cuda 20000, cpu 4000]")
     p.add_argument("--sim-dim", type=int, default=256)
+    p.add_argument("--nn-n", type=int, help="vectors for the all-vs-all k-NN (e) [cuda 100000, cpu 10000]")
     p.add_argument("--sketch-dim", type=int, default=16_384)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--weights", default="auto", help="auto (ImageNet weights if cached, else none), none, or a weights name")
@@ -369,6 +373,37 @@ def export_bench(v: np.ndarray, devices: list[str], folder: Path | None) -> dict
     return out
 
 
+def neighbors_bench(n: int, dim: int, k: int, seed: int, device: str) -> dict | None:
+    """All-vs-all exact k-NN of n unit vectors (what `vecsim neighbors` does on an exact index):
+    a FAISS flat scan on the CPU (all cores) vs the torch search on the GPU. None without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    from vecsim.query import _torch_search
+
+    rng = np.random.default_rng([seed, 5])
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64)
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+    flat.add_with_ids(v, ids)
+    batch = 4096  # vecsim neighbors' query batch
+    out: dict = {"n": n, "dim": dim, "k": k, "faiss_threads": faiss.omp_get_max_threads()}
+    t0 = time.perf_counter()
+    cpu_ids = np.concatenate([flat.search(v[lo : lo + batch], k + 1)[1] for lo in range(0, n, batch)])
+    out["faiss_cpu_s"] = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        with _torch_search(ids, v[:batch], device) as warm:  # CUDA context, cuBLAS handle
+            warm(v[:8], 2)
+        t0 = time.perf_counter()
+        with _torch_search(ids, v, device) as search:
+            gpu_ids = np.concatenate([search(v[lo : lo + batch], k + 1)[1] for lo in range(0, n, batch)])
+        out[f"torch_{device}_s"] = time.perf_counter() - t0
+        out["same_neighbours"] = float((gpu_ids == cpu_ids).mean())
+    return out
+
+
 def similarity_bench(n: int, k: int, seed: int, device: str, folder: Path | None = None) -> dict:
     """similarity_tiles, similarity_matrix and a float16 .npy export over n unit vectors: numpy on
     the CPU vs torch on the GPU."""
@@ -554,6 +589,16 @@ def main(argv=None) -> int:
     print(f"  export rate against a plain sequential write of the same {sim['export_mb']:,.0f} MB to the same "
           f"folder ({plain:.2f} s, fsync'd like the export): cpu {plain / cpu_s:.2f}×"
           + ("" if gpu_s is None else f", {device} {plain / gpu_s:.2f}×"))
+    nn = neighbors_bench(args.nn_n, args.sim_dim, 10, args.seed, device)
+    results["neighbors"] = nn
+    if nn is None:
+        print("\n(e) neighbors: skipped (faiss is not importable)")
+    else:
+        gpu_s = nn.get(f"torch_{device}_s")
+        print(f"\n(e) All-vs-all exact 10-NN of N={nn['n']:,} unit vectors, dim {nn['dim']} (`vecsim neighbors` on an "
+              f"exact index): FAISS flat scan on the CPU ({nn['faiss_threads']} threads) {nn['faiss_cpu_s']:.2f} s"
+              + ("" if gpu_s is None else f", torch on {device} {gpu_s:.2f} s ({nn['faiss_cpu_s'] / gpu_s:.1f}×), "
+                 f"same neighbours {nn['same_neighbours']:.4%}"))
     total = time.perf_counter() - started
     results["total_seconds"] = total
     print(f"\nTotal {total:.1f} s on {info['device']}.")

@@ -373,6 +373,23 @@ def _is_gpu_index(index) -> bool:
     return any("Gpu" in name for name in names)
 
 
+def test_neighbors_torch_search_on_cuda_equals_the_flat_index():
+    """`vecsim neighbors` on a GPU searches an exact index with torch (products and top-k on
+    the device): the flat index's neighbours and scores."""
+    faiss = pytest.importorskip("faiss")
+    from vecsim.query import _torch_search
+
+    v = _unit_rows(3050, 64, seed=6)  # no duplicate rows: no ties among the top 10
+    vectors, queries, ids = v[:3000], v[3000:], np.arange(1000, 4000, dtype=np.int64)
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
+    flat.add_with_ids(vectors, ids)
+    with _torch_search(ids, vectors, GPU) as search:
+        got_s, got_i = search(queries, 10)
+    want_s, want_i = flat.search(queries, 10)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=0, atol=1e-5)
+
+
 def test_to_gpu_moves_the_index_and_search_matches_the_cpu_index():
     faiss = pytest.importorskip("faiss")
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:

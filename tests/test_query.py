@@ -135,6 +135,60 @@ def test_neighbors_graph_equals_brute_force(store, tmp_path):
     assert result["rows"] == pq.read_metadata(tmp_path / "all.parquet").num_rows == len(ids) * (len(ids) - 1)
 
 
+def test_torch_exact_search_equals_the_flat_index():
+    """The GPU search of `neighbors` (torch products + top-k), on torch's CPU device, in
+    query chunks smaller than the batch: the FAISS flat scan's ids and scores, -1 padding
+    when k exceeds the stimuli."""
+    import faiss
+
+    from vecsim import query
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((57, 12)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs[5] = 0.0
+    ids = rng.permutation(1000)[:57].astype(np.int64)
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(12))
+    flat.add_with_ids(vecs, ids)
+    old = query.TORCH_SCORES_BYTES
+    query.TORCH_SCORES_BYTES = 4 * 57 * 7  # 7 queries per product
+    try:
+        with query._torch_search(ids, vecs, "cpu") as search:
+            for k in (1, 10, 57, 60):
+                got_s, got_i = search(vecs[:30], k)
+                want_s, want_i = flat.search(vecs[:30], k)
+                assert got_i.shape == want_i.shape == (30, k)
+                tied = np.arange(30) == 5  # the zero vector: every score 0, any order is right
+                np.testing.assert_array_equal(got_i[~tied], want_i[~tied])
+                assert (got_s[tied][got_i[tied] >= 0] == 0).all() and ((got_i[tied] >= 0).sum() == min(k, 57))
+                np.testing.assert_allclose(got_s[got_i >= 0], want_s[want_i >= 0], atol=1e-6)
+    finally:
+        query.TORCH_SCORES_BYTES = old
+
+
+def test_neighbors_through_the_torch_search_equal_the_faiss_ones(store, tmp_path, monkeypatch):
+    """`neighbors --device cuda`'s path (torch search of the exact index, forced here onto
+    torch's CPU device) writes the same graph as the FAISS path."""
+    from contextlib import nullcontext
+
+    from vecsim import query
+
+    store.neighbors(LAYERS[1], 4, tmp_path / "faiss.parquet", progress=False, device="cpu")
+    used = []
+
+    def torch_on_cpu(index, exact, ids, vecs, device):
+        used.append(exact)
+        return query._torch_search(ids, vecs, "cpu") if exact else nullcontext(index.search)
+
+    monkeypatch.setattr(query, "_exact_searcher", torch_on_cpu)
+    store.neighbors(LAYERS[1], 4, tmp_path / "torch.parquet", progress=False, device="cpu")
+    assert used == [True]
+    a, b = (pq.read_table(tmp_path / f"{name}.parquet") for name in ("faiss", "torch"))
+    for column in ("id", "rank", "neighbor_id"):
+        assert a[column].equals(b[column])
+    np.testing.assert_allclose(a["cosine"].to_numpy(), b["cosine"].to_numpy(), atol=1e-6)
+
+
 def test_byte_identical_files_have_cosine_one_in_neighbours_and_matrices(shared_image_set, tmp_path):
     import shutil
 

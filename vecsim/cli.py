@@ -309,11 +309,13 @@ def neighbors_cmd(
     out: str = typer.Option(..., "--out", help="Output .parquet (id, rank, neighbor_id, cosine)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]: where an exact index is searched "
+                               "(auto: the GPU when torch sees one)."),
 ) -> None:
     """The all-vs-all k-NN graph of one layer, written to Parquet."""
     from vecsim.store import Store
 
-    result = Store.open(store).neighbors(layer, k, out, overwrite=overwrite, progress=not quiet)
+    result = Store.open(store).neighbors(layer, k, out, overwrite=overwrite, progress=not quiet, device=device)
     typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli, k={k}) to {result['path']} "
                f"in {result['seconds']:.1f} s")
 

@@ -3,6 +3,7 @@ full similarity matrices, all from a store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -236,18 +237,23 @@ def _rescore(q: np.ndarray, found: np.ndarray, ids: np.ndarray, vecs: np.ndarray
 
 
 def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: int = 4096,
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, progress: bool = True, device: str = "auto") -> dict:
     """The all-vs-all k-NN graph of one layer (self excluded) as Parquet: id, rank, neighbor_id, cosine.
 
-    Byte-identical files (same sha256) are each other's first neighbours with cosine 1.0."""
+    Byte-identical files (same sha256) are each other's first neighbours with cosine 1.0.
+    ``device``: ``auto`` (the GPU when torch sees one), ``cpu`` or ``cuda[:N]``. On a GPU an
+    exact index is searched by torch matrix products and top-k there (the same neighbours
+    as the FAISS scan, up to ties); an approximate index is searched by FAISS as on the CPU."""
     import pyarrow as pa
 
+    from vecsim.extract import resolve_device
     from vecsim.index import is_exact
 
     out = Path(out)
     if k < 1:
         raise QueryError("-k must be at least 1")
     _check_output(out, overwrite, (".parquet",))
+    device = resolve_device(device)
 
     index = store.index(layer)
     exact = is_exact(index)
@@ -260,15 +266,66 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     tmp = out.with_name(out.name + ".tmp")
     start = time.time()
     try:
-        written = _write_neighbors(tmp, schema, index, exact, ids, vecs, twins, k, batch_size, progress, layer)
+        with _exact_searcher(index, exact, ids, vecs, device) as search:
+            written = _write_neighbors(tmp, schema, search, exact, ids, vecs, twins, k, batch_size, progress, layer)
         fsync_replace(tmp, out)
     finally:  # a failed run (disk full, an error) leaves no temporary file behind
         tmp.unlink(missing_ok=True)
     # fewer than k per stimulus when the store holds k or fewer other stimuli
-    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start}
+    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start,
+            "device": device if exact else "cpu"}
 
 
-def _write_neighbors(tmp, schema, index, exact, ids, vecs, twins, k, batch_size, progress, layer) -> int:
+TORCH_SCORES_BYTES = 1 << 30  # a torch search scores at most this many bytes of queries × stimuli at once
+
+
+@contextlib.contextmanager
+def _exact_searcher(index, exact: bool, ids: np.ndarray, vecs: np.ndarray, device: str):
+    """``search(queries, k) -> (scores, ids)``: the FAISS index's own search, or, for an exact
+    index on a torch device other than the CPU, torch matrix products over the stored vectors
+    (copied to the device once) and a top-k there, in full float32 (no TF32). Missing results
+    (k above the stimulus count) are padded with id -1 as FAISS does."""
+    if not exact or device == "cpu":
+        yield index.search
+        return
+    with _torch_search(ids, vecs, device) as search:
+        yield search
+
+
+@contextlib.contextmanager
+def _torch_search(ids: np.ndarray, vecs: np.ndarray, device: str):
+    """Exact inner-product top-k with torch on ``device`` (see :func:`_exact_searcher`); runs on
+    torch's CPU device too, which is how the tests check it without a GPU."""
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    V = torch.from_numpy(np.array(vecs, dtype=np.float32, copy=True)).to(device)  # store arrays are read-only
+    n = V.shape[0]
+    step = max(1, TORCH_SCORES_BYTES // (4 * max(1, n)))
+
+    def search(queries: np.ndarray, k: int):
+        queries = np.array(queries, dtype=np.float32, copy=True)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        found = np.full((len(queries), k), -1, dtype=np.int64)
+        kk = min(k, n)
+        for lo in range(0, len(queries), step):
+            q = torch.from_numpy(queries[lo : lo + step]).to(device)
+            top = torch.topk(q @ V.T, kk, dim=1)  # sorted, best first
+            scores[lo : lo + len(q), :kk] = top.values.cpu().numpy()
+            found[lo : lo + len(q), :kk] = ids[top.indices.cpu().numpy()]
+        return scores, found
+
+    try:
+        yield search
+    finally:
+        V = None  # release the device copy before emptying the cache
+        torch.set_float32_matmul_precision(previous)
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _write_neighbors(tmp, schema, search, exact, ids, vecs, twins, k, batch_size, progress, layer) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -281,9 +338,9 @@ def _write_neighbors(tmp, schema, index, exact, ids, vecs, twins, k, batch_size,
             # deeper only as far as this batch's twins need (they are dropped from the results)
             extra = max((len(twins[i]) for i in q_ids.tolist() if i in twins), default=0)
             if exact:
-                scores, found = index.search(q, k + 1 + extra)
+                scores, found = search(q, k + 1 + extra)
             else:  # candidates from the approximate index, rescored on the stored vectors
-                scores, found = _rescore(q, index.search(q, REFINE * (k + 1 + extra))[1], ids, vecs, k + 1 + extra)
+                scores, found = _rescore(q, search(q, REFINE * (k + 1 + extra))[1], ids, vecs, k + 1 + extra)
             rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
             for qi, (srow, frow) in enumerate(zip(scores, found)):
                 same = twins.get(int(q_ids[qi]), ()) if np.any(q[qi]) else ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -74,6 +75,17 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
         assert info.returncode == 0, info.stderr
         checked = run([sys.executable, "-m", "vecsim", "verify", str(out)])
         assert checked.returncode != 0 and "not complete" in checked.stdout + checked.stderr
+    if kill_at == "chunk:2":  # an export from it says it covers the stimuli committed so far
+        partial = Store.open(out)
+        committed, status = len(partial.lookup().ids), partial.manifest["status"]
+        assert 0 < committed < len(reference.lookup().ids)
+        npy = tmp_path / "partial.npy"
+        layer = reference.layers[0]
+        exported = run([sys.executable, "-m", "vecsim", "similarity", str(out), "--layer", layer, "--out", str(npy)])
+        assert exported.returncode == 0, exported.stderr
+        assert f"is not complete (status {status!r}): the results cover the {committed} stimuli" in exported.stderr
+        assert np.load(npy).shape == (committed, committed)
+        assert json.loads((tmp_path / "partial.npy.json").read_text())["metadata"]["store_status"] == status
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)

@@ -267,8 +267,10 @@ def query_cmd(
 
     if as_json and as_csv:
         raise ConfigError("give --json or --csv, not both")
-    hits = Store.open(store).query(id=stim_id, path=path, image=image, layer=layer, k=k, where=where,
-                                   exclude_self=exclude_self, device=device)
+    opened = Store.open(store)
+    _warn_unfinished(opened)
+    hits = opened.query(id=stim_id, path=path, image=image, layer=layer, k=k, where=where,
+                        exclude_self=exclude_self, device=device)
     if as_json:
         typer.echo(json.dumps(hits, indent=2))
     elif as_csv:
@@ -301,6 +303,14 @@ def format_hits(hits: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _warn_unfinished(store) -> None:
+    """A store still being indexed (or stopped) answers from the stimuli committed so far: say so."""
+    if not store.complete:
+        typer.echo(f"warning: {store.path} is not complete (status {store.manifest.get('status')!r}): the results "
+                   f"cover the {len(store.lookup().ids):,} stimuli committed so far; `vecsim index` resumes it",
+                   err=True)
+
+
 @app.command("neighbors")
 def neighbors_cmd(
     store: str = typer.Argument(..., help="Store folder."),
@@ -315,7 +325,9 @@ def neighbors_cmd(
     """The all-vs-all k-NN graph of one layer, written to Parquet."""
     from vecsim.store import Store
 
-    result = Store.open(store).neighbors(layer, k, out, overwrite=overwrite, progress=not quiet, device=device)
+    opened = Store.open(store)
+    _warn_unfinished(opened)
+    result = opened.neighbors(layer, k, out, overwrite=overwrite, progress=not quiet, device=device)
     typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli, k={k}) to {result['path']} "
                f"in {result['seconds']:.1f} s")
 
@@ -346,6 +358,7 @@ def similarity_cmd(
     if chosen != 1:
         raise ConfigError("give one of --layer, --layers or --all-layers")
     opened = Store.open(store)
+    _warn_unfinished(opened)
     names = [layer] if layer else split_list(layers) if layers else opened.layers
     summary = opened.similarity(out, layers=names, metric=metric, distance=distance, dtype=dtype, where=where,
                                 triangle=triangle, overwrite=overwrite, device=device)

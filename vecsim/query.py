@@ -447,6 +447,7 @@ def _provenance_dict(store, layers: list[str], where: str | None = None) -> dict
         "preprocessing": m["preprocessing"],
         "layers": {layer: m["layers"][layer]["reducer"] for layer in layers},
         "where": where,
+        "store_status": m.get("status"),  # not "complete": the stimuli committed so far
         "seeds": m.get("seeds"),
         "versions": m.get("versions"),
         "source": m.get("source"),

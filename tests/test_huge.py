@@ -66,6 +66,17 @@ def test_spatial_pooling_per_layer(shared_image_set, tmp_path, pooling, units):
     np.testing.assert_allclose(vecs @ vecs.T, cosine_matrix(pooled), atol=1e-4)
 
 
+def test_a_grid_larger_than_the_maps_is_refused_with_the_fix(shared_image_set, tmp_path):
+    """relu4's maps are 8x8: grid:9 would repeat cells (unevenly), which reweights the cosine."""
+    from vecsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"grid:9 on features.relu4: its maps are 8x8.*--pooling "
+                                          r"features.relu4=grid:8,grid:9"):
+        vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu4"],
+                             out=str(tmp_path / "s"), dim="8", pooling="grid:9", progress=False)
+    assert not (tmp_path / "s" / "vecsim.json").exists()
+
+
 def _peak_rss_mb(code: str) -> dict:
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

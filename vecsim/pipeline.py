@@ -103,6 +103,19 @@ def _import_lancedb_in_background() -> None:
     threading.Thread(target=run, daemon=False, name="vecsim-import-lancedb").start()
 
 
+def _check_grid(layer: str, shape: tuple[int, ...], pooling: str) -> None:
+    """grid:K needs maps of at least K×K: on smaller ones adaptive pooling repeats input cells,
+    unevenly when K is not a multiple of the side, which reweights the cosine."""
+    from vecsim.reduce import pooling_grid
+
+    grid = pooling_grid(pooling)
+    if grid and len(shape) == 3 and (grid > shape[1] or grid > shape[2]):
+        side = min(shape[1], shape[2])
+        raise ConfigError(f"--pooling grid:{grid} on {layer}: its maps are {shape[1]}x{shape[2]}, smaller than "
+                          f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. "
+                          f"--pooling {layer}=grid:{side},{pooling}")
+
+
 class _Indexer:
     def __init__(self, config: IndexConfig, progress: bool):
         self.config = config
@@ -144,6 +157,8 @@ class _Indexer:
         else:
             dims = parse_dims(cfg.dim, cfg.layers)
             poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
+            for layer in cfg.layers:
+                _check_grid(layer, shapes[layer], poolings[layer])
             self.reducers = {
                 layer: LayerReducer(
                     layer, shapes[layer],

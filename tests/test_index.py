@@ -83,17 +83,25 @@ def _flat(vecs):
     return index
 
 
+def test_the_two_scan_copies_of_an_index_share_its_ids():
+    from vecsim.index import _scan_copy
+
+    index = _flat(unit(21_000, 16, seed=2))
+    a, b = _scan_copy(index, "int8"), _scan_copy(index, "float16")
+    assert a.ids is b.ids and len(a.ids) == index.ntotal
+
+
 @pytest.mark.parametrize("kind", ["int8", "float16"])
 def test_scan_copy_error_bound_holds_for_every_row(kind):
     """The bound the exactness proof relies on: |copy score - exact score| <= bound, all rows."""
-    from vecsim.index import _ScanCopy
+    from vecsim.index import _scan_copy
 
     rng = np.random.default_rng(5)
     vecs = unit(21_000, 48, seed=5)
     vecs[:, 0] += 3.0  # one dominant direction, as the uncentred projection gives
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     vecs *= rng.uniform(0.7, 1.0, size=(len(vecs), 1)).astype(np.float32)  # stored norms <= 1
-    copy = _ScanCopy(_flat(vecs), kind)
+    copy = _scan_copy(_flat(vecs), kind)
     assert len(copy.parts) >= 1
     for q in (vecs[17], 3.0 * rng.standard_normal(48).astype(np.float32)):  # a stored row; a long query
         scores, positions, bound = copy.search(q, len(vecs))  # every row, best first

@@ -319,11 +319,12 @@ class _ScanCopy:
     codes, scored exactly in integers against an integer-coded query) or ``"float16"``
     (half; a tighter error bound). ``shards`` is a threaded FAISS ``IndexShards`` of
     scalar-quantizer indexes whose results are row positions; ``xb`` the float32 rows
-    (the index's own memory) and ``ids`` their ids. ``search`` returns candidates with
-    copy scores and a bound on how far any row's copy score is from its exact score.
+    (the index's own memory) and ``ids`` their ids (one array for both kinds). ``search``
+    returns candidates with copy scores and a bound on how far any row's copy score is from
+    its exact score.
     """
 
-    def __init__(self, index, kind: str):
+    def __init__(self, index, kind: str, ids: np.ndarray):
         import faiss
 
         flat = faiss.downcast_index(index.index)
@@ -331,7 +332,7 @@ class _ScanCopy:
         self.kind, self.d = kind, d
         self.index = index  # held, so the id() that keys the cache stays this index's
         self.xb = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
-        self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        self.ids = ids  # shared by the index's int8 and float16 copies
         chunk = 16_384  # every pass below goes by chunks of rows: no full-size temporary
         if kind == "int8":
             amax = np.zeros(d, dtype=np.float32)
@@ -401,7 +402,11 @@ def _scan_copy(index, kind: str) -> _ScanCopy:
         _scan_copies.popitem(last=False)
     entry = _scan_copies[key]
     if kind not in entry:
-        entry[kind] = _ScanCopy(index, kind)
+        import faiss
+
+        if "ids" not in entry:
+            entry["ids"] = faiss.vector_to_array(index.id_map).astype(np.int64)
+        entry[kind] = _ScanCopy(index, kind, entry["ids"])
     return entry[kind]
 
 

@@ -27,7 +27,8 @@ SIMILAR_IS_ONE = ["cka", "cka_debiased", "rsa_spearman", "rsa_pearson", "rsa_ken
 
 
 def _index(source, out, layers=LAYERS, **kw):
-    vecsim.index_stimuli(source=str(source), model="digits-cnn", layers=layers, out=str(out), dim="16",
+    kw.setdefault("dim", "16")
+    vecsim.index_stimuli(source=str(source), model="digits-cnn", layers=layers, out=str(out),
                          batch_size=8, progress=False, **kw)
     return out
 
@@ -312,3 +313,59 @@ def test_cca_measures_report_their_chance_level_and_flag_directions_that_fill_th
         result.save(tmp_path / f"out{n}")
         table = pq.read_table(tmp_path / f"out{n}" / "comparison.parquet").to_pylist()
         assert all((r["chance"] is None) == (r["measure"] not in ("svcca", "pwcca")) for r in table)
+
+
+def test_exact_gram_procrustes_with_a_layer_of_fewer_units_than_stimuli_equals_the_raw_one(stores):
+    """classifier has 10 units for 18 stimuli: its centred Gram has rank 9, and the float32
+    rounding of the subset Gram must not add directions (it used to: off by ~5e-4)."""
+    from vecsim.measures import procrustes_distance
+
+    store = Store.open(stores["full"])
+    result = compare_stores(store, measures="procrustes", layers_a=["features.relu3"], layers_b=["classifier"])
+    cell = result.cell("procrustes", "features.relu3", "classifier")
+    assert cell["source"] == EXACT and cell["n"] == 18
+    paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
+    rel = [paths[i] for i in np.sort(store.eval_subset("classifier")["ids"])]
+    raw = {layer: raw_features("digits-cnn", stores["source"], rel, layer, weights="DEFAULT")
+           for layer in ("features.relu3", "classifier")}
+    assert cell["value"] == pytest.approx(procrustes_distance(raw["features.relu3"], raw["classifier"]), abs=2e-5)
+
+
+def test_stored_vectors_of_an_exact_correlation_store_give_the_row_centred_cka(shared_image_set, tmp_path):
+    """A correlation store's raw_norm is the row-centred norm, so vector × norm is the
+    row-centred activation, projected: exact here (dim 32 >= 18 stimuli)."""
+    out = _index(shared_image_set, tmp_path / "corr", layers=["features.relu3", "classifier"], eval_size=0,
+                 similarity="correlation", dim="32")
+    store = Store.open(out)
+    assert store.layer_info("classifier")["reducer"]["stored_norm"] == "row-centred"
+    result = compare_stores(store, measures=["cka", "procrustes"], layers_a=["features.relu3"], layers_b=["classifier"])
+    rel = store.stimuli().sort_by("id").column("path").to_pylist()
+    raw = {}
+    for layer in ("features.relu3", "classifier"):
+        x = raw_features("digits-cnn", shared_image_set, rel, layer, weights="DEFAULT")
+        raw[layer] = x - x.mean(axis=1, keepdims=True)
+        _, norms = store.raw_norms(layer)
+        np.testing.assert_allclose(norms, np.linalg.norm(raw[layer], axis=1), rtol=1e-5)
+    from vecsim.measures import procrustes_distance
+
+    cka = result.cell("cka", "features.relu3", "classifier")
+    assert cka["source"] == STORED and "approximate" not in cka["note"]
+    assert cka["value"] == pytest.approx(linear_cka(raw["features.relu3"], raw["classifier"]), abs=1e-5)
+    assert result.value("procrustes", "features.relu3", "classifier") == pytest.approx(
+        procrustes_distance(raw["features.relu3"], raw["classifier"]), abs=1e-5)
+
+
+def test_stored_vectors_of_a_centred_store_are_not_passed_off_as_activations(shared_image_set, tmp_path):
+    out = _index(shared_image_set, tmp_path / "ctr", layers=["features.relu3", "pool"], eval_size=0, center=True)
+    result = compare_stores(out, measures=["cka", "rsa_spearman", "pwcca"])
+    off = [c for c in result.cells if c["layer_a"] != c["layer_b"] or c["measure"] == "pwcca"]
+    assert off and all(np.isnan(c["value"]) and "--center" in c["note"] for c in off)
+
+
+def test_rsa_of_a_constant_rdm_is_nan_for_every_method():
+    flat, other = np.ones((5, 5)) - np.eye(5), np.random.default_rng(0).random((5, 5))
+    other = other + other.T
+    np.fill_diagonal(other, 0)
+    for method in ("spearman", "pearson", "kendall_tau_a"):
+        assert np.isnan(rsa(flat, other, method)) and np.isnan(rsa(other, flat, method))
+    assert rsa(other, other, "kendall_tau_a") == pytest.approx(1.0)

@@ -22,14 +22,18 @@ Where each number of a comparison comes from (every cell records ``source`` and 
     (``G − s sᵀ / units``), the representation that store describes.
 ``stored-vectors``
     The stored vectors (each the unit activation vector, projected), each row
-    rescaled by its raw L2 norm to recover the projected activations. Used for PWCCA always (it needs features),
+    rescaled by its L2 norm (``raw_norm``: of the row-centred vector for a correlation
+    store) to recover the projected activations. Used for PWCCA always (it needs features),
     and for Gram measures when the subsets are missing or share fewer than
     :data:`MIN_COMMON` stimuli. CKA/SVCCA/Procrustes use the feature forms on all
     matched stimuli; RSA, which needs all n² pairs, uses the stored cosine estimates
     (inner products of the stored vectors) on a seeded subsample of at most
     ``max_rsa_stimuli``. Approximate: the projection keeps only the top directions
-    of the training sample (``energy_kept`` in ``vecsim info``), and for correlation
-    stores the rescaling uses the norm before row-centring.
+    of the training sample (``energy_kept`` in ``vecsim info``); exact when it keeps them
+    all. Correlation stores written before the manifest's ``stored_norm`` hold the norm
+    before row-centring (their cells say so). A store indexed with ``--center`` keeps
+    only directions of stimulus-centred vectors: its stored-vectors cells are NaN, with
+    a note.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ def _cca_extras(extra: dict, note: str) -> dict:
 _BASIS_MEASURES = {"svcca", "procrustes"}
 SVCCA_KEEP = 0.99  # measures.MEASURES["svcca"] keeps 99% of the variance
 BASIS_CACHE_BYTES = 1 << 30
+# the evaluation subsets' Grams are summed in float32 (vecsim.evalset): eigenvalues of a
+# centred Gram below n·eps32·λ_max are that rounding, not directions of the activations
+EVAL_GRAM_EPS = float(np.finfo(np.float32).eps)
 _CORNER = "A \\ B"
 
 
@@ -258,6 +265,9 @@ class _LayerData:
         self.store, self.layer = store, layer
         self.info = store.layer_info(layer)  # raises UnknownLayerError with close matches
         self.similarity = self.info["reducer"]["config"].get("similarity", "cosine")
+        self.centred = bool(self.info["reducer"]["config"].get("center"))
+        # stores written before the key held the norm before row-centring, also for correlation
+        self.stored_norm = self.info["reducer"].get("stored_norm", "raw")
         self._features: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, features, raw norms
         self._stored_grams: dict[bytes, np.ndarray] = {}
         self._eval: dict | None | bool = False
@@ -689,7 +699,7 @@ class _Calculator:
     def _basis(self, data: _LayerData, ids: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = (str(data.store.path), data.layer, ids.tobytes())
         if key not in self._bases:
-            U, s = _measures._gram_basis(_measures._gram(K, "K"))
+            U, s = _measures._gram_basis(_measures._gram(K, "K"), eps=EVAL_GRAM_EPS)
             self._bases[key] = (U, s)
             self._bases_bytes += U.nbytes
             while self._bases_bytes > BASIS_CACHE_BYTES and len(self._bases) > 1:
@@ -712,6 +722,19 @@ class _Calculator:
     def _stored(self, measure: str, da: _LayerData, db: _LayerData, note: str) -> dict:
         matched = len(self.match.ids_a)
         extra: dict = {}
+        centred = [f"{d.layer} ({d.store.path.name})" for d in (da, db) if d.centred]
+        if centred:  # renormalised directions of centred vectors: neither the activations nor their cosines
+            why = (f"{' and '.join(centred)} indexed with --center: its stored vectors are directions of "
+                   "stimulus-centred vectors, from which neither the activations nor their raw cosines can be "
+                   "recovered; keep an evaluation subset (--eval-size) for exact Grams")
+            return {"value": float("nan"), "source": STORED, "n": 0,
+                    **_cca_extras({}, f"{note}; {why}" if note else why)}
+        old_norm = [f"{d.layer} ({d.store.path.name})" for d in (da, db)
+                    if d.similarity == "correlation" and d.stored_norm != "row-centred"]
+        if old_norm and (measure in _CCA_MEASURES or measure in _FEATURE_FORMS):
+            why = (f"approximate: {' and '.join(old_norm)} was indexed before vecsim recorded row-centred norms, "
+                   "so its vectors are rescaled by the norm before row-centring")
+            note = f"{note}; {why}" if note else why
         if measure in _CCA_MEASURES:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
             value, extra = _cca_with_chance(measure, X, Y, self._shuffle(matched))

@@ -314,6 +314,8 @@ def rsa(rdm_a: npt.ArrayLike, rdm_b: npt.ArrayLike, method: str = "spearman") ->
         raise DimensionMismatchError(f"RDMs cover different stimulus pairs: {a.size} vs {b.size}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("nan")
+    if a.size and (a.min() == a.max() or b.min() == b.max()):  # every method: undefined, not 0
+        return float("nan")
     if method == "pearson":
         return _pearson(a, b)
     if method == "spearman":
@@ -356,17 +358,19 @@ def _feature_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U[:, :r], s[:r]
 
 
-def _gram_basis(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _gram_basis(K: np.ndarray, eps: float = _EPS) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`_feature_basis` from a raw Gram: eigenvectors of H K H, σ = sqrt(λ).
 
-    Eigenvalues below n·eps·λ_max are treated as zero.
+    Eigenvalues below n·eps·λ_max are treated as zero; ``eps`` is the relative precision
+    the Gram was summed in (float64's by default; float32's for a Gram accumulated in
+    float32, whose rounding otherwise shows up as hundreds of spurious directions).
     """
     Kc = center_gram(K)
     if _is_zero(Kc, K):
         return _empty_basis(K.shape[0])
     lam, V = np.linalg.eigh(Kc)
     lam, V = lam[::-1], V[:, ::-1]
-    r = int(np.sum(lam > lam[0] * K.shape[0] * _EPS))
+    r = int(np.sum(lam > lam[0] * K.shape[0] * eps))
     return V[:, :r], np.sqrt(lam[:r])
 
 

@@ -284,15 +284,22 @@ class LayerReducer:
         return z
 
     def prepare(self, output, tap=None):
-        """Raw layer output → (z (B, dim_in) float32, raw L2 norms (B,), finite mask (B,)).
+        """Raw layer output → (z (B, dim_in) float32, L2 norms (B,), finite mask (B,)).
 
+        The norms are those of the vectors the chain normalises: the pooled raw activations,
+        or for ``correlation`` the row-centred ones (each vector minus its own mean across
+        units), so stored vector × norm is the projected representation either way.
         ``tap(x, output, finite)``, when given, sees the pooled raw vectors before they are
         reduced (the evaluation subset keeps its copies there); it must not modify them.
         """
+        import torch
+
         x = self.pool(output)
         norms, finite = self.measure(x)
         if tap is not None:
             tap(x, output, finite)
+        if self.config.similarity == "correlation":  # a stable reduction, no centred copy
+            norms = torch.sqrt(torch.var(x, dim=1, correction=0) * x.shape[1])
         norms = norms.masked_fill(~finite, 0.0)
         return self.reduce_pooled(x, finite), norms, finite
 
@@ -388,6 +395,9 @@ class LayerReducer:
             "dim_in": self.dim_in,
             "dropped_zero_units": 0 if self.kept is None else self.units - int(self.kept.numel()),
             "fit": self.report.to_manifest() if self.report else None,
+            # what the vectors table's raw_norm holds (stores before this key: the norm before
+            # row-centring, also for correlation)
+            "stored_norm": "row-centred" if self.config.similarity == "correlation" else "raw",
         }
 
     @classmethod

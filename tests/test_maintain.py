@@ -216,3 +216,27 @@ def test_a_damaged_table_file_is_a_problem_line_not_a_raw_lance_error(store_copy
     assert any("table 'stimuli' cannot be read" in p for p in problems), problems
     with pytest.raises(StoreError, match="table 'stimuli' cannot be read"):
         Store.open(store_copy).stimuli()
+
+
+def test_a_store_finds_its_checkpoint_from_anywhere_and_notices_when_it_changed(shared_image_set, tmp_path,
+                                                                                 monkeypatch):
+    import torch
+
+    from vecsim import digits
+    from vecsim.errors import CheckpointError
+
+    (tmp_path / "ck").mkdir()
+    torch.save(digits.load_digits_cnn(pretrained=True).state_dict(), tmp_path / "ck" / "d.pt")
+    monkeypatch.chdir(tmp_path)
+    vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", checkpoint="ck/d.pt",
+                         layers=["features.relu4"], out="s", dim="8", progress=False)
+    monkeypatch.chdir("/")
+    store = Store.open(tmp_path / "s")
+    assert store.manifest["model"]["checkpoint"] == str(tmp_path / "ck" / "d.pt")
+    image = str(shared_image_set / "cat" / "img_00.png")
+    assert store.query(image=image, k=1, device="cpu")[0]["cosine"] == 1.0
+    assert verify(store, rehash=True) == []
+    torch.save(digits.DigitsCNN().state_dict(), tmp_path / "ck" / "d.pt")  # other weights, same path
+    with pytest.raises(CheckpointError, match="changed since the store was built"):
+        store.query(image=image, k=1, device="cpu")
+    assert any("checkpoint" in p and "changed since the store was built" in p for p in verify(store, rehash=True))

@@ -104,3 +104,95 @@ def test_layer_shapes_falls_back_to_a_real_forward_when_an_op_has_no_meta_kernel
 
     infos = layer_shapes(NumpyInside(), 10)
     assert [(i.name, i.shape) for i in infos] == [("conv", (4, 8, 8))]
+
+
+def test_checkpoint_forms_researchers_save(tmp_path):
+    """A whole pickled model is refused with the fix; torch.nn.utils.prune's weight_orig /
+    weight_mask pairs are folded into the pruned weights; a SqueezeNet (1x1-convolution head)
+    and a googlenet fine-tuned from torchvision's pretrained build (no auxiliary heads) load
+    with their class counts."""
+    import torch.nn.utils.prune as prune
+    import torchvision
+
+    from vecsim import digits
+
+    whole = tmp_path / "whole.pt"
+    torch.save(digits.DigitsCNN(), whole)
+    with pytest.raises(CheckpointError, match=r"pickled Python objects .*torch.save\(model.state_dict\(\), path\)"):
+        load_model("digits-cnn", checkpoint=whole)
+
+    pruned = load_model("digits-cnn").module
+    prune.l1_unstructured(pruned.features.conv1, "weight", amount=0.5)
+    assert "features.conv1.weight_orig" in pruned.state_dict()
+    torch.save(pruned.state_dict(), tmp_path / "pruned.pt")
+    again = load_model("digits-cnn", checkpoint=tmp_path / "pruned.pt").module
+    assert torch.equal(again.features.conv1.weight, pruned.features.conv1.weight)
+    assert (again.features.conv1.weight == 0).float().mean() >= 0.5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+
+    torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict(), tmp_path / "sq.pt")
+    assert load_model("squeezenet1_1", checkpoint=tmp_path / "sq.pt").num_classes == 10
+
+    tuned = torchvision.models.googlenet(weights=None, aux_logits=False, transform_input=True, init_weights=False,
+                                         num_classes=5)
+    torch.save(tuned.state_dict(), tmp_path / "g.pt")
+    loaded = load_model("googlenet", checkpoint=tmp_path / "g.pt")
+    assert loaded.num_classes == 5 and loaded.module.transform_input and loaded.module.aux1 is None
+    assert "transform_input=True" in loaded.notes[0]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the same function as the fine-tuned model
+        assert torch.equal(loaded.module(x), tuned.eval()(x))
+
+
+def test_a_checkpoint_is_recorded_by_absolute_path_and_its_sha256_checked(tmp_path, monkeypatch):
+    from vecsim import digits
+
+    (tmp_path / "ck").mkdir()
+    torch.save(digits.DigitsCNN().state_dict(), tmp_path / "ck" / "d.pt")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("digits-cnn", checkpoint="ck/d.pt")
+    assert loaded.checkpoint == str(tmp_path / "ck" / "d.pt")
+    monkeypatch.chdir("/")
+    again = load_model("digits-cnn", checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256)
+    assert again.checkpoint_sha256 == loaded.checkpoint_sha256
+    torch.save(digits.DigitsCNN(num_classes=10).state_dict() | {"classifier.bias": torch.ones(10)},
+               tmp_path / "ck" / "d.pt")
+    with pytest.raises(CheckpointError, match="changed since the store was built"):
+        load_model("digits-cnn", checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256)
+
+
+def test_weights_of_another_model_are_refused():
+    from vecsim.models import _weights_enum
+
+    with pytest.raises(UnknownWeightsError, match="not resnet18's"):
+        _weights_enum("resnet18", "VGG11_Weights.IMAGENET1K_V1")
+    with pytest.raises(UnknownWeightsError, match="not resnet34's"):
+        _weights_enum("resnet34", "ResNet18_Weights.IMAGENET1K_V1")
+    assert _weights_enum("resnet18", "ResNet18_Weights.IMAGENET1K_V1").name == "IMAGENET1K_V1"
+
+
+def test_layers_that_do_not_run_or_return_no_tensor_are_named():
+    import torch.nn as nn
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.pair = Pair()
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.pair(self.conv(x))[0]
+
+    net = Net().eval()
+    assert [i.name for i in layer_shapes(net, 16, ["conv", "pair", "unused"])] == ["conv"]
+    with pytest.raises(UnknownLayerError, match="'pair' returns a tuple, not a tensor; hook one of its submodules"):
+        layer_shapes(net, 16, ["conv", "pair"], strict=True)
+    with pytest.raises(UnknownLayerError, match="'unused' does not run in the model's forward pass"):
+        layer_shapes(net, 16, ["unused"], strict=True)

@@ -79,21 +79,25 @@ def load_model(
     size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    checkpoint_sha256: str | None = None,
 ) -> LoadedModel:
     """Build a model in eval mode with its preprocessing.
 
     ``weights``: a torchvision weight enum member name (``IMAGENET1K_V1``, or the full
     ``ResNet18_Weights.IMAGENET1K_V1``), ``DEFAULT``, or ``none``; ``None`` means
     ``DEFAULT`` (the shipped weights for the digits CNN). A checkpoint (a state dict for
-    the named architecture) replaces the weights. ``size``/``mean``/``std`` override the
-    weights' preprocessing.
+    the named architecture) replaces the weights; it is recorded by absolute path and
+    sha256, and ``checkpoint_sha256`` (a store's record) makes a changed file an error.
+    ``size``/``mean``/``std`` override the weights' preprocessing.
     """
     if checkpoint is not None and weights not in (None, "none", "None"):
         raise UnknownWeightsError("give either --weights or --checkpoint, not both")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).expanduser().resolve()
     if name == DIGITS_MODEL:
-        loaded = _load_digits(weights, checkpoint)
+        loaded = _load_digits(weights, checkpoint, checkpoint_sha256)
     else:
-        loaded = _load_torchvision(name, weights, checkpoint)
+        loaded = _load_torchvision(name, weights, checkpoint, checkpoint_sha256)
     loaded.preprocessing = _override_preprocessing(loaded.preprocessing, size, mean, std)
     loaded.module.eval()
     return loaded
@@ -111,12 +115,12 @@ def _override_preprocessing(pre: Preprocessing, size, mean, std) -> Preprocessin
     return pre
 
 
-def _load_digits(weights, checkpoint) -> LoadedModel:
+def _load_digits(weights, checkpoint, expected_sha) -> LoadedModel:
     from vecsim import digits
 
     pre = Preprocessing(digits.DIGITS_INPUT_SIZE, digits.DIGITS_INPUT_SIZE, digits.DIGITS_MEAN, digits.DIGITS_STD)
     if checkpoint is not None:
-        state, sha = read_checkpoint(checkpoint)
+        state, sha = read_checkpoint(checkpoint, expected_sha)
         num_classes = _classes_from_state(state, "classifier.weight", 10)
         module = digits.DigitsCNN(num_classes=num_classes)
         _load_state(module, state, checkpoint)
@@ -159,6 +163,11 @@ def _weights_enum(name: str, weights: str):
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(name)
+    if "." in weights and weights.split(".", 1)[0] != enum.__name__:
+        raise UnknownWeightsError(
+            f"weights {weights!r} are not {name}'s ({enum.__name__}); choose one of: "
+            f"{', '.join(enum.__members__)}, none"
+        )
     member = weights.split(".", 1)[1] if "." in weights else weights
     if member not in enum.__members__:
         raise UnknownWeightsError(
@@ -168,17 +177,27 @@ def _weights_enum(name: str, weights: str):
     return enum[member]
 
 
-def _load_torchvision(name: str, weights: str | None, checkpoint) -> LoadedModel:
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=None) -> LoadedModel:
     builder = _builder(name)
     default_pre = Preprocessing(256, 224)
     if checkpoint is not None:
-        state, sha = read_checkpoint(checkpoint)
-        probe = builder(weights=None)
-        head = _last_linear_name(probe)
+        state, sha = read_checkpoint(checkpoint, expected_sha)
+        options, notes = {}, []
+        if name in AUX_HEADS and not any(k.startswith(AUX_HEADS[name]) for k in state):
+            # the state dict of a model fine-tuned from torchvision's pretrained one: torchvision
+            # builds that with transform_input=True and drops the auxiliary heads
+            options = {"aux_logits": False, "transform_input": True, "init_weights": False}
+            notes.append(f"{name} checkpoint without auxiliary heads: built as torchvision builds its pretrained "
+                         "model (no auxiliary heads, transform_input=True)")
+        probe = builder(weights=None, **options)
+        head = _head_name(probe)
         num_classes = _classes_from_state(state, f"{head}.weight" if head else "", None)
-        module = builder(weights=None, num_classes=num_classes) if num_classes else probe
+        module = builder(weights=None, num_classes=num_classes, **options) if num_classes else probe
         _load_state(module, state, checkpoint)
-        return LoadedModel(module, default_pre, name, None, str(checkpoint), sha, num_classes)
+        return LoadedModel(module, default_pre, name, None, str(checkpoint), sha, num_classes, notes)
     key = weights if weights is not None else "DEFAULT"
     if key.lower() == "none":
         return LoadedModel(seeded_init(lambda: builder(weights=None)), default_pre, name, None, num_classes=1000)
@@ -199,17 +218,36 @@ def _load_torchvision(name: str, weights: str | None, checkpoint) -> LoadedModel
     return LoadedModel(module, pre, name, str(enum_value), num_classes=num_classes)
 
 
-def read_checkpoint(path) -> tuple[dict, str]:
-    """A state dict from a local file, loaded with ``weights_only=True`` (no pickled code runs)."""
+def read_checkpoint(path, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """A state dict from a local file, loaded with ``weights_only=True`` (no pickled code runs).
+
+    ``{"state_dict": ...}``-style wrappers and DataParallel's ``module.`` prefixes are
+    unwrapped, and torch.nn.utils.prune's ``<name>_orig`` / ``<name>_mask`` pairs folded into
+    ``<name>`` (their product, what the pruned module computes with). With
+    ``expected_sha256`` (a store's record) a file that changed since is an error.
+    """
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    if expected_sha256 and sha != expected_sha256:
+        raise CheckpointError(
+            f"checkpoint {path} changed since the store was built (sha256 {sha[:12]}…, the store recorded "
+            f"{expected_sha256[:12]}…): new images would not be comparable with the stored ones; restore that file"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled Python objects (a whole model?), which vecsim does not unpickle "
+                "(it loads with weights_only=True); save the model's state_dict() instead "
+                "(torch.save(model.state_dict(), path))"
+            ) from None
         raise CheckpointError(
             f"cannot load checkpoint {path} as a state dict with weights_only=True "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -221,22 +259,30 @@ def read_checkpoint(path) -> tuple[dict, str]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
+    for key in [k for k in state if k.endswith("_orig")]:  # torch.nn.utils.prune, not made permanent
+        base = key[: -len("_orig")]
+        if base + "_mask" in state and base not in state:
+            state[base] = state.pop(key) * state.pop(base + "_mask")
     return state, sha
 
 
-def _last_linear_name(module) -> str | None:
+def _head_name(module) -> str | None:
+    """The classifier layer whose output size is the class count: the last Linear, or for
+    a model without one (SqueezeNet: a 1x1 convolution) the last Conv2d."""
     import torch.nn as nn
 
-    name = None
+    linear = conv = None
     for n, m in module.named_modules():
         if isinstance(m, nn.Linear):
-            name = n
-    return name
+            linear = n
+        elif isinstance(m, nn.Conv2d):
+            conv = n
+    return linear or conv
 
 
 def _classes_from_state(state: dict, head_key: str, default):
     tensor = state.get(head_key)
-    return int(tensor.shape[0]) if tensor is not None and tensor.ndim == 2 else default
+    return int(tensor.shape[0]) if tensor is not None and tensor.ndim in (2, 4) else default
 
 
 def _load_state(module, state: dict, path) -> None:
@@ -277,13 +323,19 @@ class LayerInfo:
 
 
 def layer_shapes(module, size: int, names: list[str] | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> list[LayerInfo]:
+                 input_shape: tuple[int, ...] | None = None, strict: bool = False) -> list[LayerInfo]:
     """Output shape (of the last call) and calls per forward pass of every (or the named)
-    module, for one ``size``×``size`` RGB input (or one of ``input_shape``, without the batch)."""
+    module, for one ``size``×``size`` RGB input (or one of ``input_shape``, without the batch).
+
+    Modules that do not run in the forward pass (in eval mode) or whose output is not a
+    tensor are left out; with ``strict`` (and ``names``) such a named module is an
+    UnknownLayerError saying which.
+    """
     import torch
 
     wanted = set(names) if names is not None else None
     seen: dict[str, LayerInfo] = {}
+    other: dict[str, str] = {}  # modules whose output is not a tensor: its type
     handles = []
     shape = tuple(input_shape) if input_shape is not None else (3, size, size)
 
@@ -292,6 +344,8 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
             if isinstance(out, torch.Tensor):
                 calls = seen[name].calls + 1 if name in seen else 1
                 seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]), calls)
+            else:
+                other[name] = type(out).__name__
         return hook
 
     def run(net, device) -> None:
@@ -321,6 +375,16 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
         run(shadow, "meta")
     except Exception:  # a model on a GPU, or an operation without a meta kernel: one real forward at batch 1
         seen.clear()
+        other.clear()
         run(module, param.device if param is not None else torch.device("cpu"))
     order = [n for n, m in module.named_modules() if n and (wanted is None or n in wanted)]
+    if strict and names is not None:
+        for name in names:
+            if name in seen:
+                continue
+            if name in other:
+                raise UnknownLayerError(f"layer {name!r} returns a {other[name]}, not a tensor; hook one of its "
+                                        "submodules (`vecsim layers MODEL` lists them)")
+            raise UnknownLayerError(f"layer {name!r} does not run in the model's forward pass (in eval mode, as "
+                                    "vecsim runs it); choose another (`vecsim layers MODEL` lists the hookable ones)")
     return [seen[n] for n in order if n in seen]

@@ -139,13 +139,16 @@ class _Indexer:
         previous, replace = self._previous_run(out)
         device = resolve_device(cfg.device)
         stim_set = discover(cfg.source, cfg.manifest, cfg.labels_from_folders)
-        loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std)
+        # resuming: the checkpoint must still be the file the store was started with
+        started_sha = (previous or {}).get("model", {}).get("checkpoint_sha256")
+        loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std,
+                            checkpoint_sha256=started_sha)
         check_layers(loaded.module, cfg.layers)
         if len(set(cfg.layers)) != len(cfg.layers):
             raise ConfigError("--layers lists a layer twice")
         # shapes from the model while it is still on the CPU: their meta-device copy then
         # never doubles the weights on a GPU
-        infos = layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers)
+        infos = layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers, strict=True)
         shapes = {i.name: i.shape for i in infos}
         self.calls = {i.name: i.calls for i in infos}  # a module run several times is captured at its last call
         model = loaded.module.to(device)

@@ -403,7 +403,8 @@ class Store:
         from vecsim.models import Preprocessing, load_model
 
         info = self.manifest["model"]
-        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"])
+        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"],
+                            checkpoint_sha256=info.get("checkpoint_sha256"))
         return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
 
     def spectrum(self, layer: str) -> np.ndarray:

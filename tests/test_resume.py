@@ -75,7 +75,7 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
         assert info.returncode == 0, info.stderr
         checked = run([sys.executable, "-m", "vecsim", "verify", str(out)])
         assert checked.returncode != 0 and "not complete" in checked.stdout + checked.stderr
-    if kill_at == "chunk:2":  # an export from it says it covers the stimuli committed so far
+    if kill_at in ("chunk:2", "vectors-written:3"):  # an export from it covers the stimuli committed so far
         partial = Store.open(out)
         committed, status = len(partial.lookup().ids), partial.manifest["status"]
         assert 0 < committed < len(reference.lookup().ids)
@@ -86,6 +86,20 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
         assert f"is not complete (status {status!r}): the results cover the {committed} stimuli" in exported.stderr
         assert np.load(npy).shape == (committed, committed)
         assert json.loads((tmp_path / "partial.npy.json").read_text())["metadata"]["store_status"] == status
+        # query and neighbors answer too (the FAISS index is written at the run's end: an exact
+        # scan of the committed vectors stands in), with the same warning
+        first = int(partial.lookup().ids[0])
+        hits = run([sys.executable, "-m", "vecsim", "query", str(out), "--id", str(first), "--layer", layer,
+                    "-k", "3", "--json"])
+        assert hits.returncode == 0 and "is not complete" in hits.stderr, hits.stderr
+        found = json.loads(hits.stdout)
+        assert found[0]["id"] == first and {h["id"] for h in found} <= set(partial.lookup().ids.tolist())
+        graph = run([sys.executable, "-m", "vecsim", "neighbors", str(out), "--layer", layer, "-k", "2", "--out",
+                     str(tmp_path / "nb.parquet"), "-q"])
+        assert graph.returncode == 0 and "is not complete" in graph.stderr, graph.stderr
+        import pyarrow.parquet as pq
+
+        assert pq.read_metadata(tmp_path / "nb.parquet").num_rows == 2 * committed
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)

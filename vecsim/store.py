@@ -231,7 +231,13 @@ class Store:
         return self.path / "layers" / self.layer_info(layer)["slug"]
 
     def dim(self, layer: str) -> int:
-        return int(self.layer_info(layer)["reducer"]["fit"]["dim"])
+        fit = self.layer_info(layer)["reducer"].get("fit")
+        if fit:
+            return int(fit["dim"])
+        # a run stopped while fitting (its manifest names no fit yet) may have committed
+        # vectors: their width is the vectors table's
+        field = self.table(self.layer_info(layer)["table"]).schema.field("vector")
+        return int(field.type.list_size)
 
     # tables
     @property
@@ -343,6 +349,17 @@ class Store:
             from vecsim.index import _supports_ids, load_index
 
             path = self.layer_dir(layer) / "index.faiss"
+            if not path.is_file() and not self.complete:
+                # an index run still going or stopped writes the FAISS index at its end: answer
+                # from the committed stimuli's vectors, scanned exactly
+                from vecsim.index import add as index_add, new_flat_index
+
+                ids, vecs = self.vectors(layer)
+                index = new_flat_index(self.dim(layer))
+                if len(ids):
+                    index_add(index, vecs, ids)
+                self._indexes[layer] = index
+                return index
             index = load_index(path)
             dim = self.dim(layer)
             if index.d != dim:

@@ -97,7 +97,7 @@ def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy,
         changed = add(store_copy, [str(inside)], progress=False)
     finally:
         inside.write_bytes(original)
-    assert changed["added"] == 0 and changed["failed"] == 1
+    assert changed["added"] == 0 and changed["failed"] == 1 and changed["skipped_duplicates"] == 0  # counted once
     assert "already in the store" in Store.open(store_copy).failures().to_pylist()[-1]["reason"]
     # stimuli from outside the store's folder are recorded by absolute path, and found by it
     for row in added:

@@ -174,10 +174,11 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
         stimuli = store.stimuli()
         known = set(stimuli.column("sha256").to_pylist())
         taken = set(stimuli.column("path").to_pylist())
-        hashed = []
+        hashed, skipped = [], 0
         for path in candidates:
             sha = file_sha256(path)
-            if sha in known:
+            if sha in known:  # the same bytes are already a stimulus (or earlier in this add)
+                skipped += 1
                 continue
             if _stored_path(path, root) in taken:  # same name, other bytes: paths must stay unique
                 failures.append(Failure(None, str(path), "discover", "a stimulus with this path is already in the "
@@ -185,7 +186,6 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
                 continue
             known.add(sha)
             hashed.append(path)
-        skipped = len(candidates) - len(hashed)
         next_id = writer.next_stimulus_id()
         items = [(next_id + i, _stored_path(p, root)) for i, p in enumerate(sorted(hashed, key=str))]
         run = writer.next_run_id()

@@ -75,6 +75,9 @@ def test_a_grid_larger_than_the_maps_is_refused_with_the_fix(shared_image_set, t
         vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu4"],
                              out=str(tmp_path / "s"), dim="8", pooling="grid:9", progress=False)
     assert not (tmp_path / "s" / "vecsim.json").exists()
+    with pytest.raises(ConfigError, match=r"--pooling features.relu4=grid:8,avg$"):  # the other layers keep theirs
+        vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu4", "features.relu2"],
+                             out=str(tmp_path / "t"), dim="8", pooling="features.relu4=grid:16,avg", progress=False)
 
 
 def _peak_rss_mb(code: str) -> dict:

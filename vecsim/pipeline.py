@@ -103,17 +103,19 @@ def _import_lancedb_in_background() -> None:
     threading.Thread(target=run, daemon=False, name="vecsim-import-lancedb").start()
 
 
-def _check_grid(layer: str, shape: tuple[int, ...], pooling: str) -> None:
+def _check_grid(layer: str, shape: tuple[int, ...], pooling: str, spec: str) -> None:
     """grid:K needs maps of at least K×K: on smaller ones adaptive pooling repeats input cells,
-    unevenly when K is not a multiple of the side, which reweights the cosine."""
+    unevenly when K is not a multiple of the side, which reweights the cosine. The error
+    names the --pooling value ``spec`` with this layer's entry set to the largest grid that fits."""
     from vecsim.reduce import pooling_grid
 
     grid = pooling_grid(pooling)
     if grid and len(shape) == 3 and (grid > shape[1] or grid > shape[2]):
         side = min(shape[1], shape[2])
+        rest = [part for part in str(spec).split(",") if part.strip() and not part.strip().startswith(f"{layer}=")]
+        fixed = ",".join([f"{layer}=grid:{side}", *rest])
         raise ConfigError(f"--pooling grid:{grid} on {layer}: its maps are {shape[1]}x{shape[2]}, smaller than "
-                          f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. "
-                          f"--pooling {layer}=grid:{side},{pooling}")
+                          f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. --pooling {fixed}")
 
 
 class _Indexer:
@@ -161,7 +163,7 @@ class _Indexer:
             dims = parse_dims(cfg.dim, cfg.layers)
             poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
             for layer in cfg.layers:
-                _check_grid(layer, shapes[layer], poolings[layer])
+                _check_grid(layer, shapes[layer], poolings[layer], cfg.pooling)
             self.reducers = {
                 layer: LayerReducer(
                     layer, shapes[layer],

@@ -185,7 +185,8 @@ def _load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=N
     default_pre = Preprocessing(256, 224)
     if checkpoint is not None:
         state, sha = read_checkpoint(checkpoint, expected_sha)
-        options, notes = {}, []
+        # the weights come from the checkpoint: skip googlenet/inception_v3's slow init (and its warning)
+        options, notes = ({"init_weights": False} if name in AUX_HEADS else {}), []
         if name in AUX_HEADS and not any(k.startswith(AUX_HEADS[name]) for k in state):
             # the state dict of a model fine-tuned from torchvision's pretrained one: torchvision
             # builds that with transform_input=True and drops the auxiliary heads
@@ -200,7 +201,10 @@ def _load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=N
         return LoadedModel(module, default_pre, name, None, str(checkpoint), sha, num_classes, notes)
     key = weights if weights is not None else "DEFAULT"
     if key.lower() == "none":
-        return LoadedModel(seeded_init(lambda: builder(weights=None)), default_pre, name, None, num_classes=1000)
+        # googlenet/inception_v3 warn unless init_weights is given; True is their default init
+        init = {"init_weights": True} if name in AUX_HEADS else {}
+        return LoadedModel(seeded_init(lambda: builder(weights=None, **init)), default_pre, name, None,
+                           num_classes=1000)
     enum_value = _weights_enum(name, key)
     try:
         module = builder(weights=enum_value)

@@ -20,6 +20,7 @@ from vecsim.report import (
     d_prime,
     fidelity,
     fidelity_summary,
+    layer_subset,
     roc_auc,
     similarity_stats,
 )
@@ -258,3 +259,27 @@ def test_a_reduction_that_flattens_every_similarity_keeps_nothing_of_the_ranking
     # when the exact similarities are all equal there is no ranking to keep: undefined, shown as "–"
     assert similarity_stats(flat, exact)["spearman"] is None
     assert similarity_stats(exact, exact)["spearman"] == pytest.approx(1.0)
+
+
+def test_byte_identical_stimuli_count_as_similarity_one_in_the_fidelity(tmp_path):
+    """A copy of a file outside the training sample: its stored inner product with the
+    original is below 1 (the projection keeps part of it), but vecsim reports 1 for the pair
+    everywhere else (query, neighbors, similarity); the fidelity measures that."""
+    import shutil
+
+    src = make_image_set(tmp_path / "stimuli")
+    shutil.copy(src / "cat" / "img_00.png", src / "cat" / "zz_copy.png")
+    vecsim.index_stimuli(source=str(src), model="digits-cnn", layers=["features.relu3"], out=str(tmp_path / "s"),
+                         dim="3", train_size=4, eval_size=19, labels_from_folders=True, batch_size=8, progress=False)
+    store = Store.open(tmp_path / "s")
+    data = layer_subset(store, "features.relu3")
+    pair = [list(data["ids"]).index(store.lookup().id_of_path(p)) for p in ("cat/img_00.png", "cat/zz_copy.png")]
+    v = data["vectors"].astype(np.float64)
+    assert v[pair[0]] @ v[pair[1]] < 0.99  # stored estimate; the exact cosine is 1
+    assert data["twins"][pair[0], pair[1]] and data["twins"].sum() == 2
+    approx = np.clip(v @ v.T, -1, 1)
+    approx[pair[0], pair[1]] = approx[pair[1], pair[0]] = 1.0
+    iu = np.triu_indices(len(v), 1)
+    row = fidelity(store, "features.relu3")["rows"][-1]
+    assert row["max_abs_delta"] == pytest.approx(float(np.abs(approx[iu] - data["exact"][iu]).max()), abs=1e-12)
+    assert row["spearman"] == pytest.approx(spearmanr(data["exact"][iu], approx[iu]).statistic, abs=1e-9)

@@ -242,7 +242,31 @@ def layer_subset(store, layer: str) -> dict:
     if len(ids) < 2:
         raise StoreError(f"layer {layer} of {store.path}: the evaluation subset's stimuli have no stored vectors; run `vecsim verify`")
     return {"ids": ids, "exact": exact, "vectors": vectors, "missing": int((~keep).sum()),
-            "labels": _labels(store, ids)}
+            "labels": _labels(store, ids), "twins": _twin_pairs(store, ids, vectors)}
+
+
+def _twin_pairs(store, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray | None:
+    """(m, m) mask of the subset's pairs of byte-identical stimuli (not all-zero), whose stored
+    similarity is exactly 1 wherever vecsim reports one (query, neighbors, similarity, RSA);
+    None when there are none."""
+    groups = store.lookup().identical_groups()
+    if not groups:
+        return None
+    group_of = {int(i): g for g, members in enumerate(groups) for i in members.tolist()}
+    code = np.array([group_of.get(int(i), -1 - r) for r, i in enumerate(ids)])  # unique code when no twin
+    mask = (code[:, None] == code[None, :]) & ~np.eye(len(ids), dtype=bool)
+    nonzero = np.any(vectors != 0, axis=1)
+    mask &= nonzero[:, None] & nonzero[None, :]
+    return mask if mask.any() else None
+
+
+def _stored_similarity(reduced: np.ndarray, twins: np.ndarray | None) -> np.ndarray:
+    """The stored similarity matrix as vecsim reports it: inner products clipped to [-1, 1],
+    byte-identical pairs exactly 1."""
+    approx = np.clip(reduced @ reduced.T, -1.0, 1.0)
+    if twins is not None:
+        approx[twins] = 1.0
+    return approx
 
 
 def _labels(store, ids: np.ndarray) -> np.ndarray | None:
@@ -308,7 +332,7 @@ def fidelity(store, layer: str, dims=None) -> dict:
     renormalise, truth = _renormalised(store, layer), neighbours(exact, max(k, 0))
     for d in dims:
         reduced = truncate(vectors, d, renormalise)
-        approx = np.clip(reduced @ reduced.T, -1.0, 1.0)
+        approx = _stored_similarity(reduced, data["twins"])
         level_pairs[d] = approx[iu]
         rows.append({
             "dim": d, **similarity_stats(exact_pairs, level_pairs[d]),
@@ -375,7 +399,7 @@ def fidelity_summary(store) -> dict[str, float]:
             continue
         iu = np.triu_indices(len(data["ids"]), 1)
         reduced = np.asarray(data["vectors"], dtype=np.float64)
-        exact, kept = data["exact"][iu], np.clip(reduced @ reduced.T, -1, 1)[iu]
+        exact, kept = data["exact"][iu], _stored_similarity(reduced, data["twins"])[iu]
         rho = _kept_correlation(exact, kept, rank=True)
         if rho is not None:
             out[layer] = rho

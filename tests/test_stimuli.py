@@ -172,3 +172,22 @@ def test_pixel_limit_and_garbage_are_decode_errors(tmp_path):
     truncated.write_bytes(full[: len(full) // 2])
     with pytest.raises(ImageDecodeError):
         decode_image(truncated)
+
+
+def test_a_linked_class_folder_is_searched_and_a_loop_is_recorded_once(tmp_path):
+    import os
+
+    root, elsewhere = tmp_path / "src", tmp_path / "elsewhere" / "cats"
+    (root / "dogs").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    for folder, n in ((root / "dogs", 2), (elsewhere, 3)):
+        for i in range(n):
+            Image.new("RGB", (12, 12), (40 * i, 80, 120)).save(folder / f"img_{i}.png")
+    os.symlink(elsewhere, root / "cats")  # a class folder linked in from elsewhere
+    os.symlink("..", root / "dogs" / "up")  # a loop back to the top
+    found = discover(str(root), labels_from_folders=True)
+    assert [s.path for s in found.stimuli] == ["cats/img_0.png", "cats/img_1.png", "cats/img_2.png",
+                                               "dogs/img_0.png", "dogs/img_1.png"]
+    assert [s.label for s in found.stimuli] == ["cats"] * 3 + ["dogs"] * 2
+    loops = [f for f in found.failures if f.path == "dogs/up"]
+    assert len(loops) == 1 and "already searched as '.'" in loops[0].reason

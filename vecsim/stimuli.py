@@ -114,17 +114,31 @@ def _builtin_root(source: str) -> Path:
 def _walk_files(root: Path, unreadable: list[tuple[str, str]] | None = None) -> list[str]:
     """Relative POSIX paths of the non-directory entries, hidden entries skipped.
 
-    Folders that cannot be listed are appended to ``unreadable`` as (relative path, reason).
+    Symbolic links to folders are followed (a class folder linked in from elsewhere is
+    searched like any other); a folder reached a second time (a link back up, a loop, or a
+    second link to it) is searched once. Folders that cannot be listed, and folders skipped
+    as seen before, are appended to ``unreadable`` as (relative path, reason).
     """
     found = []
+    seen: dict[str, str] = {}  # real path -> the relative path it was searched as
+
+    def relative(where: Path) -> str:
+        return where.relative_to(root).as_posix() if where != root and where.is_relative_to(root) else "."
 
     def onerror(exc: OSError) -> None:
         if unreadable is not None:
-            where = Path(exc.filename or root)
-            rel = where.relative_to(root).as_posix() if where != root and where.is_relative_to(root) else "."
-            unreadable.append((rel, f"cannot list this folder ({exc.strerror or type(exc).__name__}); its files were not searched"))
+            unreadable.append((relative(Path(exc.filename or root)),
+                               f"cannot list this folder ({exc.strerror or type(exc).__name__}); its files were not searched"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            if unreadable is not None:
+                unreadable.append((relative(Path(dirpath)), f"a link to a folder already searched as {seen[real]!r} "
+                                                            "(a loop or a second link); its files were not searched twice"))
+            continue
+        seen[real] = relative(Path(dirpath))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):

@@ -98,7 +98,15 @@ def test_add_goes_through_the_fitted_transforms_and_skips_duplicates(store_copy,
     finally:
         inside.write_bytes(original)
     assert changed["added"] == 0 and changed["failed"] == 1 and changed["skipped_duplicates"] == 0  # counted once
-    assert "already in the store" in Store.open(store_copy).failures().to_pylist()[-1]["reason"]
+    last = Store.open(store_copy).failures().to_pylist()[-1]
+    assert "already in the store" in last["reason"] and last["path"] == "cat/img_00.png"  # as the stimulus rows
+    # a folder's bad files are recorded relative to the store's folder too, wherever add runs from
+    (inside.parent / "zz_empty.png").write_bytes(b"")
+    try:
+        assert add(store_copy, [str(inside.parent)], progress=False)["failed"] == 1
+    finally:
+        (inside.parent / "zz_empty.png").unlink()
+    assert Store.open(store_copy).failures().to_pylist()[-1]["path"] == "cat/zz_empty.png"
     # stimuli from outside the store's folder are recorded by absolute path, and found by it
     for row in added:
         assert row["path"].startswith("/")

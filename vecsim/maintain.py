@@ -181,8 +181,9 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
                 skipped += 1
                 continue
             if _stored_path(path, root) in taken:  # same name, other bytes: paths must stay unique
-                failures.append(Failure(None, str(path), "discover", "a stimulus with this path is already in the "
-                                        "store (with other content); copy the file under a new name to add it"))
+                failures.append(Failure(None, _stored_path(path, root), "discover", "a stimulus with this path is "
+                                        "already in the store (with other content); copy the file under a new name "
+                                        "to add it"))
                 continue
             known.add(sha)
             hashed.append(path)
@@ -287,7 +288,9 @@ def _candidates(sources: list[str], root: Path):
         if path.is_dir():
             found = discover(path)
             files += [path / s.path for s in found.stimuli]
-            failures += [Failure(None, str(path / f.path), f.stage, f.reason) for f in found.failures]
+            # recorded like the stimulus rows: relative to the store's folder when inside it
+            failures += [Failure(None, _stored_path((path / f.path).absolute(), root), f.stage, f.reason)
+                         for f in found.failures]
         elif path.is_file():
             files.append(path)
         else:
@@ -297,10 +300,12 @@ def _candidates(sources: list[str], root: Path):
 
 def _stored_path(path: Path, root: Path) -> str:
     """Relative to the store's stimulus folder when inside it, else absolute."""
-    try:
-        return path.relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
+    for base in (root.resolve(), root.absolute()):
+        try:
+            return path.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path.as_posix()
 
 
 def _extend_index(writer, store, layer: str, ids: np.ndarray, vecs: np.ndarray) -> None:

@@ -100,9 +100,17 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
         import pyarrow.parquet as pq
 
         assert pq.read_metadata(tmp_path / "nb.parquet").num_rows == 2 * committed
+    stopped = Store.open(out) if (out / "vecsim.json").exists() else None
+    # only a run stopped after its transforms were saved is resumed; an earlier one starts again
+    before = len(stopped.lookup().ids) if stopped is not None and stopped.manifest["status"] == "indexing" else 0
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)
+    if before:  # its rate counts what this run did, not what the stopped one had committed
+        assert f"resumed: {before} were committed before, {len(reference.lookup().ids) - before} this run" \
+            in resumed.stdout, resumed.stdout
+    else:
+        assert "resumed:" not in resumed.stdout
 
 
 def test_resume_by_store_path_and_a_different_configuration_is_refused(images, reference, tmp_path):

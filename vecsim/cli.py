@@ -78,9 +78,11 @@ def index_cmd(
         options = {**resume_options(resume), **{k: v for k, v in options.items() if v is not None and k == "device"}}
 
     summary = index_stimuli(config_file=config, progress=not quiet, **options)
+    resumed = (f"; resumed: {summary.resumed_from} were committed before, {summary.indexed - summary.resumed_from} "
+               "this run" if summary.resumed_from else "")
     typer.echo(
         f"indexed {summary.indexed} stimuli ({summary.failed} failed) into {summary.store} "
-        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s{resumed})"
     )
     for layer, fit in summary.layers.items():
         pairs = exact_pairs(fit, summary.indexed, fit.get("sketched", False))

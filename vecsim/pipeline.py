@@ -36,10 +36,12 @@ class IndexSummary:
     layers: dict[str, dict] = field(default_factory=dict)
 
     fidelity: dict[str, float] = field(default_factory=dict)  # Spearman(raw, stored) on the evaluation subset
+    resumed_from: int = 0  # stimuli an interrupted earlier run had committed (this run resumed it)
 
     @property
     def images_per_second(self) -> float:
-        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+        """Stimuli this run indexed per second (a resumed run's earlier stimuli not counted)."""
+        return (self.indexed - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
 
 
 def index_stimuli(config: IndexConfig | None = None, *, config_file: str | None = None, progress: bool = True,
@@ -174,6 +176,7 @@ class _Indexer:
                 for layer in cfg.layers
             }
         self.evalset = self._eval_subset(shapes)
+        committed: set[int] = set()
         try:
             if previous is not None:
                 committed = self._prepare_resume()
@@ -199,7 +202,7 @@ class _Indexer:
                   for layer, r in self.reducers.items()}
         from vecsim.report import fidelity_summary
 
-        return IndexSummary(out, indexed, failed, seconds, layers, fidelity_summary(out))
+        return IndexSummary(out, indexed, failed, seconds, layers, fidelity_summary(out), resumed_from=len(committed))
 
     # -- resuming ------------------------------------------------------------------
     def _previous_run(self, out: Path) -> tuple[dict | None, bool]:

@@ -295,3 +295,19 @@ def test_a_failed_neighbors_run_leaves_no_temporary_file(store, tmp_path, monkey
     with pytest.raises(OSError):
         store.neighbors(LAYERS[0], 3, tmp_path / "nn.parquet", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_typed_in_another_unicode_form_finds_its_stimulus():
+    """macOS stores 'é' decomposed (e + combining accent); typed on Linux it is one code point."""
+    import pyarrow as pa
+    import unicodedata
+
+    from vecsim.query import StimulusLookup
+
+    nfd = unicodedata.normalize("NFD", "cats/éclair.png")
+    table = pa.table({"id": [0, 1], "path": [nfd, "cats/plain.png"], "label": ["a", "b"], "sha256": ["x", "y"]})
+    lookup = StimulusLookup(table)
+    assert lookup.id_of_path(unicodedata.normalize("NFC", "cats/éclair.png")) == 0
+    assert lookup.id_of_path(nfd) == 0 and lookup.id_of_path("cats/plain.png") == 1
+    with pytest.raises(UnknownStimulusError):
+        lookup.id_of_path("cats/eclair.png")

@@ -29,6 +29,7 @@ class StimulusLookup:
         self.sha256 = np.array(table.column("sha256").to_pylist(), dtype=object)
         self._by_path = {p: int(i) for p, i in zip(self.paths, self.ids)}
         self._by_sha: dict[str, list[int]] | None = None
+        self._by_nfc: dict[str, list[int]] | None = None
 
     def position(self, ids: np.ndarray) -> np.ndarray:
         """Rows of these ids; an id that is not in the table is an error (never another row)."""
@@ -69,6 +70,17 @@ class StimulusLookup:
         key = path_key(path)
         if key in self._by_path:
             return self._by_path[key]
+        # the same name in another Unicode normal form (macOS writes decomposed names: an
+        # 'é' typed as one code point is two there), when that matches exactly one stimulus
+        import unicodedata
+
+        if self._by_nfc is None:
+            self._by_nfc = {}
+            for p, i in self._by_path.items():
+                self._by_nfc.setdefault(unicodedata.normalize("NFC", p), []).append(i)
+        same = self._by_nfc.get(unicodedata.normalize("NFC", key), [])
+        if len(same) == 1:
+            return same[0]
         raise UnknownStimulusError(
             f"no stimulus with path {path!r} in this store{close_matches(key, list(self._by_path))}"
         )

@@ -56,6 +56,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 MODEL = "densenet121"
 LAYERS = ["features.transition1.norm", "features.transition2.norm", "features.transition3.norm"]
@@ -316,27 +317,12 @@ def fidelity(model, reducers, images, device):
     return rows
 
 
-def plain_write(path: Path, nbytes: int) -> float:
-    """Seconds to write nbytes of zeros in 8 MiB chunks and fsync (the export's baseline)."""
-    chunk = bytes(8 << 20)
-    os.sync()
-    t0 = time.perf_counter()
-    with open(path, "wb") as fh:
-        left = nbytes
-        while left > 0:
-            fh.write(chunk[: min(len(chunk), left)])
-            left -= min(len(chunk), left)
-        fh.flush()
-        os.fsync(fh.fileno())
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return seconds
-
-
 def export_bench(v: np.ndarray, devices: list[str], folder: Path | None) -> dict:
     """export_similarity of v to a float16 .npy on each device (the CLI's `vecsim similarity
     --dtype float16 --device ...`), then a plain write of as many bytes to the same folder."""
     import tempfile
+
+    from bench_export import plain_write  # the export benchmark's baseline, the same here
 
     from vecsim.similarity import export_similarity
 
@@ -353,9 +339,10 @@ def export_bench(v: np.ndarray, devices: list[str], folder: Path | None) -> dict
             t0 = time.perf_counter()
             summary = export_similarity({"l": v}, path, device=dev, **kw)  # fsyncs before returning
             out[f"export_{dev}_s"] = time.perf_counter() - t0
-            out["export_mb"] = summary["bytes_written"] / 1e6
+            nbytes = summary["bytes_written"]
             files[dev] = path
-        out["plain_write_s"] = plain_write(work / "plain.bin", int(out["export_mb"] * 1e6))
+        out["export_mb"] = nbytes / 1e6
+        out["plain_write_s"] = plain_write(work / "plain.bin", nbytes)
         if len(devices) == 2:
             a = np.load(files[devices[0]], mmap_mode="r")
             b = np.load(files[devices[1]], mmap_mode="r")

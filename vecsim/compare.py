@@ -311,10 +311,10 @@ class _LayerData:
             norms = self._features[2][pos]
             G = X @ X.T
             np.fill_diagonal(G, norms**2)
-            for group in self.store.lookup().identical_groups():
-                rows = np.flatnonzero(np.isin(ids, group))
-                if len(rows) > 1:
-                    G[np.ix_(rows, rows)] = np.outer(norms[rows], norms[rows])
+            from vecsim.query import _identical_rows
+
+            for rows in _identical_rows(self.store, ids):
+                G[np.ix_(rows, rows)] = np.outer(norms[rows], norms[rows])
             self._stored_grams[key] = G
         return self._stored_grams[key]
 

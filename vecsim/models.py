@@ -4,6 +4,7 @@ its preprocessing, and the names and shapes of its hookable layers."""
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,14 +238,15 @@ def read_checkpoint(path, expected_sha256: str | None = None) -> tuple[dict, str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()  # read once: hashed, then loaded from memory
+    sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 and sha != expected_sha256:
         raise CheckpointError(
             f"checkpoint {path} changed since the store was built (sha256 {sha[:12]}…, the store recorded "
             f"{expected_sha256[:12]}…): new images would not be comparable with the stored ones; restore that file"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
             raise CheckpointError(

@@ -310,10 +310,9 @@ def _torch_search(ids: np.ndarray, vecs: np.ndarray, device: str):
     torch's CPU device too, which is how the tests check it without a GPU."""
     import torch
 
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    V = torch.from_numpy(np.array(vecs, dtype=np.float32, copy=True)).to(device)  # store arrays are read-only
-    n = V.shape[0]
+    from vecsim.similarity import torch_float32
+
+    n = len(vecs)
     step = max(1, TORCH_SCORES_BYTES // (4 * max(1, n)))
 
     def search(queries: np.ndarray, k: int):
@@ -328,13 +327,12 @@ def _torch_search(ids: np.ndarray, vecs: np.ndarray, device: str):
             found[lo : lo + len(q), :kk] = ids[top.indices.cpu().numpy()]
         return scores, found
 
-    try:
-        yield search
-    finally:
-        V = None  # release the device copy before emptying the cache
-        torch.set_float32_matmul_precision(previous)
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
+    with torch_float32(device):
+        V = torch.from_numpy(np.array(vecs, dtype=np.float32, copy=True)).to(device)  # store arrays are read-only
+        try:
+            yield search
+        finally:
+            V = None  # released before torch_float32 empties the cache
 
 
 def _write_neighbors(tmp, schema, search, exact, ids, vecs, twins, k, batch_size, progress, layer) -> int:
@@ -440,14 +438,20 @@ def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str]
 
 
 def _identical_rows(store, ids: np.ndarray) -> list[list[int]]:
-    """Groups of row positions (in ``ids`` order) whose files are byte-identical (same sha256):
-    their similarity is exactly 1, like a stimulus's with itself."""
+    """Groups of row positions (in ``ids`` order, which need not be sorted) whose files are
+    byte-identical (same sha256): their similarity is exactly 1, like a stimulus's with itself."""
+    ids = np.asarray(ids, dtype=np.int64)
+    groups = store.lookup().identical_groups()
+    if not groups or not len(ids):
+        return []
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
     out = []
-    for group in store.lookup().identical_groups():  # ids is sorted (id order)
-        pos = np.searchsorted(ids, group)
-        rows = pos[(pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == group)]
-        if len(rows) > 1:
-            out.append(rows.tolist())
+    for group in groups:
+        pos = np.searchsorted(ordered, group)
+        hit = (pos < len(ids)) & (ordered[np.minimum(pos, len(ids) - 1)] == group)
+        if hit.sum() > 1:
+            out.append(np.sort(order[pos[hit]]).tolist())
     return out
 
 

@@ -249,12 +249,12 @@ def _twin_pairs(store, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray | Non
     """(m, m) mask of the subset's pairs of byte-identical stimuli (not all-zero), whose stored
     similarity is exactly 1 wherever vecsim reports one (query, neighbors, similarity, RSA);
     None when there are none."""
-    groups = store.lookup().identical_groups()
-    if not groups:
-        return None
-    group_of = {int(i): g for g, members in enumerate(groups) for i in members.tolist()}
-    code = np.array([group_of.get(int(i), -1 - r) for r, i in enumerate(ids)])  # unique code when no twin
-    mask = (code[:, None] == code[None, :]) & ~np.eye(len(ids), dtype=bool)
+    from vecsim.query import _identical_rows
+
+    mask = np.zeros((len(ids), len(ids)), dtype=bool)
+    for rows in _identical_rows(store, ids):
+        mask[np.ix_(rows, rows)] = True
+    np.fill_diagonal(mask, False)
     nonzero = np.any(vectors != 0, axis=1)
     mask &= nonzero[:, None] & nonzero[None, :]
     return mask if mask.any() else None

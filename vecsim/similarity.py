@@ -254,47 +254,60 @@ def _torch_blocks(V, zero, tile_rows, device, *, upper, distance, reuse, same, d
     import torch
 
     cuda = str(device).startswith("cuda")
-    tdt = torch.float16 if np.dtype(dtype) == np.float16 else torch.float32
+    out_dtype = np.dtype(np.float16 if np.dtype(dtype) == np.float16 else np.float32)
+    tdt = torch.float16 if out_dtype == np.float16 else torch.float32
     n = V.shape[0]
+    with torch_float32(device):
+        try:
+            Vd = torch.from_numpy(np.array(V, dtype=np.float32, copy=True)).to(device)
+            zd = torch.from_numpy(np.ascontiguousarray(zero, dtype=bool)).to(device)
+            host = torch.empty(tile_rows * n, dtype=tdt, pin_memory=cuda)
+            starts = list(range(0, n, tile_rows))
+
+            def compute(r0: int):
+                r1 = min(n, r0 + tile_rows)
+                c0 = r0 if upper else 0
+                S = Vd[r0:r1] @ Vd[c0:].T
+                _finish_torch(S, r0, c0, zd, distance, same, zero)
+                return r0, r1, c0, S.to(tdt)
+
+            ahead = compute(starts[0])
+            for t in range(len(starts)):
+                r0, r1, c0, S = ahead
+                h = host[: S.numel()].view(S.shape)
+                h.copy_(S, non_blocking=cuda)
+                if cuda:
+                    done = torch.cuda.Event()
+                    done.record(torch.cuda.current_stream(Vd.device))
+                del S
+                # queued behind the copy: the device computes the next tile while the caller works
+                ahead = compute(starts[t + 1]) if t + 1 < len(starts) else None
+                if cuda:
+                    done.synchronize()
+                if reuse:
+                    yield r0, r1, c0, h.numpy()
+                else:  # a fresh array; torch's host copy runs on all its threads, numpy's on one
+                    block = np.empty(tuple(h.shape), dtype=out_dtype)
+                    torch.from_numpy(block).copy_(h)
+                    yield r0, r1, c0, block
+        finally:
+            Vd = zd = host = ahead = None  # released before torch_float32 empties the cache
+
+
+@contextlib.contextmanager
+def torch_float32(device: str):
+    """torch float32 matrix products at "highest" precision (no TF32) for the duration, so
+    GPU results match the CPU's to float32 rounding; the previous setting is restored and,
+    on CUDA, the allocator's cache emptied at the end (drop device tensors before leaving)."""
+    import torch
+
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
-    Vd = zd = host = None
     try:
-        Vd = torch.from_numpy(np.array(V, dtype=np.float32, copy=True)).to(device)
-        zd = torch.from_numpy(np.ascontiguousarray(zero, dtype=bool)).to(device)
-        host = torch.empty(tile_rows * n, dtype=tdt, pin_memory=cuda)
-        starts = list(range(0, n, tile_rows))
-
-        def compute(r0: int):
-            r1 = min(n, r0 + tile_rows)
-            c0 = r0 if upper else 0
-            S = Vd[r0:r1] @ Vd[c0:].T
-            _finish_torch(S, r0, c0, zd, distance, same, zero)
-            return r0, r1, c0, S.to(tdt)
-
-        ahead = compute(starts[0])
-        for t in range(len(starts)):
-            r0, r1, c0, S = ahead
-            h = host[: S.numel()].view(S.shape)
-            h.copy_(S, non_blocking=cuda)
-            done = torch.cuda.Event() if cuda else None
-            if cuda:
-                done.record(torch.cuda.current_stream(Vd.device))
-            del S
-            # queued behind the copy: the device computes the next tile while the caller works
-            ahead = compute(starts[t + 1]) if t + 1 < len(starts) else None
-            if cuda:
-                done.synchronize()
-            if reuse:
-                yield r0, r1, c0, h.numpy()
-            else:  # a fresh array; torch's host copy runs on all its threads, numpy's on one
-                block = np.empty(tuple(h.shape), dtype=np.float16 if tdt == torch.float16 else np.float32)
-                torch.from_numpy(block).copy_(h)
-                yield r0, r1, c0, block
+        yield
     finally:
-        Vd = zd = host = ahead = None  # release the device copy before emptying the cache
         torch.set_float32_matmul_precision(previous)
-        if cuda:
+        if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
 
 

@@ -115,6 +115,14 @@ def test_similarity_tiles_accepts_memmap(data, tmp_path):
     np.testing.assert_allclose(np.vstack(blocks), data.ref, atol=1e-5)
 
 
+def _force_engine(monkeypatch, engine):
+    """Run the CPU products with ``engine`` ("numpy" or "onednn"; skipped where oneDNN is not usable)."""
+    if engine == "onednn" and sim._onednn_linear() is None:
+        pytest.skip("torch's oneDNN op is not usable here")
+    monkeypatch.setattr(sim, "_CPU_ENGINE", engine)
+    assert sim.cpu_engine() == engine
+
+
 def _numpy_tiles(V, tile, upper, distance, same):
     zero = sim._zero_rows(V)
     return [(r0, r1, c0, S.copy()) for r0, r1, c0, S in
@@ -475,12 +483,11 @@ def test_identical_rows_are_exactly_one_across_tiles_and_formats(data, tmp_path)
         sim.similarity_matrix(data.V, identical=[[0, N]])
 
 
-@pytest.mark.parametrize("threads", [None, 2])
-def test_tiles_hold_one_earlier_strip_at_a_time(threads):
+@pytest.mark.parametrize("engine", ["numpy", "onednn"])
+def test_tiles_hold_one_earlier_strip_at_a_time(engine, monkeypatch):
     # the export reads earlier rows back through file maps whose touched pages count as RSS:
     # each must be released before the next is asked for, or memory grows with N
     import weakref
-    from concurrent.futures import ThreadPoolExecutor
 
     class Strip(np.ndarray):
         pass
@@ -499,31 +506,67 @@ def test_tiles_hold_one_earlier_strip_at_a_time(threads):
         live.append(weakref.ref(strip))
         return strip
 
-    pool = ThreadPoolExecutor(threads) if threads else None
-    try:
-        sim._fill_symmetric(V, np.zeros(n, bool), tile, "cpu", False, target, source,
-                            lambda r0, r1, rows: None, pool=pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    _force_engine(monkeypatch, engine)
+    sim._fill_symmetric(V, np.zeros(n, bool), tile, "cpu", False, target, source, lambda r0, r1, rows: None)
     assert len(live) == sum(range(n // tile + 1))  # one strip per earlier tile, per tile
     np.testing.assert_allclose(out, np.clip(V @ V.T, -1, 1) * (1 - np.eye(n)) + np.eye(n), atol=1e-6)
     assert np.array_equal(out, out.T)
 
 
 def test_float16_conversion_is_numpys_bit_for_bit():
-    """Every finite float32 below 65504 in magnitude (random bit patterns across the whole
-    range, subnormal results, ties, signed zeros), into a strided destination."""
-    from vecsim.similarity import _to_float16
-
+    """The CPU tiles are converted by torch's cast: numpy's rounding for every finite float32
+    (random bit patterns across the whole range, subnormal results, ties, signed zeros,
+    overflow to inf), into a strided destination."""
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    bits = rng.integers(0, 0x477FE000, 300_000, dtype=np.uint32) | (rng.integers(0, 2, 300_000, dtype=np.uint32) << 31)
+    bits = rng.integers(0, 0x7F800000, 300_000, dtype=np.uint32) | (rng.integers(0, 2, 300_000, dtype=np.uint32) << 31)
     src = bits.view(np.float32).reshape(100, 3000).copy()
     edge = np.array([0.0, -0.0, 1.0, -1.0, 2.0, 6.1e-5, 6.103515625e-05, 5.96e-8, 2**-24, 2**-25, 3 * 2**-25,
-                     2**-26, 1e-30, 65504.0, -65504.0, 0.5 + 2**-12, 0.5 + 3 * 2**-12, 1 + 2**-11, 1 + 3 * 2**-11],
-                    dtype=np.float32)
+                     2**-26, 1e-30, 65504.0, -65504.0, 65519.0, 65520.0, 0.5 + 2**-12, 0.5 + 3 * 2**-12,
+                     1 + 2**-11, 1 + 3 * 2**-11], dtype=np.float32)
     src[0, : len(edge)] = edge
     wide = np.zeros((100, 5000), dtype=np.float16)
-    _to_float16(src, wide[:, 1000:4000])
-    np.testing.assert_array_equal(wide[:, 1000:4000].view(np.uint16), src.astype(np.float16).view(np.uint16))
+    with np.errstate(over="ignore"):
+        want = src.astype(np.float16)
+    torch.from_numpy(wide[:, 1000:4000]).copy_(torch.from_numpy(src))
+    np.testing.assert_array_equal(wide[:, 1000:4000].view(np.uint16), want.view(np.uint16))
     assert not wide[:, :1000].any() and not wide[:, 4000:].any()
+
+
+@pytest.mark.parametrize("engine", ["numpy", "onednn"])
+@pytest.mark.parametrize("chunks", [(7, 23), (256, 2048)], ids=["small-blocks", "default-blocks"])
+def test_cpu_products_in_blocks_match_brute_force(data, tmp_path, monkeypatch, engine, chunks):
+    """The CPU path computes each tile in blocks of rows x columns (finished and converted
+    block by block, the upper triangle only where the caller mirrors): with blocks that do
+    not divide N or the tiles, every output equals brute force, is exactly symmetric, and
+    keeps the exact 1 / 0 entries (diagonal, all-zero row, byte-identical pairs)."""
+    _force_engine(monkeypatch, engine)
+    monkeypatch.setattr(sim, "_ROW_CHUNK", chunks[0])
+    monkeypatch.setattr(sim, "_COL_BLOCK", chunks[1])
+    groups = [[3, 40, 41], [100, 250]]
+    ref = data.ref.copy()
+    for g in groups:
+        for i in g:
+            for j in g:
+                ref[i, j] = 1.0
+    for limit in (TINY_LIMIT, sim.DEFAULT_MEMORY_LIMIT):
+        for dtype, tol in (("float32", 1e-5), ("float16", 2e-3)):
+            M = sim.similarity_matrix(data.V, dtype=dtype, memory_limit_bytes=limit, identical=groups)
+            assert M.dtype == np.dtype(dtype) and np.array_equal(M, M.T)
+            np.testing.assert_allclose(M.astype(np.float64), ref, atol=tol)
+            assert M[ZERO_ROW].max() == 0.0 and M[3, 41] == M[250, 100] == 1.0
+            assert (np.diag(M) == np.where(np.arange(N) == ZERO_ROW, 0, 1)).all()
+            out = tmp_path / f"{engine}_{limit}_{dtype}.npy"
+            _export(data, out, dtype=dtype, distance=True, memory_limit_bytes=limit, identical=groups)
+            D = np.load(out)
+            assert D.dtype == np.dtype(dtype) and np.array_equal(D, D.T)
+            np.testing.assert_allclose(D.astype(np.float64), 1 - ref, atol=tol)
+    zero = sim._zero_rows(data.V)
+    same = sim._identical_pairs(groups, N)
+    for upper in (True, False):
+        for r0, r1, c0, S in sim._blocks(data.V, zero, 37, "cpu", upper=upper, same=same):
+            np.testing.assert_allclose(S, ref[r0:r1, c0:], atol=1e-5)
+            if upper:
+                assert np.array_equal(S[:, : r1 - r0], S[:, : r1 - r0].T)
+    tiles = np.vstack([b for _, _, b in sim.similarity_tiles(data.V, tile_rows=40)])
+    np.testing.assert_allclose(tiles, data.ref, atol=1e-5)

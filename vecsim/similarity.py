@@ -39,6 +39,11 @@ Memory stays bounded by ``memory_limit_bytes``: rows are processed in tiles of
     condensed form has no diagonal, so ``get_matrices()`` shows 0 there, also
     for an all-zero row (whose self-distance is 1 in the other formats).
 
+On the CPU the products are computed in blocks of 256 rows x 2048 columns, each finished
+and converted to the output dtype while it is in the core's cache, by oneDNN through torch
+(which picks its kernels from the CPU at run time) or, where that op is missing or fails its
+check against numpy, by numpy's BLAS (:func:`cpu_engine`); the two agree to float32 rounding.
+
 With ``device="cuda"`` the tiles are computed on the GPU (:func:`_torch_blocks`): the
 products, the finishing and the conversion to the output dtype run there, and the next tile
 is computed while the host mirrors and writes the current one.
@@ -52,12 +57,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -74,6 +81,7 @@ from vecsim.errors import (
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT",
+    "cpu_engine",
     "export_similarity",
     "estimate_export_bytes",
     "similarity_matrix",
@@ -153,6 +161,8 @@ def _check_memory_limit(memory_limit_bytes) -> int:
 def _tile_rows_for(n: int, bytes_per_entry: float, memory_limit_bytes: int) -> int:
     """Rows per tile so that ``rows * n * bytes_per_entry`` stays within the limit (>= 1)."""
     rows = int(memory_limit_bytes // max(1.0, n * bytes_per_entry))
+    if rows > _ROW_CHUNK:  # whole chunks: the CPU product calls keep a few shapes
+        rows -= rows % _ROW_CHUNK
     return max(1, min(n, rows))
 
 
@@ -180,22 +190,22 @@ def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool,
             same: np.ndarray | None = None) -> None:
     """In place: clip, exact diagonal, zero rows/columns, identical pairs, optional ``1 - s``.
 
-    ``S`` holds rows ``r0:r0+len(S)`` and columns ``c0:N`` of the similarity matrix.
+    ``S`` holds rows ``r0:r0+len(S)`` and columns ``c0:c0+S.shape[1]`` of the similarity matrix.
     ``same`` is a (P, 2) array of row positions (both orders) of byte-identical stimuli,
     whose similarity is exactly 1 like the diagonal's.
     """
-    R = S.shape[0]
+    R, C = S.shape
     np.clip(S, -1.0, 1.0, out=S)
     zr = zero[r0 : r0 + R]
-    zc = zero[c0:]
+    zc = zero[c0 : c0 + C]
     if zr.any():
         S[zr, :] = 0.0
     if zc.any():
         S[:, zc] = 0.0
-    rows = np.arange(R)
-    diag_cols = rows + (r0 - c0)
-    inside = (diag_cols >= 0) & (diag_cols < S.shape[1])
-    S[rows[inside], diag_cols[inside]] = np.where(zr[inside], 0.0, 1.0)
+    lo, hi = max(0, c0 - r0), min(R, c0 + C - r0)  # the rows whose diagonal is in the block
+    if hi > lo:
+        rows = np.arange(lo, hi)
+        S[rows, rows + (r0 - c0)] = np.where(zr[lo:hi], 0.0, 1.0)
     if same is not None:  # never empty (_identical_pairs gives None then), sorted by row
         lo, hi = np.searchsorted(same[:, 0], [r0, r0 + R])
         i, j = same[lo:hi, 0], same[lo:hi, 1]
@@ -217,28 +227,113 @@ def _blocks(
     same: np.ndarray | None = None,
     dtype: np.dtype = np.dtype(np.float32),
 ) -> Iterator[tuple[int, int, int, np.ndarray]]:
-    """Yield ``(r0, r1, c0, S)``: finished block of rows r0:r1, columns c0:N.
+    """Yield ``(r0, r1, c0, S)``: finished block of rows r0:r1, columns c0:N, in ``dtype``
+    (float32 or float16, converted once from the float32 products).
 
-    ``upper`` computes only columns from ``r0`` on (``c0 = r0``), else all (``c0 = 0``).
-    With ``reuse`` the block lives in a buffer that a later tile overwrites (the caller is
-    done with it when it asks for the next one). On the CPU ``S`` is float32; on a GPU
-    (:func:`_torch_blocks`) it is ``dtype``, converted on the device.
+    ``upper`` computes only columns from ``r0`` on (``c0 = r0``), else all (``c0 = 0``); the
+    block's square ``S[:, :r1 - r0]`` is then exactly symmetric. With ``reuse`` the block lives
+    in a buffer that a later tile overwrites (the caller is done with it when it asks for the
+    next one). On a GPU the tiles come from :func:`_torch_blocks`.
     """
     if device.startswith("cuda"):
         _require_cuda(device)
         yield from _torch_blocks(V, zero, tile_rows, device, upper=upper, distance=distance,
                                  reuse=reuse, same=same, dtype=dtype)
         return
+    out_dtype = np.dtype(np.float16 if np.dtype(dtype) == np.float16 else np.float32)
     n = V.shape[0]
-    buf = np.empty(tile_rows * n, dtype=np.float32) if reuse else None
+    buf = np.empty(tile_rows * n, dtype=out_dtype) if reuse else None
     for r0 in range(0, n, tile_rows):
         r1 = min(n, r0 + tile_rows)
         c0 = r0 if upper else 0
         shape = (r1 - r0, n - c0)
-        S = buf[: shape[0] * shape[1]].reshape(shape) if reuse else np.empty(shape, dtype=np.float32)
-        np.matmul(V[r0:r1], V[c0:].T, out=S)
-        _finish(S, r0, c0, zero, distance, same)
+        S = buf[: shape[0] * shape[1]].reshape(shape) if reuse else np.empty(shape, dtype=out_dtype)
+        _cpu_rows(V, zero, r0, c0, S, upper=upper, distance=distance, same=same)
+        if upper:
+            _symmetrize_diagonal_block(S[:, : r1 - r0])
         yield r0, r1, c0, S
+
+
+# Products on the CPU are computed in blocks of _ROW_CHUNK rows x _COL_BLOCK columns (2 MiB of
+# float32), each finished and converted into the output while it is still in the core's cache;
+# a tile of rows is never held in float32 as well as in the output dtype.
+_ROW_CHUNK = 256
+_COL_BLOCK = 2048
+# Which library computes the CPU products: None picks oneDNN (through torch) when it is there
+# and gives numpy's results on a self-check, else numpy's BLAS; "numpy" or "onednn" forces one.
+_CPU_ENGINE: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear():
+    """torch's oneDNN inner product (``A @ B.T`` on dense float32 tensors), or None.
+
+    oneDNN picks its kernels from the CPU's instruction set at run time; numpy's BLAS may be
+    held to an older set (an ``OPENBLAS_CORETYPE`` setting, a generic build), which on an
+    AVX-512 CPU halves its product rate. The op is torch's internal ``mkldnn._linear_pointwise``
+    (the one torch's compiler emits for linear layers), so it is checked against numpy on
+    first use and numpy is used whenever it is missing, fails or disagrees.
+    """
+    try:
+        import torch
+
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        rng = np.random.default_rng(0)
+        A = rng.standard_normal((37, 70), dtype=np.float32)
+        B = rng.standard_normal((53, 70), dtype=np.float32)
+        got = op(torch.from_numpy(A), torch.from_numpy(B), None, "none", [], "").numpy()
+        want = A.astype(np.float64) @ B.astype(np.float64).T
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-4):
+            return None
+        return op
+    except Exception:  # noqa: BLE001 - any failure means: use numpy
+        return None
+
+
+def cpu_engine() -> str:
+    """The library that computes similarity products on the CPU: ``"onednn"`` or ``"numpy"``."""
+    if _CPU_ENGINE == "numpy":
+        return "numpy"
+    if _onednn_linear() is not None:
+        return "onednn"
+    if _CPU_ENGINE == "onednn":
+        raise DeviceError("the oneDNN product path was asked for but torch's oneDNN op is not usable here")
+    return "numpy"
+
+
+def _cpu_rows(V: np.ndarray, zero: np.ndarray, r0: int, c0: int, out: np.ndarray, *, upper: bool,
+              distance: bool, same: np.ndarray | None) -> None:
+    """Fill ``out`` (rows ``r0:r0+len(out)``, columns ``c0:c0+out.shape[1]``) with finished
+    similarities (:func:`_finish`) in ``out``'s dtype (float32 or float16; ``out`` may be a
+    strided view). With ``upper`` a chunk of rows starting at ``a0`` skips the columns
+    below ``a0``: the lower triangle of the tile's diagonal square is left for
+    :func:`_symmetrize_diagonal_block`."""
+    import torch
+
+    engine = cpu_engine()
+    op = _onednn_linear() if engine == "onednn" else None
+    R, C = out.shape
+    c1 = c0 + C
+    with warnings.catch_warnings():  # read-only inputs (a store's memory map) are only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        Vt = torch.from_numpy(V)
+        out_t = torch.from_numpy(out)
+    scratch = None if op is not None else np.empty(_ROW_CHUNK * _COL_BLOCK, dtype=np.float32)
+    for a0 in range(r0, r0 + R, _ROW_CHUNK):
+        a1 = min(r0 + R, a0 + _ROW_CHUNK)
+        for b0 in range(max(c0, a0) if upper else c0, c1, _COL_BLOCK):
+            b1 = min(c1, b0 + _COL_BLOCK)
+            if op is not None:
+                Pt = op(Vt[a0:a1], Vt[b0:b1], None, "none", [], "")
+                P = Pt.numpy()
+            else:
+                P = scratch[: (a1 - a0) * (b1 - b0)].reshape(a1 - a0, b1 - b0)
+                np.matmul(V[a0:a1], V[b0:b1].T, out=P)
+                Pt = torch.from_numpy(P)
+            _finish(P, a0, b0, zero, distance, same)
+            out_t[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0].copy_(Pt)  # torch's cast: numpy's rounding, vectorised
 
 
 def _torch_blocks(V, zero, tile_rows, device, *, upper, distance, reuse, same, dtype):
@@ -334,65 +429,25 @@ def _finish_torch(S, r0: int, c0: int, zd, distance: bool, same: np.ndarray | No
         S.neg_().add_(1.0)
 
 
-_F16_BLOCK = 1 << 16  # elements per pass: the temporaries stay in the core's cache
-
-def _to_float16(src: np.ndarray, dst: np.ndarray) -> None:
-    """``dst[...] = src`` for a 2-D float32 ``src`` and float16 ``dst``, bit for bit as numpy's
-    cast (round to nearest even) for finite values below 65504 in magnitude (similarities,
-    1 - s). numpy's own float32 -> float16 cast is a scalar loop; these integer passes over
-    cache-sized blocks take about half its time."""
-    rows, cols = src.shape
-    step = max(1, _F16_BLOCK // max(1, cols))
-    shape = (min(step, rows), cols)
-    mag = np.empty(shape, np.uint32)
-    out = np.empty(shape, np.uint32)
-    low = np.empty(shape, bool)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        x = src[a:b].view(np.uint32)
-        m, o, s = mag[: b - a], out[: b - a], low[: b - a]
-        np.bitwise_and(x, 0x7FFFFFFF, out=m)  # |x|
-        np.right_shift(m, 13, out=o)
-        np.bitwise_and(o, 1, out=o)  # the last kept mantissa bit: ties go to even
-        o += m
-        o += 0xC8000FFF  # rebias the exponent (-112 << 23, wrapping) and round half up
-        o >>= 13
-        np.less(m, 0x38800000, out=s)  # below float16's smallest normal (2^-14): subnormal or zero
-        i = np.flatnonzero(s)
-        if len(i):  # adding 0.5 makes the FPU round |x| to a multiple of 2^-24, float16's subnormal step
-            mi = m.reshape(-1)[i].view(np.float32) + np.float32(0.5)
-            o.reshape(-1)[i] = mi.view(np.uint32) - np.uint32(0x3F000000)
-        np.right_shift(x, 16, out=m)
-        m &= 0x8000  # the sign
-        o |= m
-        dst[a:b].view(np.uint16)[...] = o
+_TRIL = {}
 
 
 def _symmetrize_diagonal_block(D: np.ndarray) -> None:
-    """Copy the strict upper triangle of the square block ``D`` onto its lower triangle."""
-    for a in range(D.shape[0] - 1):
-        D[a + 1 :, a] = D[a, a + 1 :]
+    """Copy the strict upper triangle of the square block ``D`` onto its lower triangle
+    (chunk by chunk: a transposed copy below each chunk's square, index pairs inside it)."""
+    import torch
 
-
-def _post_threads() -> int:
-    """Threads for the per-tile conversion and mirroring (numpy releases the GIL there)."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def _row_parts(rows: int, parts: int) -> list[tuple[int, int]]:
-    """``rows`` split into at most ``parts`` contiguous, non-empty ``(start, stop)`` ranges."""
-    parts = max(1, min(parts, rows))
-    edges = [rows * p // parts for p in range(parts + 1)]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _run_rows(pool, rows: int, fn) -> None:
-    """``fn(a0, a1)`` over ``rows`` split by rows across ``pool``'s threads (or at once without one)."""
-    if pool is None:
-        fn(0, rows)
-        return
-    for fut in [pool.submit(fn, a0, a1) for a0, a1 in _row_parts(rows, _post_threads())]:
-        fut.result()
+    R = D.shape[0]
+    for a0 in range(0, R, _ROW_CHUNK):
+        a1 = min(R, a0 + _ROW_CHUNK)
+        m = a1 - a0
+        if m not in _TRIL:
+            _TRIL[m] = np.tril_indices(m, -1)
+        i, j = _TRIL[m]
+        sq = D[a0:a1, a0:a1]
+        sq[i, j] = sq[j, i]
+        if a1 < R:
+            torch.from_numpy(D[a1:, a0:a1]).copy_(torch.from_numpy(D[a0:a1, a1:]).T)
 
 
 def _fill_symmetric(
@@ -405,44 +460,43 @@ def _fill_symmetric(
     source: Callable[[int, int], np.ndarray],
     done: Callable[[int, int, np.ndarray], None],
     same: np.ndarray | None = None,
-    pool=None,
     dtype: np.dtype = np.dtype(np.float32),
 ) -> None:
     """Fill an (N, N) matrix one row tile at a time, computing only the upper triangle.
 
-    For each tile ``target(r0, r1)`` gives a writable ``(r1 - r0, N)`` array for
-    its rows; columns ``r0:`` come from the matmul, columns ``:r0`` are the
+    For each tile ``target(r0, r1)`` gives a writable ``(r1 - r0, N)`` array (of ``dtype``)
+    for its rows; columns ``r0:`` come from the products, columns ``:r0`` are the
     transpose of the rows already finished, which ``source(s0, s1)`` returns
     (one earlier tile at a time, ``s0``/``s1`` on tile boundaries). The result is
     exactly symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
-    ``dtype`` is the target's: on a GPU the tiles arrive in it (converted on the device).
-    With a thread ``pool``, the copy into ``target`` (the dtype conversion) and the
-    mirroring are split by rows over its threads.
+    On the CPU the products are finished and converted straight into the target; on a
+    GPU the tiles arrive finished and converted (:func:`_torch_blocks`) and are copied in.
     """
-    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same,
-                                  dtype=dtype):
-        R = r1 - r0
-        _symmetrize_diagonal_block(S[:, :R])
+    import torch
+
+    n = V.shape[0]
+    if device.startswith("cuda"):
+        tiles = ((r0, r1, S) for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True,
+                                                             distance=distance, same=same, dtype=dtype))
+    else:
+        tiles = ((r0, min(n, r0 + tile_rows), None) for r0 in range(0, n, tile_rows))
+    for r0, r1, S in tiles:
         dst = target(r0, r1)
-
-        def upper(a0: int, a1: int, dst=dst, S=S, r0=r0) -> None:
-            if dst.dtype == np.float16 and S.dtype != np.float16:
-                _to_float16(S[a0:a1], dst[a0:a1, r0:])
-            else:
-                dst[a0:a1, r0:] = S[a0:a1]
-
-        _run_rows(pool, R, upper)
+        if S is None:
+            _cpu_rows(V, zero, r0, r0, dst[:, r0:], upper=True, distance=distance, same=same)
+        else:
+            torch.from_numpy(dst[:, r0:]).copy_(torch.from_numpy(S))
+        _symmetrize_diagonal_block(dst[:, r0:r1])
+        dst_t = torch.from_numpy(dst)
         for s0 in range(0, r0, tile_rows):
             s1 = min(r0, s0 + tile_rows)
             src = source(s0, s1)
-
-            def mirror(a0: int, a1: int, dst=dst, src=src, r0=r0, s0=s0, s1=s1) -> None:
-                dst[a0:a1, s0:s1] = src[:, r0 + a0 : r0 + a1].T
-
-            _run_rows(pool, R, mirror)
-            del src, mirror  # a file map is unmapped here, keeping RSS to one tile's strip
+            with warnings.catch_warnings():  # a read-only file map, only read
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                dst_t[:, s0:s1].copy_(torch.from_numpy(src[:, r0:r1]).T)
+            del src  # a file map is unmapped here, keeping RSS to one tile's strip
         done(r0, r1, dst)
-        del dst
+        del dst, dst_t
 
 
 # --------------------------------------------------------------------------- #
@@ -605,7 +659,8 @@ def export_similarity(
     Returns a summary dict: ``path``, ``files``, ``format``, ``shape``,
     ``layers``, ``n``, ``dtype``, ``metric``, ``values`` ("similarity" or
     ``"distance"``), ``triangle``, ``bytes_written``, ``bytes_estimated``,
-    ``tile_rows``, ``device``, ``elapsed_s``.
+    ``tile_rows``, ``device``, ``products`` (what computed the matrix products: ``"onednn"``
+    or ``"numpy"`` on the CPU, see :func:`cpu_engine`), ``elapsed_s``.
 
     Raises OutputExistsError, DiskSpaceError, DimensionMismatchError,
     ConfigError, DeviceError.
@@ -711,6 +766,7 @@ def export_similarity(
         "metadata": metadata,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(extra=("h5py", "rsatoolbox")),
+        "products": "torch on " + device if device.startswith("cuda") else cpu_engine(),
     }
     try:
         prov_json = json.dumps(provenance, default=json_default, allow_nan=False, indent=1)
@@ -811,6 +867,7 @@ def export_similarity(
         "bytes_estimated": int(needed),
         "tile_rows": int(tile_rows),
         "device": device,
+        "products": provenance["products"],
         "elapsed_s": time.perf_counter() - t_start,
     }
 
@@ -824,8 +881,8 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     Each finished tile of rows is ``pwrite``-n from one of two reusable buffers by
     a writer thread while the next tile is computed, so disk and CPU overlap; the
     writer also flushes each tile to disk (``fdatasync``) as it goes, so the final
-    fsync has little left to wait for. The conversion to the output dtype and the
-    mirroring run on a small thread pool (split by rows).
+    fsync has little left to wait for. On the CPU the products are finished and
+    converted straight into those buffers (:func:`_cpu_rows`).
     The lower triangle of a tile is read back from the previous tile's buffer or,
     for older rows, through a short-lived read-only memory map of just those rows.
     Nothing maps the whole file for long: pages of such a map, once touched,
@@ -838,8 +895,9 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     del header
     itemsize = dt.itemsize
     row_bytes = n * itemsize
-    # f32 block + two output buffers (+ the read-back map of one earlier tile's strip)
-    tile_rows = _tile_rows_for(n, 4 + 3 * itemsize, limit)
+    # two output buffers + the read-back map of one earlier tile's strip (+ on a GPU the
+    # pinned buffer the tiles arrive in; the CPU's float32 blocks are a few MiB whatever N is)
+    tile_rows = _tile_rows_for(n, (4 if device.startswith("cuda") else 3) * itemsize, limit)
     bufs = [np.empty(tile_rows * n, dtype=dt), np.empty(tile_rows * n, dtype=dt)]
     datasync = getattr(os, "fdatasync", os.fsync)
 
@@ -850,8 +908,7 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
             pos += os.pwrite(fd, view[pos:], offset + pos)
         datasync(fd)
 
-    with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as writer, \
-            ThreadPoolExecutor(max_workers=_post_threads()) as workers:
+    with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as writer:
         fd = fh.fileno()
         for li, (V, zero) in enumerate(zip(mats, zeros)):
             layer_base = data_offset + li * n * row_bytes
@@ -880,8 +937,7 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
                 tick(r1 - r0)
 
             try:
-                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, workers,
-                                dtype=dt)
+                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, dtype=dt)
             finally:
                 for fut in pending:
                     if fut is not None:

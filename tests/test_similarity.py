@@ -164,6 +164,29 @@ def test_torch_tiles_equal_the_numpy_tiles(data, upper, distance, dtype):
     assert torch.get_float32_matmul_precision() == precision  # restored after the matmuls at "highest"
 
 
+def test_torch_tiles_under_the_per_backend_precision_setting(data):
+    """A caller who set torch's per-backend matmul precision (torch >= 2.9) makes torch refuse
+    the legacy getter; the device tiles still run, at "ieee", and the caller's setting is back
+    afterwards."""
+    torch = pytest.importorskip("torch")
+    matmul = getattr(torch.backends.cuda, "matmul", None)
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend precision setting")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        zero = sim._zero_rows(data.V)
+        seen = []
+        with sim.torch_float32("cpu"):
+            seen.append(matmul.fp32_precision)
+        blocks = [S for *_, S in sim._torch_blocks(data.V, zero, 50, "cpu", upper=False, distance=False,
+                                                   reuse=False, same=None, dtype=np.dtype("float32"))]
+        np.testing.assert_allclose(np.vstack(blocks), data.ref, atol=1e-5)
+        assert seen == ["ieee"] and matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_torch_tiles_fresh_blocks_are_not_reused(data):
     pytest.importorskip("torch")
     zero = sim._zero_rows(data.V)

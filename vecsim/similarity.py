@@ -396,12 +396,24 @@ def torch_float32(device: str):
     on CUDA, the allocator's cache emptied at the end (drop device tensors before leaving)."""
     import torch
 
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    try:
+        previous = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 refuses the legacy setting once the caller used the
+        matmul = torch.backends.cuda.matmul  # per-backend one: stay with that one
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+
+        def restore() -> None:
+            matmul.fp32_precision = previous
+    else:
+        torch.set_float32_matmul_precision("highest")
+
+        def restore() -> None:
+            torch.set_float32_matmul_precision(previous)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        restore()
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
 

@@ -127,7 +127,7 @@ def test_fidelity_equals_a_direct_computation(labelled, layer):
     for row, level in zip(fid["rows"], cs["levels"]):
         want = _direct(labelled, layer, row["dim"])
         assert row["spearman"] == pytest.approx(want["spearman"], abs=1e-6)
-        assert row["recall_at_10"] == pytest.approx(want["recall"], abs=1e-9)
+        assert row["recall_at_k"] == pytest.approx(want["recall"], abs=1e-9)
         assert level["auc"] == pytest.approx(want["reduced"], abs=1e-6)
         assert cs["exact"]["auc"] == pytest.approx(want["exact"], abs=1e-9)
         assert 0 <= row["max_abs_delta"] and row["mean_abs_delta"] <= row["max_abs_delta"]
@@ -283,3 +283,55 @@ def test_byte_identical_stimuli_count_as_similarity_one_in_the_fidelity(tmp_path
     row = fidelity(store, "features.relu3")["rows"][-1]
     assert row["max_abs_delta"] == pytest.approx(float(np.abs(approx[iu] - data["exact"][iu]).max()), abs=1e-12)
     assert row["spearman"] == pytest.approx(spearmanr(data["exact"][iu], approx[iu]).statistic, abs=1e-9)
+
+
+def test_a_small_subset_reports_no_trivial_recall_and_says_what_limited_it(tmp_path):
+    """With M ≤ 11, recall@(M − 1) is 1 whatever the reduction does: not reported, and said.
+    A subset cut by --eval-memory is reported with what was asked for and what the budget held,
+    and a float16-held subset says so."""
+    src = make_image_set(tmp_path / "stimuli")
+    vecsim.index_stimuli(source=str(src), model="digits-cnn", layers=["features.relu3", "pool"], out=str(tmp_path / "s"),
+                         dim="4", eval_size=40, eval_memory=0.25, labels_from_folders=True, batch_size=8,
+                         progress=False)
+    store = Store.open(tmp_path / "s")
+    fids = {layer: fidelity(store, layer) for layer in store.layers}
+    small = fids["features.relu3"]  # 4,096 units: the 0.25 MB budget holds few of them
+    assert small["M"] <= 11 and small["recall_k"] == small["M"] - 1
+    assert all(r["recall_at_k"] is None for r in small["rows"]) and "not reported" in small["recall_note"]
+    assert small["eval_size"] == 40 and small["allotted"] < 40
+    out = tmp_path / "out"
+    report = build_report(store.path, out)
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert f"M = {small['M']} stimuli (--eval-size 40; the --eval-memory budget held {small['allotted']} raw " \
+        "vectors of this layer)" in markdown
+    assert small["recall_note"] in markdown and "rest on few pairs" in markdown
+    if small["held_dtype"] == "float16":
+        assert "held in float16" in markdown
+    row = {r["layer"]: r for r in report["summary"]}["features.relu3"]
+    assert row["recall_at_k"] is None and row["recall_k"] == small["M"] - 1
+    head = [line for line in markdown.splitlines() if line.startswith("| layer")][0]
+    assert "recall@10" not in head  # the rows have different k: the header says recall@k
+
+
+def test_an_infinite_d_prime_is_shown_as_infinite(tmp_path):
+    """Two byte-identical images of one label and one of another: every similarity in each
+    group is constant, the means differ, d′ = +∞ (JSON: null; the text shows ∞, not "–")."""
+    import shutil
+
+    src = make_image_set(tmp_path / "all")
+    root = tmp_path / "stimuli"
+    (root / "x").mkdir(parents=True)
+    (root / "y").mkdir()
+    first = sorted((src / "cat").glob("*.png"))[0]
+    shutil.copy(first, root / "x" / "a.png")
+    shutil.copy(first, root / "x" / "a2.png")
+    shutil.copy(sorted((src / "dog").glob("*.png"))[0], root / "y" / "b.png")
+    vecsim.index_stimuli(source=str(root), model="digits-cnn", layers=["pool"], out=str(tmp_path / "s"), dim="2",
+                         labels_from_folders=True, batch_size=8, progress=False)
+    assert fidelity(tmp_path / "s", "pool")["class_separation"]["exact"]["d_prime"] == math.inf
+    build_report(tmp_path / "s", tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert data["layers"]["pool"]["class_separation"]["exact"]["d_prime"] is None
+    exact_row = [line for line in (tmp_path / "out" / "report.md").read_text(encoding="utf-8").splitlines()
+                 if line.startswith("| exact |")][0]
+    assert exact_row.split("|")[3].strip() == "∞"

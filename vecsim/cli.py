@@ -238,10 +238,12 @@ def format_report(report: dict) -> str:
     lines = [f"wrote {files['html']} (self-contained), {files['markdown']}, {files['json']} "
              f"and {len(files['figures'])} figures", ""]
     width = max(len("layer"), *(len(r["layer"]) for r in report["summary"]))
-    head = f"{'layer':<{width}} {'M':>6} {'dim':>5} {'Spearman':>9} {'recall@10':>9}"
+    from vecsim.report import recall_cell, recall_header
+
+    head = f"{'layer':<{width}} {'M':>6} {'dim':>5} {'Spearman':>9} {recall_header(report['summary']):>9}"
     lines.append(head + (f" {'AUC raw':>8} {'AUC dim':>8}" if report["labels"] else ""))
     for r in report["summary"]:
-        row = f"{r['layer']:<{width}} {r['M']:>6,} {r['dim']:>5} {num(r['spearman'], 4):>9} {num(r['recall_at_10'], 3):>9}"
+        row = f"{r['layer']:<{width}} {r['M']:>6,} {r['dim']:>5} {num(r['spearman'], 4):>9} {recall_cell(r):>9}"
         lines.append(row + (f" {num(r['auc_exact'], 4):>8} {num(r['auc'], 4):>8}" if report["labels"] else ""))
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ HIST_BINS = 60
 FIGURES_DIR = "figures"
 REPORT_FILES = ("report.html", "report.md", "report.json")
 ID_CHUNK = 1000  # ids per SQL IN (...) filter when reading the subset's vectors
+FEW_SUBSET = 20  # below this many subset stimuli the report says its figures rest on few pairs
 NO_LABELS_LINE = "This store has no labels, so the class-separation sections are left out."
 
 
@@ -313,7 +314,8 @@ def fidelity(store, layer: str, dims=None) -> dict:
     """How well the stored vectors of ``layer`` keep the exact similarities, on its evaluation subset.
 
     ``dims`` (default 8, 16, … up to the stored dim) are prefixes of the stored coordinates.
-    Returns M, the per-dims rows (spearman, pearson, max/mean |Δ|, recall_at_10, energy_kept),
+    Returns M, the per-dims rows (spearman, pearson, max/mean |Δ|, recall_at_k with k =
+    ``recall_k`` = min(10, M − 1), None when k = M − 1, energy_kept),
     the energy curve, and, when the subset has labels on both sides, ``class_separation``
     (exact and per dims: AUC, d′, means, SDs, and histogram counts on shared bins).
     """
@@ -324,6 +326,9 @@ def fidelity(store, layer: str, dims=None) -> dict:
     dims = _check_dims(dims, stored, layer)
     exact, vectors, m = data["exact"], data["vectors"], len(data["ids"])
     k = min(RECALL_K, m - 1)
+    # with k = M - 1 every other stimulus is among the k nearest: recall is 1 whatever the
+    # reduction does, so it is not reported
+    informative = k < m - 1
     iu = np.triu_indices(m, 1)
     exact_pairs = exact[iu]
     curve = energy_curve(store.spectrum(layer))
@@ -336,18 +341,27 @@ def fidelity(store, layer: str, dims=None) -> dict:
         level_pairs[d] = approx[iu]
         rows.append({
             "dim": d, **similarity_stats(exact_pairs, level_pairs[d]),
-            "recall_at_10": recall_at_k(exact, approx, k, truth),
+            "recall_at_k": recall_at_k(exact, approx, k, truth) if informative else None,
             "energy_kept": float(curve[min(d, len(curve)) - 1]) if len(curve) else None,
         })
 
+    ev_info = info.get("eval", {})
+    config = store.manifest.get("config", {})
+    added = sum(int(a.get("added", 0)) for a in store.manifest.get("additions", []))
     result = {
         "layer": layer,
         "metric": _metric(store, layer),
         "M": m,
-        "requested": int(info.get("eval", {}).get("requested", m)),
+        "eval_size": config.get("eval_size"),  # what the run asked for (--eval-size)
+        "allotted": int(ev_info.get("requested", m)),  # what the --eval-memory budget held for this layer
+        "indexed": int(store.manifest.get("counts", {}).get("stimuli", m)) - added,  # the subset was drawn from these
+        "held_dtype": ev_info.get("held_dtype"),
         "missing": data["missing"],
         "dim": stored,
         "recall_k": k,
+        "recall_note": None if informative else (
+            f"recall@{k} is not reported: with M = {m} every other stimulus is among the {k} nearest, "
+            "so it would be 1 whatever the reduction does"),
         "dims": dims,
         "rows": rows,
         "energy_curve": [float(v) for v in curve],
@@ -448,9 +462,9 @@ def plot_fidelity(fid: dict, path: Path) -> Path:
     fig = _figure(9, 3.6)
     left, right = fig.subplots(1, 2)
     dims = [r["dim"] for r in fid["rows"]]
-    for key, label in (("spearman", "Spearman"), ("pearson", "Pearson"), ("recall_at_10", f"recall@{fid['recall_k']}")):
+    for key, label in (("spearman", "Spearman"), ("pearson", "Pearson"), ("recall_at_k", f"recall@{fid['recall_k']}")):
         left.plot(dims, [_nan(r[key]) for r in fid["rows"]], marker="o", label=label)
-    lowest = [_nan(r[key], 0.0) for r in fid["rows"] for key in ("spearman", "pearson", "recall_at_10")]
+    lowest = [_nan(r[key], 0.0) for r in fid["rows"] for key in ("spearman", "pearson", "recall_at_k")]
     left.set_ylim(min(0.0, *lowest), 1.02)
     left.set_title(f"{fid['layer']}: fidelity vs dims (M={fid['M']})")
     for key, label in (("max_abs_delta", "max |Δ|"), ("mean_abs_delta", "mean |Δ|")):
@@ -516,8 +530,12 @@ def plot_depth_separation(fids: list[dict], path: Path) -> Path:
 
 def plot_depth_fidelity(fids: list[dict], path: Path) -> Path:
     fig, left, right, layers, x = _depth_figure(fids)
-    for key, label in (("spearman", "Spearman"), ("pearson", "Pearson"), ("recall_at_10", "recall@10")):
+    ks = sorted({f["recall_k"] for f in fids})
+    recall = f"recall@{ks[0]}" if len(ks) == 1 else "recall@k (k = min(10, M − 1))"
+    for key, label in (("spearman", "Spearman"), ("pearson", "Pearson"), ("recall_at_k", recall)):
         left.plot(x, [_nan(f["rows"][-1][key]) for f in fids], marker="o", label=label)
+    lowest = [_nan(f["rows"][-1][key], 0.0) for f in fids for key in ("spearman", "pearson", "recall_at_k")]
+    left.set_ylim(min(0.0, *lowest), 1.02)
     for key, label in (("max_abs_delta", "max |Δ|"), ("mean_abs_delta", "mean |Δ|")):
         right.plot(x, [_nan(f["rows"][-1][key]) for f in fids], marker="o", label=label)
     left.set_title("fidelity at the stored dim, by depth")
@@ -556,6 +574,11 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
         raise StoreError(f"no layer of {store.path} has a usable evaluation subset ({notes[0] if notes else 'none'})")
     if not labelled:
         notes.insert(0, NO_LABELS_LINE)
+    added = sum(int(a.get("added", 0)) for a in store.manifest.get("additions", []))
+    if added:
+        notes.append(f"{added:,} of the {int(store.manifest.get('counts', {}).get('stimuli', 0)):,} stimuli were "
+                     "added with `vecsim add` after indexing; the evaluation subsets were drawn at indexing and do "
+                     "not include them")
     for fid in fids:
         if labelled and fid["class_separation"] is None:
             notes.append(f"{fid['layer']}: no class separation: {fid['class_note']}")
@@ -575,8 +598,9 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
     payload = json_safe(report)
     # each file whole or not at all (temporary file, flush, rename); report.json last: a
     # folder without it holds an unfinished report, which the next run replaces
-    write_text_atomic(out / "report.md", _markdown(payload))
-    write_text_atomic(out / "report.html", _html(payload, out))
+    # the text from the report itself, where an infinite d′ is still ∞ (JSON can only say null)
+    write_text_atomic(out / "report.md", _markdown(report))
+    write_text_atomic(out / "report.html", _html(report, out))
     write_text_atomic(out / "report.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     pngs = sorted((out / FIGURES_DIR).glob("*.png"))
     payload["files"] = {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
@@ -648,7 +672,7 @@ def _summary_row(fid: dict) -> dict:
     cs = fid["class_separation"]
     return {
         "layer": fid["layer"], "M": fid["M"], "dim": fid["dim"],
-        "spearman": last["spearman"], "recall_at_10": last["recall_at_10"],
+        "spearman": last["spearman"], "recall_at_k": last["recall_at_k"], "recall_k": fid["recall_k"],
         "auc_exact": cs["exact"]["auc"] if cs else None,
         "auc": cs["levels"][-1]["auc"] if cs else None,
     }
@@ -656,6 +680,17 @@ def _summary_row(fid: dict) -> dict:
 
 def _nan(value, default=float("nan")) -> float:
     return default if value is None else float(value)
+
+
+def recall_header(summary: list[dict]) -> str:
+    """"recall@k" with the k of every row, or with k = min(10, M − 1) when the rows differ."""
+    ks = {r["recall_k"] for r in summary}
+    return f"recall@{ks.pop()}" if len(ks) == 1 else "recall@k"
+
+
+def recall_cell(row: dict) -> str:
+    ks = row["recall_k"]
+    return _fmt(row["recall_at_k"], 3) + ("" if ks == RECALL_K else f" (k={ks})")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -678,20 +713,37 @@ def _layer_facts(name: str, lay: dict) -> list[str]:
     else:
         index_line = f"index: {idx['kind']} (approximate; no recall@10 recorded)"
     missing = f"; {lay['missing']} subset stimuli had no stored vector and were dropped" if lay["missing"] else ""
-    return [
-        f"evaluation subset: M = {lay['M']:,} stimuli (requested {lay['requested']:,}){missing}",
+    asked = lay.get("eval_size")
+    if asked is not None and lay["allotted"] < min(asked, lay.get("indexed", asked)):
+        size = (f"--eval-size {asked:,}; the --eval-memory budget held {lay['allotted']:,} raw vectors of "
+                f"this layer")
+    else:
+        size = f"--eval-size {asked:,}" if asked is not None else f"{lay['allotted']:,} held"
+    held = ("; the raw vectors were held in float16 scaled per vector (the --eval-memory budget), so the "
+            "exact similarities carry about 2⁻¹¹ relative rounding" if lay.get("held_dtype") == "float16" else "")
+    few = (f"; only {lay['M'] * (lay['M'] - 1) // 2:,} pairs: these figures rest on few pairs"
+           if lay["M"] < FEW_SUBSET else "")
+    facts = [
+        f"evaluation subset: M = {lay['M']:,} stimuli ({size}){missing}{held}{few}",
         f"raw: {lay['units']:,} units ({'x'.join(map(str, lay['shape'] or []))}, pooling {lay['pooling']}){sketch}; "
         f"stored: {lay['dim']} dims, {lay['projection']} projection fitted on {lay['n_train']} stimuli, "
         f"{lay['metric']} similarity",
-        f"energy kept at the stored dim: {_fmt(lay['energy_at_stored_dim'], 4)}",
+        f"energy kept at the stored dim: {_fmt(lay['energy_at_stored_dim'], 4)}"
+        + (" (of the sketched training vectors)" if lay["sketch_dim"] else ""),
         index_line,
     ]
+    if lay.get("recall_note"):
+        facts.append(lay["recall_note"])
+    if lay.get("projection") == "centred PCA":
+        facts.append("stored with --center: the stored cosine is that of the centred activations, which is not "
+                     "the raw cosine these figures compare it with, so lower agreement is expected")
+    return facts
 
 
 def _fidelity_table(lay: dict) -> list[list[str]]:
     head = ["dims", "energy kept", "Spearman", "Pearson", "max |Δ|", "mean |Δ|", f"recall@{lay['recall_k']}"]
     rows = [[str(r["dim"]), _fmt(r["energy_kept"], 4), _fmt(r["spearman"], 4), _fmt(r["pearson"], 4),
-             _fmt(r["max_abs_delta"], 4), _fmt(r["mean_abs_delta"], 4), _fmt(r["recall_at_10"], 3)] for r in lay["rows"]]
+             _fmt(r["max_abs_delta"], 4), _fmt(r["mean_abs_delta"], 4), _fmt(r["recall_at_k"], 3)] for r in lay["rows"]]
     return [head] + rows
 
 
@@ -704,10 +756,11 @@ def _class_table(lay: dict) -> list[list[str]]:
 
 
 def _summary_table(report: dict) -> list[list[str]]:
-    head = ["layer", "M", "dim", "Spearman", "recall@10"] + (["AUC exact", "AUC stored"] if report["labels"] else [])
+    head = ["layer", "M", "dim", "Spearman", recall_header(report["summary"])]
+    head += ["AUC exact", "AUC stored"] if report["labels"] else []
     rows = []
     for r in report["summary"]:
-        row = [r["layer"], f"{r['M']:,}", str(r["dim"]), _fmt(r["spearman"], 4), _fmt(r["recall_at_10"], 3)]
+        row = [r["layer"], f"{r['M']:,}", str(r["dim"]), _fmt(r["spearman"], 4), recall_cell(r)]
         if report["labels"]:
             row += [_fmt(r["auc_exact"], 4), _fmt(r["auc"], 4)]
         rows.append(row)

@@ -274,8 +274,10 @@ def test_channel_matrices_and_summary(stores, tmp_path):
     assert channel_redundancy(stores["full"], "pool").summary["kernel"] == "gaussian"  # 1×1 map: signs only
     with pytest.raises(ConfigError, match="not a .C, H, W. feature map"):
         channel_redundancy(stores["full"], "classifier")
-    with pytest.raises(StoreError, match="no evaluation subset"):
+    with pytest.raises(StoreError, match="no evaluation subset.*--eval-size > 0"):
         channel_redundancy(stores["no_eval"], "features.relu4")
+    big_k = channel_redundancy(stores["full"], "features.relu4", k=100).summary
+    assert big_k["k"] == 17 and big_k["k_requested"] == 100  # the 18 stimuli give 17 candidates each
     out = tmp_path / "ch"
     result = run_cli("channels", stores["full"], "--layer", "features.relu3", "--k", "5", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -369,3 +371,10 @@ def test_rsa_of_a_constant_rdm_is_nan_for_every_method():
     for method in ("spearman", "pearson", "kendall_tau_a"):
         assert np.isnan(rsa(flat, other, method)) and np.isnan(rsa(other, flat, method))
     assert rsa(other, other, "kendall_tau_a") == pytest.approx(1.0)
+
+
+def test_a_subset_cut_by_the_memory_budget_is_named_as_the_reason(shared_image_set, tmp_path):
+    store = _index(shared_image_set, tmp_path / "small", layers=["features.relu1"], eval_size=40, eval_memory=0.02)
+    with pytest.raises(StoreError, match=r"the --eval-memory budget \(0.02 MB\) held \d+ of this layer's raw "
+                                         r"vectors \(--eval-size 40\); re-index with a larger --eval-memory"):
+        channel_redundancy(store, "features.relu1")

@@ -989,14 +989,19 @@ def channel_redundancy(store, layer: str, k: int = 10, kernel: str = "auto", top
             f"channel responses; choose one of: {', '.join(maps) or '(this store has no feature-map layer)'}"
         )
     ev = st.eval_subset(layer)
+    held = int((info.get("eval") or {}).get("requested", 0))
+    asked = (st.manifest.get("config") or {}).get("eval_size")
+    why = (f"the --eval-memory budget ({(st.manifest.get('config') or {}).get('eval_memory')} MB) held "
+           f"{held} of this layer's raw vectors (--eval-size {asked}); re-index with a larger --eval-memory"
+           if asked and held < asked else "re-index with --eval-size > 0 to get channel responses")
     if ev is None or len(ev["ids"]) == 0:
-        raise StoreError(f"{st.path} has no evaluation subset for {layer} (indexed with eval_size=0?); "
-                         "re-index with eval_size > 0 to get channel responses")
+        raise StoreError(f"{st.path} has no evaluation subset for {layer}: {why}")
     if "channels" not in ev:
         raise StoreError(f"the evaluation subset of {layer} in {st.path} holds no channel responses; re-index it")
     R = np.asarray(ev["channels"], dtype=np.float64)
     if R.shape[0] < 3:
-        raise StoreError(f"the evaluation subset of {layer} holds {R.shape[0]} stimuli; channel overlap needs at least 3")
+        raise StoreError(f"the evaluation subset of {layer} holds {R.shape[0]} stimuli and channel overlap needs "
+                         f"at least 3: {why}")
     if kernel not in ("auto", *KERNELS):
         raise ConfigError(f"unknown NNK kernel {kernel!r}; choose auto, {', '.join(KERNELS)}")
     if kernel == "auto":

@@ -25,6 +25,7 @@ KERNELS: tuple[str, ...] = ("cosine", "gaussian")
 # NNK numerics (kernel values are in [0, 1] with unit diagonal, so these are absolute).
 _RIDGE = 1e-8  # keeps K_SS invertible when candidates coincide; shifts θ by ~1e-8
 _THETA_TOL = 1e-6  # θ at or below this is no edge (NNK reference code's default threshold)
+_KKT_TOL = 1e-10  # a dropped candidate's gradient below −this: the pruning missed the optimum
 _DUPLICATE = 1e-12  # kernel value ≥ 1 − this: the candidate coincides with the query
 
 
@@ -37,6 +38,8 @@ def _eigenvalues(eigenvalues: npt.ArrayLike) -> np.ndarray:
         raise DimensionMismatchError(
             f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}"
         )
+    if not np.isfinite(lam).all():
+        raise ConfigError(f"eigenvalues hold {int((~np.isfinite(lam)).sum())} NaN or infinite value(s)")
     # Covariance spectra from eigh carry tiny negative round-off; they mean 0.
     return np.clip(lam, 0.0, None)
 
@@ -109,6 +112,8 @@ def _responses(responses: npt.ArrayLike) -> np.ndarray:
             "responses must have shape (n_stimuli, n_channels, g) with no empty axis, "
             f"got {R.shape}"
         )
+    if not np.isfinite(R).all():
+        raise ConfigError(f"responses hold {int((~np.isfinite(R)).sum())} NaN or infinite value(s)")
     return R
 
 
@@ -157,7 +162,14 @@ def _top_candidates(score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), dtype=np.intp), np.zeros((n, 0), dtype=bool)
-    idx = np.argpartition(-score, k - 1, axis=1)[:, :k]
+    # the k-th highest score per row; every column above it is in, and of the columns equal
+    # to it the lowest-indexed fill the rest (argpartition alone picks among ties arbitrarily,
+    # depending on unrelated values in the row)
+    kth = np.take_along_axis(score, np.argpartition(-score, k - 1, axis=1)[:, k - 1 : k], axis=1)
+    above = score > kth
+    tied = score == kth
+    take = above | (tied & (np.cumsum(tied, axis=1) <= (k - above.sum(axis=1))[:, None]))
+    idx = np.nonzero(take)[1].reshape(n, k)
     vals = np.take_along_axis(score, idx, axis=1)
     order = np.lexsort((idx, -vals), axis=-1)
     idx = np.take_along_axis(idx, order, axis=1)
@@ -248,7 +260,9 @@ def _nnk_solve(A: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
         active &= ~drop
     theta = np.where(active, theta, 0.0)
     grad = np.einsum("mij,mj->mi", A, theta) - b
-    for i in np.flatnonzero((valid & ~active & (grad < -_THETA_TOL)).any(axis=1)):
+    # any clearly negative gradient of a dropped candidate breaks optimality (a dropped θ of
+    # 6e-5 shows a gradient of only -7e-7): re-solved exactly; rounding is ~1e-15 here
+    for i in np.flatnonzero((valid & ~active & (grad < -_KKT_TOL)).any(axis=1)):
         theta[i] = _exact_nnk(A[i], b[i], valid[i])
     return np.where(theta > _THETA_TOL, theta, 0.0)
 
@@ -407,6 +421,7 @@ def redundancy_summary(
         "frac_pairs_cosine_above": frac,
         "overlap_mean": ov_mean,
         "overlap_median": ov_median,
-        "k": int(k),
+        "k": int(min(k, max(R.shape[0] - 1, 0))),  # the candidates each NNK graph used
+        "k_requested": int(k),
         "kernel": kernel,
     }

@@ -260,7 +260,23 @@ def test_spectrum_numbers_are_those_of_the_stored_spectrum(stores, tmp_path):
     assert data["layers"][0]["layer"] == "features.relu3"
     assert all((out / n).is_file() for n in ("spectrum.png", "spectrum.json", "spectrum.csv"))
     text = run_cli("spectrum", stores["full"]).stdout
-    assert "second moment" in text and "n_train=18" in text
+    assert "second moment" in text and "n_train=18" in text and "forward-pass order" in text
+
+
+def test_spectrum_follows_the_forward_pass_not_the_order_the_layers_were_listed(shared_image_set, tmp_path):
+    listed = ["pool", "features.relu4", "features.relu1"]
+    store = Store.open(_index(shared_image_set, tmp_path / "s", layers=listed, eval_size=0))
+    assert [store.layer_info(layer)["depth"] for layer in listed] == [2, 1, 0]
+    report = store_spectra(store)
+    assert [(r["layer"], r["depth"]) for r in report.layers] == [("features.relu1", 0), ("features.relu4", 1),
+                                                                   ("pool", 2)]
+    # a store written before the depth was recorded: the listed order, and it says so
+    manifest = json.loads((store.path / "vecsim.json").read_text())
+    for entry in manifest["layers"].values():
+        del entry["depth"]
+    (store.path / "vecsim.json").write_text(json.dumps(manifest))
+    old = store_spectra(Store.open(store.path))
+    assert [r["layer"] for r in old.layers] == listed and "listed at indexing" in old.format()
 
 
 # -- channels --------------------------------------------------------------------------------

@@ -781,7 +781,8 @@ def describe_spectrum_matrix(info: dict) -> dict:
 
 @dataclass
 class SpectrumReport:
-    """Per-layer effective dimensionality of the stored training spectra (depth order)."""
+    """Per-layer effective dimensionality of the stored training spectra, in the model's
+    forward-pass order (recorded at indexing; older stores: the order the layers were listed)."""
 
     store: str
     layers: list[dict]
@@ -792,7 +793,9 @@ class SpectrumReport:
 
     def format(self) -> str:
         head = max(5, *(len(r["layer"]) for r in self.layers))
-        lines = [f"store {self.store}: spectra of each layer's training sample "
+        order = ("in the model's forward-pass order" if all(r.get("depth_recorded") for r in self.layers)
+                 else "in the order they were listed at indexing (this store did not record the forward-pass order)")
+        lines = [f"store {self.store}: spectra of each layer's training sample, {order} "
                  "(PR = participation ratio, eRank = entropy effective rank)",
                  f"{'layer':<{head}}  {'matrix':<24} {'units':>9} {'n_train':>7} {'eigs':>6} {'PR':>8} {'eRank':>8} "
                  f"{'d90%':>6} {'d95%':>6} {'d99%':>6} {'kept dim':>8}"]
@@ -877,12 +880,18 @@ def store_spectra(store, layers: Sequence[str] | str | None = None,
 
     st = _open(store)
     names = _layers(st, layers)
+    depth = {layer: st.layer_info(layer).get("depth") for layer in st.layers}
+    recorded = all(d is not None for d in depth.values())
+    if recorded:  # the order of the layers in the model's forward pass, recorded at indexing
+        names = sorted(names, key=lambda layer: depth[layer])
+    else:  # an older store: the order the layers were listed in at indexing
+        depth = {layer: st.layers.index(layer) for layer in st.layers}
     rows, spectra = [], {}
     for layer in names:
         info = st.layer_info(layer)
         lam = np.asarray(st.spectrum(layer), dtype=np.float64)
         spectra[layer] = lam
-        row = {"layer": layer, "depth": st.layers.index(layer), **describe_spectrum_matrix(info),
+        row = {"layer": layer, "depth": depth[layer], "depth_recorded": recorded, **describe_spectrum_matrix(info),
                "n_eigenvalues": int(lam.size)}
         fit = info["reducer"].get("fit") or {}
         row["reduced_dim"], row["energy_kept"] = fit.get("dim"), fit.get("energy_kept")

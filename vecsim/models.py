@@ -319,6 +319,7 @@ class LayerInfo:
     kind: str
     shape: tuple[int, ...]  # per stimulus, without the batch dimension (of the module's last call)
     calls: int = 1  # times the module runs in one forward pass (torchvision's ResNet blocks reuse one ReLU)
+    order: int = 0  # when its (last) call ends among the hooked modules' calls in the pass: depth order
 
     @property
     def units(self) -> int:
@@ -345,11 +346,14 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
     handles = []
     shape = tuple(input_shape) if input_shape is not None else (3, size, size)
 
+    fired = [0]  # hooked calls so far in the pass
+
     def make_hook(name, kind):
         def hook(_mod, _inp, out):
+            fired[0] += 1
             if isinstance(out, torch.Tensor):
                 calls = seen[name].calls + 1 if name in seen else 1
-                seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]), calls)
+                seen[name] = LayerInfo(name, kind, tuple(out.shape[1:]), calls, fired[0])
             else:
                 other[name] = type(out).__name__
         return hook

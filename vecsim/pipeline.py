@@ -155,6 +155,8 @@ class _Indexer:
         infos = layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers, strict=True)
         shapes = {i.name: i.shape for i in infos}
         self.calls = {i.name: i.calls for i in infos}  # a module run several times is captured at its last call
+        by_order = sorted(infos, key=lambda i: i.order)
+        self.depth = {i.name: d for d, i in enumerate(by_order)}  # 0 = the first hooked output of a forward pass
         model = loaded.module.to(device)
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         if previous is not None:
@@ -310,7 +312,8 @@ class _Indexer:
             "seeds": {"training_sample": self.config.seed, "eval_subset": self.config.seed,
                       "sketch": self.config.sketch_seed, "model_init": self.loaded.describe()["init_seed"] or 0},
             "layers": {
-                layer: {"slug": slugs[layer], "table": f"vectors_{slugs[layer]}", "reducer": r.describe()}
+                layer: {"slug": slugs[layer], "table": f"vectors_{slugs[layer]}", "depth": self.depth[layer],
+                        "reducer": r.describe()}
                 for layer, r in self.reducers.items()
             },
             "counts": {"stimuli": 0, "failures": 0},

@@ -122,6 +122,8 @@ MANIFEST_SCHEMA = {
                 "properties": {
                     "slug": _STR,
                     "table": _STR,
+                    "depth": {**_INT, "description": "rank of the layer's captured output in a forward pass among "
+                                                      "the store's layers (0 = first); stores indexed before it was recorded lack it"},
                     "transform_sha256": {**_STR, "description": "sha256 of transform.faiss (checked by vecsim verify)"},
                     "reducer": REDUCER_SCHEMA,
                     "index": {

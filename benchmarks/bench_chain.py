@@ -90,7 +90,7 @@ def both_orders(x, train: np.ndarray, dim: int, layer: str):
     reducer.fit(z[train].clone())
     y = reducer.project(z).double()
     ours = (y @ y.T).numpy()
-    evals, basis = _top_directions(z[train].clone())  # unnormalised rows: the old order
+    evals, basis, _ = _top_directions(z[train].clone())  # unnormalised rows: the old order
     k = reducer.dim
     old = z @ basis[:, :k]
     old = old / old.norm(dim=1, keepdim=True).clamp(min=1e-30)

@@ -253,6 +253,9 @@ def test_spectrum_numbers_are_those_of_the_stored_spectrum(stores, tmp_path):
         assert row["entropy_rank"] == pytest.approx(er["entropy_rank"])
         assert row["dims_for_energy"] == {str(f): k for f, k in dims_for_energy(lam).items()}
         assert row["matrix"] == "raw second moment" and row["n_train"] == 18
+        centred = effective_rank(store.spectrum(row["layer"], centred=True))
+        assert row["participation_ratio_centred"] == pytest.approx(centred["participation_ratio"])
+        assert row["entropy_rank_centred"] == pytest.approx(centred["entropy_rank"])
     out = tmp_path / "spec"
     result = run_cli("spectrum", stores["full"], "--out", out, "--json")
     assert result.returncode == 0, result.stderr
@@ -261,6 +264,26 @@ def test_spectrum_numbers_are_those_of_the_stored_spectrum(stores, tmp_path):
     assert all((out / n).is_file() for n in ("spectrum.png", "spectrum.json", "spectrum.csv"))
     text = run_cli("spectrum", stores["full"]).stdout
     assert "second moment" in text and "n_train=18" in text and "forward-pass order" in text
+    assert "PR cov" in text
+
+
+def test_centred_spectrum_is_the_covariance_of_the_unit_rows():
+    """An uncentred fit records the covariance spectrum beside its own, from the same Gram
+    (n < d) or second moment (n > d): equal to numpy's eigenvalues of the centred rows."""
+    from vecsim.reduce import LayerReducer, ReducerConfig
+
+    rng = np.random.default_rng(0)
+    for n, d in ((30, 50), (80, 12)):
+        X = rng.standard_normal((n, d)).astype(np.float32) + 2.0  # a common direction, as after a ReLU
+        reducer = LayerReducer("l", (d,), ReducerConfig(dim=4), device="cpu")
+        report = reducer.fit(X.copy())
+        Z = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
+        Zc = Z - Z.mean(axis=0)
+        want = np.sort(np.linalg.eigvalsh(Zc.T @ Zc))[::-1]
+        got = np.asarray(report.spectrum_centred)
+        k = min(n, d) - 1  # the centred rows span at most n - 1 directions
+        np.testing.assert_allclose(got[:k], want[:k], rtol=1e-6, atol=1e-9)
+        assert effective_rank(got)["participation_ratio"] > 3 * effective_rank(report.spectrum)["participation_ratio"]
 
 
 def test_spectrum_follows_the_forward_pass_not_the_order_the_layers_were_listed(shared_image_set, tmp_path):

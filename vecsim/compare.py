@@ -128,7 +128,9 @@ def _out_dir(out: str | os.PathLike) -> Path:
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None:  # not computed / not defined (JSON: null)
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
         return "nan"
     return f"{value:.{digits}f}"
 
@@ -798,7 +800,7 @@ class SpectrumReport:
         lines = [f"store {self.store}: spectra of each layer's training sample, {order} "
                  "(PR = participation ratio, eRank = entropy effective rank)",
                  f"{'layer':<{head}}  {'matrix':<24} {'units':>9} {'n_train':>7} {'eigs':>6} {'PR':>8} {'eRank':>8} "
-                 f"{'d90%':>6} {'d95%':>6} {'d99%':>6} {'kept dim':>8}"]
+                 f"{'d90%':>6} {'d95%':>6} {'d99%':>6} {'kept dim':>8} {'PR cov':>8} {'eRank cov':>9}"]
         for r in self.layers:
             if r["n_eigenvalues"] == 0:
                 lines.append(f"{r['layer']:<{head}}  (no spectrum stored)")
@@ -807,11 +809,14 @@ class SpectrumReport:
             lines.append(
                 f"{r['layer']:<{head}}  {r['matrix']:<24} {r['units']:>9,} {r['n_train'] or '-':>7} {r['n_eigenvalues']:>6} "
                 f"{r['participation_ratio']:>8.2f} {r['entropy_rank']:>8.2f} {d['0.9']:>6} {d['0.95']:>6} "
-                f"{d['0.99']:>6} {r['reduced_dim'] or '-':>8}")
+                f"{d['0.99']:>6} {r['reduced_dim'] or '-':>8} {_fmt(r['participation_ratio_centred'], 2):>8} "
+                f"{_fmt(r['entropy_rank_centred'], 2):>9}")
         described = {r["description"] for r in self.layers}
         lines.append("")
         lines += [f"{r['layer']}: {r['description']}" for r in self.layers] if len(described) > 1 else \
             [f"every layer: {next(iter(described))}"]
+        lines.append("PR cov / eRank cov: the same measures on the covariance of those rows (centred), the "
+                     "matrix Gao et al.'s participation ratio is defined on; '-' where the store did not record it")
         return "\n".join(lines)
 
     def save(self, out: str | os.PathLike) -> list[Path]:
@@ -823,7 +828,8 @@ class SpectrumReport:
         write_text_atomic(path_json, dumps_json(payload) + "\n")
         path_csv = folder / "spectrum.csv"
         cols = ["layer", "depth", "matrix", "n_train", "n_eigenvalues", "participation_ratio", "entropy_rank",
-                "n_positive", "dims_90", "dims_95", "dims_99", "reduced_dim", "energy_kept"]
+                "n_positive", "dims_90", "dims_95", "dims_99", "reduced_dim", "energy_kept",
+                "participation_ratio_centred", "entropy_rank_centred"]
         with open(str(path_csv) + ".tmp", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(cols)
@@ -831,7 +837,8 @@ class SpectrumReport:
                 d = r["dims_for_energy"]
                 w.writerow([r["layer"], r["depth"], r["matrix"], r["n_train"], r["n_eigenvalues"],
                             _csv(r["participation_ratio"]), _csv(r["entropy_rank"]), r["n_positive"],
-                            d.get("0.9"), d.get("0.95"), d.get("0.99"), r["reduced_dim"], _csv(r["energy_kept"])])
+                            d.get("0.9"), d.get("0.95"), d.get("0.99"), r["reduced_dim"], _csv(r["energy_kept"]),
+                            _csv(r["participation_ratio_centred"]), _csv(r["entropy_rank_centred"])])
         fsync_replace(Path(str(path_csv) + ".tmp"), path_csv)
         path_png = folder / "spectrum.png"
         self._plot(path_png)
@@ -903,6 +910,12 @@ def store_spectra(store, layers: Sequence[str] | str | None = None,
         else:
             row.update(participation_ratio=None, entropy_rank=None, n_positive=0,
                        dims_for_energy={str(float(f)): None for f in fractions})
+        centred = np.asarray(st.spectrum(layer, centred=True), dtype=np.float64)
+        if centred.size:  # the covariance spectrum (Gao et al.'s PR is defined on it)
+            er = effective_rank(centred)
+            row.update(participation_ratio_centred=er["participation_ratio"], entropy_rank_centred=er["entropy_rank"])
+        else:  # indexed before vecsim recorded it
+            row.update(participation_ratio_centred=None, entropy_rank_centred=None)
         rows.append(row)
     return SpectrumReport(str(st.path), rows, spectra)
 

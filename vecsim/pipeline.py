@@ -440,9 +440,10 @@ class _Indexer:
         from vecsim.stimuli import file_sha256
         from vecsim._io import save_array
 
-        def save(reducer, spectrum, layer_dir: Path) -> str:
+        def save(reducer, spectra, layer_dir: Path) -> str:
             reducer.save(layer_dir)
-            save_array(layer_dir / "spectrum.npy", spectrum)
+            save_array(layer_dir / "spectrum.npy", spectra[0])
+            save_array(layer_dir / "spectrum_centred.npy", spectra[1])
             return file_sha256(layer_dir / "transform.faiss")
 
         # each layer's files are written (fsync included) on a thread while the next layer is
@@ -454,8 +455,9 @@ class _Indexer:
             for layer, reducer in self.reducers.items():
                 report = reducer.fit(held[layer][:count])
                 reducer.drop_zero_units()
-                spectrum = np.asarray(report.spectrum, dtype=np.float64)
-                written[layer] = writer_thread.submit(save, reducer, spectrum, self.writer.layer_dir(layer))
+                spectra = (np.asarray(report.spectrum, dtype=np.float64),
+                           np.asarray(report.spectrum_centred, dtype=np.float64))
+                written[layer] = writer_thread.submit(save, reducer, spectra, self.writer.layer_dir(layer))
                 self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
                 self.writer.create_vector_table(layer, reducer.dim)
             ids = np.array([r["id"] for r in rows], dtype=np.int64)

@@ -26,7 +26,7 @@ projection: the cosine after centred PCA is the quantity that option asks for.)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vecsim.errors import ConfigError, DimensionMismatchError
@@ -159,10 +159,14 @@ class FitReport:
     exact: bool  # the projection keeps every direction of the training sample
     lossless: bool  # the projection keeps the whole input space (dim == dim_in)
     spectrum: list[float]
+    # eigenvalues of the training sample's covariance (rows unit length, then centred): the
+    # spectrum itself for a centred fit, computed beside it for an uncentred one
+    spectrum_centred: list[float] = field(default_factory=list)
 
     def to_manifest(self) -> dict:
         d = asdict(self)
         d.pop("spectrum")
+        d.pop("spectrum_centred")
         return d
 
 
@@ -338,7 +342,8 @@ class LayerReducer:
         mean = z.mean(dim=0) if self.config.center else None
         if mean is not None:
             z = z - mean
-        evals, basis = _top_directions(z)
+        evals, basis, centred_evals = _top_directions(z, centred_spectrum=mean is None)
+        centred_evals = evals if mean is not None else centred_evals
         rank = int((evals > evals[0] * 1e-9).sum()) if evals.numel() and evals[0] > 0 else 0
         k = self._choose_dim(evals, max(rank, 1))
         total = float(evals.clamp(min=0).sum())
@@ -349,6 +354,7 @@ class LayerReducer:
         self.report = FitReport(
             n_train=n, dim_in=d, dim=k, rank=rank, energy_kept=kept,
             exact=k >= rank, lossless=k >= d, spectrum=[float(v) for v in evals.clamp(min=0).tolist()],
+            spectrum_centred=[float(v) for v in centred_evals.clamp(min=0).tolist()],
         )
         return self.report
 
@@ -500,8 +506,9 @@ def mirror_upper(out) -> None:
         out[stop:, start:stop] = out[start:stop, stop:].T
 
 
-def _top_directions(z):
-    """Eigenvalues (descending) of zᵀz and its eigenvectors as (dim_in, r) columns.
+def _top_directions(z, centred_spectrum: bool = False):
+    """Eigenvalues (descending) of zᵀz, its eigenvectors as (dim_in, r) columns, and with
+    ``centred_spectrum`` the eigenvalues of (z − z̄)ᵀ(z − z̄) (else None), from the same matrix.
 
     With fewer rows than columns the n×n Gram matrix is decomposed instead of the d×d
     second-moment matrix (the cost that makes FAISS PCAMatrix impractical on huge
@@ -510,11 +517,15 @@ def _top_directions(z):
     import torch
 
     n, d = z.shape
+    centred = None
     if n <= d:
         gram = torch.zeros(n, n, dtype=torch.float64)
         for start in range(0, d, GRAM_BLOCK):
             add_gram(gram, z[:, start : start + GRAM_BLOCK].to(torch.float64))
         mirror_upper(gram)
+        if centred_spectrum:  # H G H with H = I − 11ᵀ/n has the covariance's non-zero eigenvalues
+            rows = gram.mean(dim=1, keepdim=True)
+            centred = torch.linalg.eigvalsh(gram - rows - rows.T + gram.mean()).flip(0)
         evals, evecs = torch.linalg.eigh(gram)
         evals, evecs = evals.flip(0), evecs.flip(1)
         evecs = _fix_signs(evecs)
@@ -525,14 +536,17 @@ def _top_directions(z):
         weights = (evecs * scale).to(torch.float32)
         for start in range(0, d, GRAM_BLOCK):
             basis[start : start + GRAM_BLOCK] = z[:, start : start + GRAM_BLOCK].T @ weights
-        return evals, basis
+        return evals, basis, centred
     second = torch.zeros(d, d, dtype=torch.float64)
     for start in range(0, n, GRAM_BLOCK):
         add_gram(second, z[start : start + GRAM_BLOCK].to(torch.float64).T)
     mirror_upper(second)
+    if centred_spectrum:
+        mean = z.to(torch.float64).mean(dim=0)
+        centred = torch.linalg.eigvalsh(second - n * torch.outer(mean, mean)).flip(0)
     evals, evecs = torch.linalg.eigh(second)
     evals, evecs = evals.flip(0), _fix_signs(evecs.flip(1))
-    return evals, evecs.to(torch.float32)
+    return evals, evecs.to(torch.float32), centred
 
 
 def _fix_signs(vectors):

@@ -5,7 +5,7 @@ Layout::
     STORE/
       vecsim.json            manifest (format version, status, model, layers, reducers, versions)
       lance/                 stimuli, vectors_<layer>, failures, runs
-      layers/<layer>/        transform.faiss, index.faiss, spectrum.npy
+      layers/<layer>/        transform.faiss, index.faiss, spectrum.npy, spectrum_centred.npy
 
 The stimuli table is the commit record: a stimulus counts as indexed when its row is
 there, and its vectors are always written before it.
@@ -424,8 +424,15 @@ class Store:
                             checkpoint_sha256=info.get("checkpoint_sha256"))
         return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
 
-    def spectrum(self, layer: str) -> np.ndarray:
-        path = self.layer_dir(layer) / "spectrum.npy"
+    def spectrum(self, layer: str, centred: bool = False) -> np.ndarray:
+        """Eigenvalues (descending) of the layer's training sample (rows unit length): of its
+        second moment, the spectrum the projection was fitted on (centred for a ``--center``
+        store), or with ``centred`` of its covariance. Empty when not stored (``centred`` on a
+        store indexed before it was recorded)."""
+        name = "spectrum_centred.npy" if centred else "spectrum.npy"
+        path = self.layer_dir(layer) / name
+        if not path.is_file() and centred and self.layer_info(layer)["reducer"]["config"].get("center"):
+            path = self.layer_dir(layer) / "spectrum.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else np.zeros(0)
 
     # sizes

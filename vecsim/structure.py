@@ -196,8 +196,10 @@ def _cosine_problem(F: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
 def _gaussian_problem(F: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
     """Candidates and kernel blocks for exp(−d²/2σ_i²), σ_i = (distance to k-th candidate)/3.
 
-    The bandwidth rule is that of the NNK / CW-DeepNNK reference code
-    (Shekkizhar & Ortega; Bonet et al. 2021).
+    The NNK reference code (Shekkizhar & Ortega's PyNNK demo) uses one global σ, a mean
+    k-th-neighbour distance divided by 3; this is its per-point form, so each stimulus's
+    kernel is scaled to its own neighbourhood (a channel's responses are often dense in one
+    region and sparse in another). Results differ from a global σ where the density varies.
     """
     sq = np.einsum("ij,ij->i", F, F)
     score = -(sq[:, None] + sq[None, :] - 2.0 * F @ F.T)

@@ -456,7 +456,10 @@ class Store:
             raw_bytes = units * 4 * counts["stimuli"]
             raw_total += raw_bytes
             layer_dir = self.layer_dir(layer)
-            transform_bytes = _size(layer_dir / "transform.faiss")
+            # fixed costs of the fit: the transform and the training sample's spectra
+            transform_bytes = sum(_size(layer_dir / name) for name in ("transform.faiss", "spectrum.npy",
+                                                                      "spectrum_centred.npy")
+                                  if (layer_dir / name).exists())
             eval_bytes = _size(layer_dir / "eval.npz") if (layer_dir / "eval.npz").exists() else 0
             vectors = rows(entry["table"])
             layers[layer] = {

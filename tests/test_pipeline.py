@@ -74,6 +74,11 @@ def test_no_raw_tensor_is_written(small_store):
     raw_per_stimulus = sum(layer["units"] for layer in info["layers"].values()) * 4
     assert info["bytes"]["data_per_stimulus"] < raw_per_stimulus / 10
     assert info["bytes"]["raw_activations"] == raw_per_stimulus * 18
+    # the fit's files (transform and the training sample's spectra) are a fixed cost, not per stimulus
+    store = Store.open(out)
+    fixed = sum((store.layer_dir(layer) / name).stat().st_size for layer in store.layers
+                for name in ("transform.faiss", "spectrum.npy", "spectrum_centred.npy"))
+    assert info["bytes"]["transforms"] == fixed
 
 
 def test_broken_images_are_recorded_and_skipped(image_set, tmp_path):

@@ -417,3 +417,29 @@ def test_a_subset_cut_by_the_memory_budget_is_named_as_the_reason(shared_image_s
     with pytest.raises(StoreError, match=r"the --eval-memory budget \(0.02 MB\) held \d+ of this layer's raw "
                                          r"vectors \(--eval-size 40\); re-index with a larger --eval-memory"):
         channel_redundancy(store, "features.relu1")
+
+
+def test_exact_gram_bases_keep_small_real_directions_of_a_float32_gram():
+    """A wide layer's centred Gram, summed in float32 like the evaluation subsets', with real
+    eigenvalues down to 1e-5·λ_max: every one of them is kept (a cut at n·eps32·λ_max dropped
+    those below 3.6e-5 and moved Procrustes by several percent), and Procrustes and SVCCA
+    equal the float64 values; a layer with fewer units than stimuli keeps only its rank."""
+    from vecsim.compare import eval_gram_basis
+    from vecsim.measures import _nuclear_procrustes, procrustes_distance, svcca, svcca_gram
+
+    rng = np.random.default_rng(0)
+    n, units = 300, 2000
+    decay = np.logspace(0, -2.5, n)  # singular values: eigenvalues from 1 to 1e-5 of the largest
+    basis = np.linalg.qr(rng.standard_normal((units, n)))[0]
+    X = (np.linalg.qr(rng.standard_normal((n, n)))[0] * decay) @ basis.T  # singular values exactly decay
+    Y = X @ np.linalg.qr(rng.standard_normal((units, units)))[0][:, :units] + 0.01 * rng.standard_normal((n, units))
+    grams = [(Z.astype(np.float32) @ Z.astype(np.float32).T).astype(np.float64) for Z in (X, Y)]
+    (Ux, sx), (Uy, sy) = (eval_gram_basis(G, units) for G in grams)
+    assert Ux.shape[1] == n - 1  # every centred direction of X is real
+    got = _nuclear_procrustes(Ux * sx, Uy * sy, *grams)
+    assert got == pytest.approx(procrustes_distance(X, Y), rel=1e-3)
+    narrow = rng.standard_normal((n, 10)) @ rng.standard_normal((10, 10))
+    G = (narrow.astype(np.float32) @ narrow.astype(np.float32).T).astype(np.float64)
+    assert eval_gram_basis(G, 10)[0].shape[1] == 10
+    got_svcca = svcca_gram(*grams)  # the measures' own float64 cut on the same Grams
+    assert svcca(X, Y)["mean"] == pytest.approx(got_svcca["mean"], abs=1e-6)

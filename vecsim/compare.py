@@ -110,9 +110,7 @@ def _cca_extras(extra: dict, note: str) -> dict:
 _BASIS_MEASURES = {"svcca", "procrustes"}
 SVCCA_KEEP = 0.99  # measures.MEASURES["svcca"] keeps 99% of the variance
 BASIS_CACHE_BYTES = 1 << 30
-# the evaluation subsets' Grams are summed in float32 (vecsim.evalset): eigenvalues of a
-# centred Gram below n·eps32·λ_max are that rounding, not directions of the activations
-EVAL_GRAM_EPS = float(np.finfo(np.float32).eps)
+EVAL_GRAM_EPS = float(np.finfo(np.float32).eps)  # the precision the evaluation subsets' Grams are summed in
 _CORNER = "A \\ B"
 
 
@@ -125,6 +123,22 @@ def _out_dir(out: str | os.PathLike) -> Path:
         raise OutputExistsError(f"--out {path} is a file; give a folder to write the results into")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def eval_gram_basis(K: np.ndarray, units: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Centred basis (:func:`vecsim.measures._gram_basis`) of an evaluation subset's Gram.
+
+    Those Grams are summed in float32 (vecsim.evalset), and their rounding must not add
+    directions: those beyond the rank the raw vectors can have (``units``, after pooling) go,
+    and so do eigenvalues below the rounding's spectral size. An entry K_ij carries an error
+    of a few eps32·√(K_ii K_jj), so the error matrix's norm is about 4·√n·eps32·mean(K_ii):
+    the floor. (The demo's relu1 has real centred eigenvalues down to 3.9, resolved to 4e-8
+    relative, against a floor of 0.08; a cut at n·eps32·λ_max, 9.4 there, dropped 72 of them.)
+    """
+    n = K.shape[0]
+    G = _measures._gram(K, "K")
+    floor = 4.0 * math.sqrt(max(n, 1)) * EVAL_GRAM_EPS * float(np.trace(G)) / max(n, 1)
+    return _measures._gram_basis(G, max_rank=None if units is None else int(units), floor=floor)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -701,7 +715,8 @@ class _Calculator:
     def _basis(self, data: _LayerData, ids: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = (str(data.store.path), data.layer, ids.tobytes())
         if key not in self._bases:
-            U, s = _measures._gram_basis(_measures._gram(K, "K"), eps=EVAL_GRAM_EPS)
+            units = data.eval.get("units") if data.eval is not None else None
+            U, s = eval_gram_basis(K, units)
             self._bases[key] = (U, s)
             self._bases_bytes += U.nbytes
             while self._bases_bytes > BASIS_CACHE_BYTES and len(self._bases) > 1:

@@ -358,19 +358,22 @@ def _feature_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U[:, :r], s[:r]
 
 
-def _gram_basis(K: np.ndarray, eps: float = _EPS) -> tuple[np.ndarray, np.ndarray]:
+def _gram_basis(K: np.ndarray, eps: float = _EPS, max_rank: int | None = None,
+                floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`_feature_basis` from a raw Gram: eigenvectors of H K H, σ = sqrt(λ).
 
-    Eigenvalues below n·eps·λ_max are treated as zero; ``eps`` is the relative precision
-    the Gram was summed in (float64's by default; float32's for a Gram accumulated in
-    float32, whose rounding otherwise shows up as hundreds of spurious directions).
+    Eigenvalues below n·eps·λ_max, or at or below ``floor`` (the size of the Gram's own
+    rounding, for a Gram summed in a lower precision), are treated as zero, and at most
+    ``max_rank`` directions are kept (the features' dimension, when known).
     """
     Kc = center_gram(K)
     if _is_zero(Kc, K):
         return _empty_basis(K.shape[0])
     lam, V = np.linalg.eigh(Kc)
     lam, V = lam[::-1], V[:, ::-1]
-    r = int(np.sum(lam > lam[0] * K.shape[0] * eps))
+    r = int(np.sum((lam > lam[0] * K.shape[0] * eps) & (lam > floor)))
+    if max_rank is not None:
+        r = min(r, max(int(max_rank), 0))
     return V[:, :r], np.sqrt(lam[:r])
 
 

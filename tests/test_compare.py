@@ -443,3 +443,35 @@ def test_exact_gram_bases_keep_small_real_directions_of_a_float32_gram():
     assert eval_gram_basis(G, 10)[0].shape[1] == 10
     got_svcca = svcca_gram(*grams)  # the measures' own float64 cut on the same Grams
     assert svcca(X, Y)["mean"] == pytest.approx(got_svcca["mean"], abs=1e-6)
+
+
+def test_pwcca_of_stored_coordinates_is_taken_in_the_layers_units():
+    """PWCCA weighs canonical directions by the units, so rotating X's columns changes it;
+    mapped back through the rotation (what a projection's matrix does for stored vectors),
+    it is the PWCCA of the units again."""
+    from vecsim.measures import _feature_basis, _pwcca_from_bases, pwcca
+
+    rng = np.random.default_rng(0)
+    n = 200
+    X = rng.standard_normal((n, 12)) * np.linspace(3, 0.2, 12)
+    Y = X[:, :8] @ rng.standard_normal((8, 9)) + 0.5 * rng.standard_normal((n, 9))
+    R = np.linalg.qr(rng.standard_normal((12, 12)))[0]  # stored coordinates = units rotated
+    (Qx, _), (Qy, _) = _feature_basis(X @ R), _feature_basis(Y)
+    truth = pwcca(X, Y)
+    assert abs(_pwcca_from_bases(X @ R, Qx, Qy) - truth) > 1e-3  # the rotated basis gives another value
+    assert _pwcca_from_bases(X @ R, Qx, Qy, unit_map=R.T) == pytest.approx(truth, abs=1e-10)
+
+
+def test_a_lossless_layers_projection_maps_its_stored_vectors_back_to_its_units(stores):
+    """The map compare uses for PWCCA: stored vector × raw norm × projection = the activations
+    (classifier: 10 units, stored at dim 16, every stimulus in the training sample)."""
+    from vecsim.compare import _LayerData
+
+    store = Store.open(stores["full"])
+    data = _LayerData(store, "classifier")
+    ok, P = data.unit_map()
+    assert ok and P.shape == (store.dim("classifier"), 10)
+    ids = store.lookup().ids
+    rel = store.stimuli().sort_by("id").column("path").to_pylist()
+    raw = raw_features("digits-cnn", stores["source"], rel, "classifier", weights="DEFAULT")
+    np.testing.assert_allclose(data.features(np.sort(ids)) @ P, raw, atol=1e-4 * np.abs(raw).max())

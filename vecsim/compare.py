@@ -23,7 +23,9 @@ Where each number of a comparison comes from (every cell records ``source`` and 
 ``stored-vectors``
     The stored vectors (each the unit activation vector, projected), each row
     rescaled by its L2 norm (``raw_norm``: of the row-centred vector for a correlation
-    store) to recover the projected activations. Used for PWCCA always (it needs features),
+    store) to recover the projected activations. Used for PWCCA always (it needs features;
+    its weights, which depend on the units' basis, are taken in the layer's units by mapping
+    the stored coordinates back through the projection, and it is NaN for a sketched layer),
     and for Gram measures when the subsets are missing or share fewer than
     :data:`MIN_COMMON` stimuli. CKA/SVCCA/Procrustes use the feature forms on all
     matched stimuli; RSA, which needs all n² pairs, uses the stored cosine estimates
@@ -79,18 +81,20 @@ DEGENERATE_CCA_NOTE = ("CCA directions of A and B together reach the number of s
                        "with the chance level (B's stimuli shuffled)")
 
 
-def _cca_with_chance(measure: str, X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray) -> tuple[float, dict]:
+def _cca_with_chance(measure: str, X: np.ndarray, Y: np.ndarray, shuffle: np.ndarray,
+                     unit_map: np.ndarray | None = None) -> tuple[float, dict]:
     """SVCCA or PWCCA of features X, Y and its chance level: the same measure with B's rows
     (stimuli) in the order ``shuffle``. Centring commutes with a row permutation, so B's
-    shuffled basis is its basis with the rows permuted: each side is decomposed once."""
+    shuffled basis is its basis with the rows permuted: each side is decomposed once.
+    ``unit_map``: for PWCCA, what maps X's columns to A's units (stored vectors: the projection)."""
     X, Y = _measures._feature_pair(X, Y, min_n=2)
     (Ux, sx), (Uy, sy) = _measures._feature_basis(X), _measures._feature_basis(Y)
     if measure == "svcca":
         res = _measures._svcca_from_bases(Ux, sx, Uy, sy, SVCCA_KEEP)
         chance = _measures._svcca_from_bases(Ux, sx, Uy[shuffle], sy, SVCCA_KEEP)["mean"]
         return res["mean"], {"chance": chance, "dims": res["dims"], "n": len(X)}
-    value = _measures._pwcca_from_bases(X, Ux, Uy)
-    chance = _measures._pwcca_from_bases(X, Ux, Uy[shuffle])
+    value = _measures._pwcca_from_bases(X, Ux, Uy, unit_map)
+    chance = _measures._pwcca_from_bases(X, Ux, Uy[shuffle], unit_map)
     return value, {"chance": chance, "dims": (Ux.shape[1], Uy.shape[1]), "n": len(X)}
 
 
@@ -287,6 +291,24 @@ class _LayerData:
         self._features: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, features, raw norms
         self._stored_grams: dict[bytes, np.ndarray] = {}
         self._eval: dict | None | bool = False
+
+    def unit_map(self) -> tuple[bool, np.ndarray | None]:
+        """(whether the layer's units can be recovered, the projection (dim × units it reads,
+        float64) or None when the stored coordinates are the units): features · projection =
+        the projected activations in the layer's unit coordinates (after pooling and dropped
+        units). Not recoverable for a sketched layer, whose projection reads count-sketch
+        buckets; a store made from vectors (no transform) holds its units as they are."""
+        if not hasattr(self, "_unit_map"):
+            if self.info["reducer"].get("sketch"):
+                self._unit_map = (False, None)
+            elif (self.store.manifest.get("model") or {}).get("name") == "none":  # imported vectors
+                self._unit_map = (True, None)
+            else:
+                from vecsim.reduce import LayerReducer
+
+                reducer = LayerReducer.load(self.layer, self.info["reducer"], self.store.layer_dir(self.layer))
+                self._unit_map = (True, reducer.matrix.cpu().numpy().astype(np.float64))
+        return self._unit_map
 
     def features(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors × raw norm (float64) = the projected activations, one row per id in ``ids``."""
@@ -752,9 +774,18 @@ class _Calculator:
             why = (f"approximate: {' and '.join(old_norm)} was indexed before vecsim recorded row-centred norms, "
                    "so its vectors are rescaled by the norm before row-centring")
             note = f"{note}; {why}" if note else why
+        if measure == "pwcca" and not da.unit_map()[0]:
+            why = (f"{da.layer} ({da.store.path.name}) is stored through a count sketch, whose buckets mix its "
+                   "units; PWCCA weighs canonical directions by the units, so it cannot be computed from the "
+                   "stored vectors (SVCCA and CKA can)")
+            return {"value": float("nan"), "source": STORED, "n": 0,
+                    **_cca_extras({}, f"{note}; {why}" if note else why)}
         if measure in _CCA_MEASURES:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
-            value, extra = _cca_with_chance(measure, X, Y, self._shuffle(matched))
+            # PWCCA's weights are per unit: the stored coordinates are projection directions,
+            # mapped back to the units by the projection (exact for a lossless layer)
+            value, extra = _cca_with_chance(measure, X, Y, self._shuffle(matched),
+                                            da.unit_map()[1] if measure == "pwcca" else None)
             n = matched
         elif measure in _FEATURE_FORMS:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)

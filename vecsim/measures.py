@@ -481,13 +481,26 @@ def pwcca(X: npt.ArrayLike, Y: npt.ArrayLike) -> float:
     return _pwcca_from_bases(X, _feature_basis(X)[0], _feature_basis(Y)[0])
 
 
-def _pwcca_from_bases(X: np.ndarray, Qx: np.ndarray, Qy: np.ndarray) -> float:
-    """:func:`pwcca` from X and the orthonormal bases of both centred column spaces."""
+def _pwcca_from_bases(X: np.ndarray, Qx: np.ndarray, Qy: np.ndarray, unit_map: np.ndarray | None = None) -> float:
+    """:func:`pwcca` from X and the orthonormal bases of both centred column spaces.
+
+    PWCCA weighs each canonical direction by its summed |correlation| with X's *units*, so
+    it changes when X's columns are rotated. ``unit_map`` (k × units) maps X's columns back
+    to the units they combine (X·unit_map are the unit activations); without it X's own
+    columns are the units.
+    """
     rho, Ux = _cca(Qx, Qy)
     if rho.size == 0:
         return float("nan")
     H = Qx @ Ux  # n × m canonical variates of X, orthonormal
-    alpha = np.abs(H.T @ _center_columns(X)).sum(axis=1)
+    C = H.T @ _center_columns(X)  # m × k
+    if unit_map is None:
+        alpha = np.abs(C).sum(axis=1)
+    else:
+        alpha = np.zeros(C.shape[0])
+        step = max(1, (1 << 24) // max(1, C.shape[0]))  # ≤ 128 MiB of float64 per block of units
+        for start in range(0, unit_map.shape[1], step):
+            alpha += np.abs(C @ unit_map[:, start : start + step]).sum(axis=1)
     return float(alpha @ rho / alpha.sum())
 
 

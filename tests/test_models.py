@@ -120,6 +120,11 @@ def test_checkpoint_forms_researchers_save(tmp_path):
     torch.save(digits.DigitsCNN(), whole)
     with pytest.raises(CheckpointError, match=r"pickled Python objects .*torch.save\(model.state_dict\(\), path\)"):
         load_model("digits-cnn", checkpoint=whole)
+    for name, data in (("text.pt", b"not a checkpoint"), ("junk.pt", b"\x00\x01junk" * 10),
+                       ("cut.pt", whole.read_bytes()[:300])):  # another file, noise, a truncated checkpoint
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="is not a readable torch checkpoint"):
+            load_model("digits-cnn", checkpoint=tmp_path / name)
 
     pruned = load_model("digits-cnn").module
     prune.l1_unstructured(pruned.features.conv1, "weight", amount=0.5)

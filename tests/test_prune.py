@@ -121,3 +121,25 @@ def test_shared_weight_counted_once() -> None:
     other.weight = lin.weight
     report = prune_model(nn.Sequential(lin, other), 0.5)
     assert report["total"] == 16 and report["zeros"] == 8
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_an_amount_that_rounds_to_every_weight_is_refused(scope: str) -> None:
+    """Below 1 but rounding to all N weights (globally, or all of one layer) would leave a
+    constant model or a silenced layer: refused, nothing changed."""
+    model = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1000))  # 40 and 4,000 weights
+    before = [p.detach().clone() for p in model.parameters()]
+    amount = 1 - 0.4 / 4040 if scope == "global" else 0.99  # round(0.99 · 40) = 40
+    with pytest.raises(ConfigError, match="rounds to"):
+        prune_model(model, amount, scope)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    prune_model(model, 0.9, scope)  # an amount that leaves weights is fine
+
+
+def test_an_unwritable_output_is_one_clear_error(tmp_path) -> None:
+    from vecsim.compare import prune_checkpoint
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot write the pruned state dict to .*file/sub/p\.pt"):
+        prune_checkpoint("digits-cnn", blocker / "sub" / "p.pt", 0.5)

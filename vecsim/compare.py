@@ -40,6 +40,7 @@ Where each number of a comparison comes from (every cell records ``source`` and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -1121,10 +1122,16 @@ def prune_checkpoint(
 
     loaded = load_model(model, weights=weights, checkpoint=None if checkpoint is None else str(checkpoint))
     report = prune_model(loaded.module, amount, scope)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(loaded.module.state_dict(), tmp)
-    fsync_replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:  # an OSError names the path (torch.save's own errors do not)
+            torch.save(loaded.module.state_dict(), fh)
+        fsync_replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"cannot write the pruned state dict to {out}: {exc.strerror or exc}") from None
     return {**report, "model": loaded.describe(), "out": str(out), "bytes": out.stat().st_size}
 
 

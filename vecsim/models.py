@@ -248,6 +248,14 @@ def read_checkpoint(path, expected_sha256: str | None = None) -> tuple[dict, str
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
+        # a whole pickled model names classes weights_only refuses ("Unsupported global" / the
+        # allowlist hint); anything else that fails to unpickle is not a checkpoint at all
+        pickled_objects = "global" in str(exc).lower()
+        if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, RuntimeError)) and not pickled_objects:
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable torch checkpoint (damaged, truncated or another kind of "
+                f"file; torch.load: {type(exc).__name__}); pass a file written by torch.save(model.state_dict(), path)"
+            ) from None
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
             raise CheckpointError(
                 f"checkpoint {path} holds pickled Python objects (a whole model?), which vecsim does not unpickle "

@@ -156,6 +156,15 @@ def prune_model(
     params = list(weights.values())
     if amount == 0.0:
         return _report(weights, amount, scope, 0)
+    total = sum(w.numel() for w in params)
+    everything = [name for name, w in weights.items() if round(amount * w.numel()) >= w.numel() and w.numel()]
+    if scope == "global" and round(amount * total) >= total:
+        raise ConfigError(f"amount {amount!r} rounds to all {total:,} weights (round(amount · N)), which leaves a "
+                          f"constant model; use an amount below {1 - 0.5 / total:.10g}")
+    if scope == "layerwise" and everything:
+        raise ConfigError(f"amount {amount!r} rounds to every weight of {', '.join(everything[:5])}"
+                          f"{', …' if len(everything) > 5 else ''} (round(amount · N) per layer), which would "
+                          "silence it; use a smaller amount")
     if scope == "global":
         scores = _scores(params)
         count = round(amount * scores.numel())

@@ -165,7 +165,9 @@ def test_report_files_are_complete_and_self_contained(labelled_report):
     for layer in LAYERS:
         assert data["layers"][layer]["M"] == 18
         assert "M = 18" in page and "M = 18" in markdown
+        assert data["layers"][layer]["in_training"] == 18  # 18 stimuli, all in the default 1,000-image sample
         assert data["layers"][layer]["class_separation"]["exact"]["auc"] > 0.5
+    assert "18 of them were in the projection's training sample" in markdown
     assert report["files"]["figures"] == [str(p) for p in pngs]
     assert "Class separation" in page
 
@@ -273,6 +275,7 @@ def test_byte_identical_stimuli_count_as_similarity_one_in_the_fidelity(tmp_path
                          dim="3", train_size=4, eval_size=19, labels_from_folders=True, batch_size=8, progress=False)
     store = Store.open(tmp_path / "s")
     data = layer_subset(store, "features.relu3")
+    assert len(data["ids"]) == 19 and store.layer_info("features.relu3")["eval"]["in_training"] == 4  # train_size 4
     pair = [list(data["ids"]).index(store.lookup().id_of_path(p)) for p in ("cat/img_00.png", "cat/zz_copy.png")]
     v = data["vectors"].astype(np.float64)
     assert v[pair[0]] @ v[pair[1]] < 0.99  # stored estimate; the exact cosine is 1
@@ -296,6 +299,7 @@ def test_a_small_subset_reports_no_trivial_recall_and_says_what_limited_it(tmp_p
     store = Store.open(tmp_path / "s")
     fids = {layer: fidelity(store, layer) for layer in store.layers}
     small = fids["features.relu3"]  # 4,096 units: the 0.25 MB budget holds few of them
+    assert small["in_training"] == small["M"]  # every stimulus is in the (default 1,000) training sample
     assert small["M"] <= 11 and small["recall_k"] == small["M"] - 1
     assert all(r["recall_at_k"] is None for r in small["rows"]) and "not reported" in small["recall_note"]
     assert small["eval_size"] == 40 and small["allotted"] < 40

@@ -532,8 +532,14 @@ class _Indexer:
         for layer, reducer in self.reducers.items():
             self.writer.build_index(layer, reducer.dim, self.config.index, self.device, self.config.seed)
             if self.evalset is not None:
+                from vecsim.evalset import load_eval
+
                 entry = self.writer.manifest["layers"][layer]
                 entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer))
+                # pairs of training stimuli are reproduced by the projection by construction: the
+                # report says how many of the subset were in the training sample
+                ids = load_eval(self.writer.layer_dir(layer))["ids"]
+                entry["eval"]["in_training"] = int(np.isin(ids, np.fromiter(self._training_ids(), np.int64)).sum())
         self.writer.add_run({
             "run": self.run_id, "command": "index",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),

@@ -356,6 +356,7 @@ def fidelity(store, layer: str, dims=None) -> dict:
         "allotted": int(ev_info.get("requested", m)),  # what the --eval-memory budget held for this layer
         "indexed": int(store.manifest.get("counts", {}).get("stimuli", m)) - added,  # the subset was drawn from these
         "held_dtype": ev_info.get("held_dtype"),
+        "in_training": ev_info.get("in_training"),  # None for stores indexed before it was recorded
         "missing": data["missing"],
         "dim": stored,
         "recall_k": k,
@@ -723,8 +724,13 @@ def _layer_facts(name: str, lay: dict) -> list[str]:
             "exact similarities carry about 2⁻¹¹ relative rounding" if lay.get("held_dtype") == "float16" else "")
     few = (f"; only {lay['M'] * (lay['M'] - 1) // 2:,} pairs: these figures rest on few pairs"
            if lay["M"] < FEW_SUBSET else "")
+    trained = ""
+    if lay.get("in_training"):
+        trained = (f"; {lay['in_training']:,} of them were in the projection's training sample "
+                   f"(n_train {lay['n_train']:,}), whose pairs it keeps better than those of new stimuli "
+                   "(exactly when it keeps every training direction)")
     facts = [
-        f"evaluation subset: M = {lay['M']:,} stimuli ({size}){missing}{held}{few}",
+        f"evaluation subset: M = {lay['M']:,} stimuli ({size}){missing}{held}{few}{trained}",
         f"raw: {lay['units']:,} units ({'x'.join(map(str, lay['shape'] or []))}, pooling {lay['pooling']}){sketch}; "
         f"stored: {lay['dim']} dims, {lay['projection']} projection fitted on {lay['n_train']} stimuli, "
         f"{lay['metric']} similarity",

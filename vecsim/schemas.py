@@ -143,7 +143,9 @@ MANIFEST_SCHEMA = {
                         "description": "evaluation subset (eval.npz): exact raw similarities of a seeded prefix",
                         "required": ["size", "requested", "channels"],
                         "properties": {"size": _INT, "requested": _INT, "channels": {"type": "boolean"},
-                                       "held_dtype": {"enum": ["float32", "float16"]}},
+                                       "held_dtype": {"enum": ["float32", "float16"]},
+                                       "in_training": {**_INT, "description": "subset stimuli that were in the "
+                                                                              "projection's training sample"}},
                     },
                 },
             },

@@ -106,9 +106,11 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)
-    if before:  # its rate counts what this run did, not what the stopped one had committed
+    if before:  # its rate and its runs-table row count what this run did, not what the stopped one had committed
         assert f"resumed: {before} were committed before, {len(reference.lookup().ids) - before} this run" \
             in resumed.stdout, resumed.stdout
+        runs = Store.open(out).runs().to_pylist()
+        assert [r["indexed"] for r in runs if r["command"] == "index"] == [len(reference.lookup().ids) - before]
     else:
         assert "resumed:" not in resumed.stdout
 

@@ -192,7 +192,7 @@ class _Indexer:
             else:
                 indexed, failed = self._index_all()
             seconds = time.time() - started
-            self._finish(indexed, failed, started, seconds)
+            self._finish(indexed, failed, started, seconds, resumed_from=len(committed))
         finally:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
@@ -523,7 +523,9 @@ class _Indexer:
             parts.clear()
         return count
 
-    def _finish(self, indexed: int, failed: int, started: float, seconds: float) -> None:
+    def _finish(self, indexed: int, failed: int, started: float, seconds: float, resumed_from: int = 0) -> None:
+        """Indexes, evaluation subsets, this run's row in the runs table (the stimuli it indexed
+        itself: a resumed run leaves out those the stopped run committed) and the manifest."""
         from vecsim._io import package_versions
         from vecsim.store import now
 
@@ -543,7 +545,7 @@ class _Indexer:
         self.writer.add_run({
             "run": self.run_id, "command": "index",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),
-            "finished": now(), "indexed": indexed, "failed": failed, "seconds": seconds,
+            "finished": now(), "indexed": indexed - resumed_from, "failed": failed, "seconds": seconds,
             "config": json.dumps(self.config.to_dict()), "versions": json.dumps(package_versions()),
         })
         self.writer.save_manifest(status="complete", counts={"stimuli": indexed, "failures": failed})

@@ -347,7 +347,7 @@ def fidelity(store, layer: str, dims=None) -> dict:
 
     ev_info = info.get("eval", {})
     config = store.manifest.get("config", {})
-    added = sum(int(a.get("added", 0)) for a in store.manifest.get("additions", []))
+    added = _added_later(store)
     result = {
         "layer": layer,
         "metric": _metric(store, layer),
@@ -377,6 +377,11 @@ def fidelity(store, layer: str, dims=None) -> dict:
     else:
         result["class_separation"] = _class_separation(exact_pairs, level_pairs, *masks)
     return result
+
+
+def _added_later(store) -> int:
+    """Stimuli added with `vecsim add` after indexing (outside every evaluation subset)."""
+    return sum(int(a.get("added", 0)) for a in store.manifest.get("additions", []))
 
 
 def _class_separation(exact_pairs, level_pairs: dict, same, diff) -> dict:
@@ -575,7 +580,7 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
         raise StoreError(f"no layer of {store.path} has a usable evaluation subset ({notes[0] if notes else 'none'})")
     if not labelled:
         notes.insert(0, NO_LABELS_LINE)
-    added = sum(int(a.get("added", 0)) for a in store.manifest.get("additions", []))
+    added = _added_later(store)
     if added:
         notes.append(f"{added:,} of the {int(store.manifest.get('counts', {}).get('stimuli', 0)):,} stimuli were "
                      "added with `vecsim add` after indexing; the evaluation subsets were drawn at indexing and do "

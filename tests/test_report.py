@@ -339,3 +339,16 @@ def test_an_infinite_d_prime_is_shown_as_infinite(tmp_path):
     exact_row = [line for line in (tmp_path / "out" / "report.md").read_text(encoding="utf-8").splitlines()
                  if line.startswith("| exact |")][0]
     assert exact_row.split("|")[3].strip() == "∞"
+
+
+def test_stimuli_added_after_indexing_are_said_to_be_outside_the_subsets(tmp_path):
+    from vecsim.maintain import add
+
+    store = _index(make_image_set(tmp_path / "stimuli"), tmp_path / "store", layers=["pool"])
+    extra = make_image_set(tmp_path / "more", per_class=2, classes=("fox",), seed=5)
+    add(store.path, [str(extra)], device="cpu")
+    report = build_report(store.path, tmp_path / "out")
+    note = [n for n in report["notes"] if "vecsim add" in n]
+    assert note == ["2 of the 20 stimuli were added with `vecsim add` after indexing; the evaluation subsets were "
+                    "drawn at indexing and do not include them"]
+    assert report["layers"]["pool"]["M"] == 18

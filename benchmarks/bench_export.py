@@ -93,28 +93,21 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def _products_alone(V, engine: str) -> float:
-    """Seconds for the export's upper-triangle products in its blocks (rows from each block's
-    first row on), without finishing, converting or writing anything."""
-    import numpy as np
-    import torch
-
+    """Seconds for the export's upper-triangle products in its own blocks
+    (similarity._product_blocks, rows from each block's first row on), with ``engine``'s
+    library, without finishing, converting or writing anything."""
     from vecsim import similarity
 
-    n = V.shape[0]
-    rows, cols = similarity._ROW_CHUNK, similarity._COL_BLOCK
-    op = similarity._onednn_linear() if engine == "onednn" else None
-    Vt = torch.from_numpy(V)
-    scratch = np.empty(rows * cols, dtype=np.float32)
-    t0 = time.perf_counter()
-    for a0 in range(0, n, rows):
-        a1 = min(n, a0 + rows)
-        for b0 in range(a0, n, cols):
-            b1 = min(n, b0 + cols)
-            if op is not None:
-                op(Vt[a0:a1], Vt[b0:b1], None, "none", [], "")
-            else:
-                np.matmul(V[a0:a1], V[b0:b1].T, out=scratch[: (a1 - a0) * (b1 - b0)].reshape(a1 - a0, b1 - b0))
-    return time.perf_counter() - t0
+    previous = similarity._CPU_ENGINE
+    similarity._CPU_ENGINE = engine
+    try:
+        n = V.shape[0]
+        t0 = time.perf_counter()
+        for _ in similarity._product_blocks(V, 0, n, 0, n, upper=True):
+            pass
+        return time.perf_counter() - t0
+    finally:
+        similarity._CPU_ENGINE = previous
 
 
 def run_child(mode: str, n: int, args: argparse.Namespace, out: Path | None = None) -> dict:

@@ -59,6 +59,7 @@ from vecsim.errors import (
     close_matches,
 )
 from vecsim import measures as _measures
+from vecsim.evalset import held_by_budget
 from vecsim._io import dumps_json, fsync_replace, json_safe, write_text_atomic
 from vecsim.measures import MEASURES, linear_cka, procrustes_distance
 
@@ -102,13 +103,18 @@ def _cca_with_chance(measure: str, X: np.ndarray, Y: np.ndarray, shuffle: np.nda
 _CCA_MEASURES = ("svcca", "pwcca")  # they also report their chance level (B's stimuli shuffled)
 
 
+def _joined(note: str, more: str) -> str:
+    """A cell's note with one more clause."""
+    return f"{note}; {more}" if note else more
+
+
 def _cca_extras(extra: dict, note: str) -> dict:
     """A cell's ``chance`` (CCA measures; None otherwise) and note, flagging a CCA whose
     directions fill the stimulus space (k_A + k_B >= n - 1)."""
     if "chance" not in extra:
         return {"chance": None, "note": note}
     if sum(extra["dims"]) >= extra["n"] - 1:
-        note = f"{note}; {DEGENERATE_CCA_NOTE}" if note else DEGENERATE_CCA_NOTE
+        note = _joined(note, DEGENERATE_CCA_NOTE)
     return {"chance": float(extra["chance"]), "note": note}
 # Exact-Gram SVCCA/Procrustes reuse each layer's centred-Gram eigenbasis (the same steps as
 # measures.svcca_gram / procrustes_distance_gram; tests check the values are identical).
@@ -292,6 +298,7 @@ class _LayerData:
         self._features: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, features, raw norms
         self._stored_grams: dict[bytes, np.ndarray] = {}
         self._eval: dict | None | bool = False
+        self._unit_map: tuple[bool, np.ndarray | None] | None = None
 
     def unit_map(self) -> tuple[bool, np.ndarray | None]:
         """(whether the layer's units can be recovered, the projection (dim × units it reads,
@@ -299,16 +306,14 @@ class _LayerData:
         the projected activations in the layer's unit coordinates (after pooling and dropped
         units). Not recoverable for a sketched layer, whose projection reads count-sketch
         buckets; a store made from vectors (no transform) holds its units as they are."""
-        if not hasattr(self, "_unit_map"):
+        if self._unit_map is None:
             if self.info["reducer"].get("sketch"):
                 self._unit_map = (False, None)
             elif (self.store.manifest.get("model") or {}).get("name") == "none":  # imported vectors
                 self._unit_map = (True, None)
             else:
-                from vecsim.reduce import LayerReducer
-
-                reducer = LayerReducer.load(self.layer, self.info["reducer"], self.store.layer_dir(self.layer))
-                self._unit_map = (True, reducer.matrix.cpu().numpy().astype(np.float64))
+                matrix = self.store.reducer(self.layer).matrix
+                self._unit_map = (True, matrix.cpu().numpy().astype(np.float64))
         return self._unit_map
 
     def features(self, ids: np.ndarray) -> np.ndarray:
@@ -767,20 +772,18 @@ class _Calculator:
             why = (f"{' and '.join(centred)} indexed with --center: its stored vectors are directions of "
                    "stimulus-centred vectors, from which neither the activations nor their raw cosines can be "
                    "recovered; keep an evaluation subset (--eval-size) for exact Grams")
-            return {"value": float("nan"), "source": STORED, "n": 0,
-                    **_cca_extras({}, f"{note}; {why}" if note else why)}
+            return {"value": float("nan"), "source": STORED, "n": 0, **_cca_extras({}, _joined(note, why))}
         old_norm = [f"{d.layer} ({d.store.path.name})" for d in (da, db)
                     if d.similarity == "correlation" and d.stored_norm != "row-centred"]
         if old_norm and (measure in _CCA_MEASURES or measure in _FEATURE_FORMS):
             why = (f"approximate: {' and '.join(old_norm)} was indexed before vecsim recorded row-centred norms, "
                    "so its vectors are rescaled by the norm before row-centring")
-            note = f"{note}; {why}" if note else why
+            note = _joined(note, why)
         if measure == "pwcca" and not da.unit_map()[0]:
             why = (f"{da.layer} ({da.store.path.name}) is stored through a count sketch, whose buckets mix its "
                    "units; PWCCA weighs canonical directions by the units, so it cannot be computed from the "
                    "stored vectors (SVCCA and CKA can)")
-            return {"value": float("nan"), "source": STORED, "n": 0,
-                    **_cca_extras({}, f"{note}; {why}" if note else why)}
+            return {"value": float("nan"), "source": STORED, "n": 0, **_cca_extras({}, _joined(note, why))}
         if measure in _CCA_MEASURES:
             X, Y = da.features(self.match.ids_a), db.features(self.match.ids_b)
             # PWCCA's weights are per unit: the stored coordinates are projection directions,
@@ -797,8 +800,7 @@ class _Calculator:
             Ga, Gb = da.stored_gram(self.match.ids_a[rows]), db.stored_gram(self.match.ids_b[rows])
             value, n = MEASURES[measure].fn(Ga, Gb), len(rows)
             if n < matched:
-                extra = f"seeded subsample of {n} of {matched} matched stimuli"
-                note = f"{note}; {extra}" if note else extra
+                note = _joined(note, f"seeded subsample of {n} of {matched} matched stimuli")
         return {"value": float(value), "source": STORED, "n": int(n), **_cca_extras(extra, note)}
 
 
@@ -1058,11 +1060,11 @@ def channel_redundancy(store, layer: str, k: int = 10, kernel: str = "auto", top
             f"channel responses; choose one of: {', '.join(maps) or '(this store has no feature-map layer)'}"
         )
     ev = st.eval_subset(layer)
-    held = int((info.get("eval") or {}).get("requested", 0))
-    asked = (st.manifest.get("config") or {}).get("eval_size")
-    why = (f"the --eval-memory budget ({(st.manifest.get('config') or {}).get('eval_memory')} MB) held "
-           f"{held} of this layer's raw vectors (--eval-size {asked}); re-index with a larger --eval-memory"
-           if asked and held < asked else "re-index with --eval-size > 0 to get channel responses")
+    held = held_by_budget(st.manifest, layer)
+    config = st.manifest.get("config") or {}
+    why = (f"the --eval-memory budget ({config.get('eval_memory')} MB) held {held} of this layer's raw vectors "
+           f"(--eval-size {config.get('eval_size')}); re-index with a larger --eval-memory"
+           if held is not None else "re-index with --eval-size > 0 to get channel responses")
     if ev is None or len(ev["ids"]) == 0:
         raise StoreError(f"{st.path} has no evaluation subset for {layer}: {why}")
     if "channels" not in ev:

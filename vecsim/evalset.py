@@ -226,14 +226,35 @@ class EvalSubset:
         idx, slots = self._batch[layer]  # once per batch: LayerCapture runs a layer's function at its last call only
         self.layers[layer].add(slots, x, output, finite, rows=idx.to(x.device))
 
-    def save(self, layer: str, directory: Path) -> dict:
-        """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry."""
+    def save(self, layer: str, directory: Path, training: np.ndarray | None = None) -> dict:
+        """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry,
+        with ``in_training`` (how many subset stimuli are among the ``training`` ids) when given."""
         from vecsim._io import save_array
 
         result = self.layers[layer].result(self.order)
         save_array(directory / "eval.npz", **result)
-        return {"size": int(len(result["ids"])), "requested": int(self.layers[layer].size),
-                "held_dtype": self.layers[layer].dtype, "channels": result.get("channels") is not None}
+        entry = {"size": int(len(result["ids"])), "requested": int(self.layers[layer].size),
+                 "held_dtype": self.layers[layer].dtype, "channels": result.get("channels") is not None}
+        if training is not None:
+            entry["in_training"] = int(np.isin(result["ids"], training).sum())
+        return entry
+
+
+def held_by_budget(manifest: dict, layer: str) -> int | None:
+    """How many of ``layer``'s raw vectors the ``--eval-memory`` budget held, when that is fewer
+    than ``--eval-size`` asked for of the stimuli indexed (those added later are not drawn
+    from); None when the budget did not cut the subset."""
+    asked = (manifest.get("config") or {}).get("eval_size")
+    held = (manifest["layers"][layer].get("eval") or {}).get("requested")
+    if not asked or held is None:
+        return None
+    indexed = int((manifest.get("counts") or {}).get("stimuli", 0)) - added_later(manifest)
+    return int(held) if held < min(asked, indexed) else None
+
+
+def added_later(manifest: dict) -> int:
+    """Stimuli added with `vecsim add` after indexing (outside every evaluation subset)."""
+    return sum(int(a.get("added", 0)) for a in manifest.get("additions", []))
 
 
 def load_eval(directory: Path) -> dict | None:

@@ -358,8 +358,7 @@ def _feature_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U[:, :r], s[:r]
 
 
-def _gram_basis(K: np.ndarray, eps: float = _EPS, max_rank: int | None = None,
-                floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _gram_basis(K: np.ndarray, max_rank: int | None = None, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`_feature_basis` from a raw Gram: eigenvectors of H K H, σ = sqrt(λ).
 
     Eigenvalues below n·eps·λ_max, or at or below ``floor`` (the size of the Gram's own
@@ -371,7 +370,7 @@ def _gram_basis(K: np.ndarray, eps: float = _EPS, max_rank: int | None = None,
         return _empty_basis(K.shape[0])
     lam, V = np.linalg.eigh(Kc)
     lam, V = lam[::-1], V[:, ::-1]
-    r = int(np.sum((lam > lam[0] * K.shape[0] * eps) & (lam > floor)))
+    r = int(np.sum((lam > lam[0] * K.shape[0] * _EPS) & (lam > floor)))
     if max_rank is not None:
         r = min(r, max(int(max_rank), 0))
     return V[:, :r], np.sqrt(lam[:r])

@@ -443,7 +443,8 @@ class _Indexer:
         def save(reducer, spectra, layer_dir: Path) -> str:
             reducer.save(layer_dir)
             save_array(layer_dir / "spectrum.npy", spectra[0])
-            save_array(layer_dir / "spectrum_centred.npy", spectra[1])
+            if spectra[1].size:  # a centred fit's spectrum is already the covariance's (Store.spectrum)
+                save_array(layer_dir / "spectrum_centred.npy", spectra[1])
             return file_sha256(layer_dir / "transform.faiss")
 
         # each layer's files are written (fsync included) on a thread while the next layer is
@@ -531,17 +532,13 @@ class _Indexer:
 
         if self.unsaved_failures:
             self.writer.add_failures(self._take_failures(), self.run_id)
+        # the report says how many subset stimuli the projection was fitted on (their pairs are kept better)
+        training = np.fromiter(self._training_ids(), np.int64) if self.evalset is not None else None
         for layer, reducer in self.reducers.items():
             self.writer.build_index(layer, reducer.dim, self.config.index, self.device, self.config.seed)
             if self.evalset is not None:
-                from vecsim.evalset import load_eval
-
                 entry = self.writer.manifest["layers"][layer]
-                entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer))
-                # pairs of training stimuli are reproduced by the projection by construction: the
-                # report says how many of the subset were in the training sample
-                ids = load_eval(self.writer.layer_dir(layer))["ids"]
-                entry["eval"]["in_training"] = int(np.isin(ids, np.fromiter(self._training_ids(), np.int64)).sum())
+                entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer), training)
         self.writer.add_run({
             "run": self.run_id, "command": "index",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),

@@ -156,24 +156,23 @@ def prune_model(
     params = list(weights.values())
     if amount == 0.0:
         return _report(weights, amount, scope, 0)
-    total = sum(w.numel() for w in params)
-    everything = [name for name, w in weights.items() if round(amount * w.numel()) >= w.numel() and w.numel()]
-    if scope == "global" and round(amount * total) >= total:
-        raise ConfigError(f"amount {amount!r} rounds to all {total:,} weights (round(amount · N)), which leaves a "
-                          f"constant model; use an amount below {1 - 0.5 / total:.10g}")
-    if scope == "layerwise" and everything:
-        raise ConfigError(f"amount {amount!r} rounds to every weight of {', '.join(everything[:5])}"
-                          f"{', …' if len(everything) > 5 else ''} (round(amount · N) per layer), which would "
-                          "silence it; use a smaller amount")
     if scope == "global":
         scores = _scores(params)
         count = round(amount * scores.numel())
+        if count >= scores.numel():
+            raise ConfigError(f"amount {amount!r} rounds to all {scores.numel():,} weights (round(amount · N)), which "
+                              f"leaves a constant model; use an amount below {1 - 0.5 / scores.numel():.10g}")
         mask = _smallest_mask(scores, count)
         offset = 0
         for w in params:
             _apply(w, mask[offset : offset + w.numel()])
             offset += w.numel()
         return _report(weights, amount, scope, count)
+    everything = [name for name, w in weights.items() if w.numel() and round(amount * w.numel()) >= w.numel()]
+    if everything:
+        raise ConfigError(f"amount {amount!r} rounds to every weight of {', '.join(everything[:5])}"
+                          f"{', …' if len(everything) > 5 else ''} (round(amount · N) per layer), which would "
+                          "silence it; use a smaller amount")
     pruned = 0
     for w in params:
         count = round(amount * w.numel())

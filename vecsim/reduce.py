@@ -159,8 +159,8 @@ class FitReport:
     exact: bool  # the projection keeps every direction of the training sample
     lossless: bool  # the projection keeps the whole input space (dim == dim_in)
     spectrum: list[float]
-    # eigenvalues of the training sample's covariance (rows unit length, then centred): the
-    # spectrum itself for a centred fit, computed beside it for an uncentred one
+    # eigenvalues of the training sample's covariance (rows unit length, then centred), beside
+    # the spectrum of an uncentred fit; empty for a centred fit, whose spectrum is that already
     spectrum_centred: list[float] = field(default_factory=list)
 
     def to_manifest(self) -> dict:
@@ -343,7 +343,6 @@ class LayerReducer:
         if mean is not None:
             z = z - mean
         evals, basis, centred_evals = _top_directions(z, centred_spectrum=mean is None)
-        centred_evals = evals if mean is not None else centred_evals
         rank = int((evals > evals[0] * 1e-9).sum()) if evals.numel() and evals[0] > 0 else 0
         k = self._choose_dim(evals, max(rank, 1))
         total = float(evals.clamp(min=0).sum())
@@ -354,7 +353,7 @@ class LayerReducer:
         self.report = FitReport(
             n_train=n, dim_in=d, dim=k, rank=rank, energy_kept=kept,
             exact=k >= rank, lossless=k >= d, spectrum=[float(v) for v in evals.clamp(min=0).tolist()],
-            spectrum_centred=[float(v) for v in centred_evals.clamp(min=0).tolist()],
+            spectrum_centred=[] if centred_evals is None else [float(v) for v in centred_evals.clamp(min=0).tolist()],
         )
         return self.report
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vecsim.errors import ConfigError, OutputExistsError, StoreError
+from vecsim.evalset import added_later, held_by_budget
 from vecsim.measures import _pearson, rankdata
 from vecsim._io import json_safe, write_text_atomic
 
@@ -347,14 +348,13 @@ def fidelity(store, layer: str, dims=None) -> dict:
 
     ev_info = info.get("eval", {})
     config = store.manifest.get("config", {})
-    added = _added_later(store)
     result = {
         "layer": layer,
         "metric": _metric(store, layer),
         "M": m,
         "eval_size": config.get("eval_size"),  # what the run asked for (--eval-size)
         "allotted": int(ev_info.get("requested", m)),  # what the --eval-memory budget held for this layer
-        "indexed": int(store.manifest.get("counts", {}).get("stimuli", m)) - added,  # the subset was drawn from these
+        "budget_cut": held_by_budget(store.manifest, layer) is not None,
         "held_dtype": ev_info.get("held_dtype"),
         "in_training": ev_info.get("in_training"),  # None for stores indexed before it was recorded
         "missing": data["missing"],
@@ -377,11 +377,6 @@ def fidelity(store, layer: str, dims=None) -> dict:
     else:
         result["class_separation"] = _class_separation(exact_pairs, level_pairs, *masks)
     return result
-
-
-def _added_later(store) -> int:
-    """Stimuli added with `vecsim add` after indexing (outside every evaluation subset)."""
-    return sum(int(a.get("added", 0)) for a in store.manifest.get("additions", []))
 
 
 def _class_separation(exact_pairs, level_pairs: dict, same, diff) -> dict:
@@ -580,7 +575,7 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
         raise StoreError(f"no layer of {store.path} has a usable evaluation subset ({notes[0] if notes else 'none'})")
     if not labelled:
         notes.insert(0, NO_LABELS_LINE)
-    added = _added_later(store)
+    added = added_later(store.manifest)
     if added:
         notes.append(f"{added:,} of the {int(store.manifest.get('counts', {}).get('stimuli', 0)):,} stimuli were "
                      "added with `vecsim add` after indexing; the evaluation subsets were drawn at indexing and do "
@@ -720,7 +715,7 @@ def _layer_facts(name: str, lay: dict) -> list[str]:
         index_line = f"index: {idx['kind']} (approximate; no recall@10 recorded)"
     missing = f"; {lay['missing']} subset stimuli had no stored vector and were dropped" if lay["missing"] else ""
     asked = lay.get("eval_size")
-    if asked is not None and lay["allotted"] < min(asked, lay.get("indexed", asked)):
+    if lay.get("budget_cut"):
         size = (f"--eval-size {asked:,}; the --eval-memory budget held {lay['allotted']:,} raw vectors of "
                 f"this layer")
     else:

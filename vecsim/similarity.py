@@ -240,7 +240,7 @@ def _blocks(
         yield from _torch_blocks(V, zero, tile_rows, device, upper=upper, distance=distance,
                                  reuse=reuse, same=same, dtype=dtype)
         return
-    out_dtype = np.dtype(np.float16 if np.dtype(dtype) == np.float16 else np.float32)
+    out_dtype = _tile_dtype(dtype)
     n = V.shape[0]
     buf = np.empty(tile_rows * n, dtype=out_dtype) if reuse else None
     for r0 in range(0, n, tile_rows):
@@ -303,6 +303,41 @@ def cpu_engine() -> str:
     return "numpy"
 
 
+def _tile_dtype(dtype) -> np.dtype:
+    """The dtype tiles are produced in: float16 for a float16 output, else float32."""
+    return np.dtype(np.float16 if np.dtype(dtype) == np.float16 else np.float32)
+
+
+def _tensor(a: np.ndarray):
+    """``torch.from_numpy`` without torch's warning for a read-only array (a store's memory
+    map, an earlier tile's file map): vecsim only reads those."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def _product_blocks(V: np.ndarray, r0: int, r1: int, c0: int, c1: int, upper: bool):
+    """Yield ``(a0, b0, P)``: ``V[a0:a0+len(P)] @ V[b0:b0+P.shape[1]].T`` as float32 numpy
+    blocks of at most _ROW_CHUNK × _COL_BLOCK covering rows r0:r1 × columns c0:c1 (with
+    ``upper``, a chunk of rows starting at a0 only from column max(c0, a0)), computed by
+    :func:`cpu_engine`'s library. A block is valid until the next one is asked for."""
+    op = _onednn_linear() if cpu_engine() == "onednn" else None
+    Vt = _tensor(V)
+    scratch = None if op is not None else np.empty(_ROW_CHUNK * _COL_BLOCK, dtype=np.float32)
+    for a0 in range(r0, r1, _ROW_CHUNK):
+        a1 = min(r1, a0 + _ROW_CHUNK)
+        for b0 in range(max(c0, a0) if upper else c0, c1, _COL_BLOCK):
+            b1 = min(c1, b0 + _COL_BLOCK)
+            if op is not None:
+                yield a0, b0, op(Vt[a0:a1], Vt[b0:b1], None, "none", [], "").numpy()
+            else:
+                P = scratch[: (a1 - a0) * (b1 - b0)].reshape(a1 - a0, b1 - b0)
+                np.matmul(V[a0:a1], V[b0:b1].T, out=P)
+                yield a0, b0, P
+
+
 def _cpu_rows(V: np.ndarray, zero: np.ndarray, r0: int, c0: int, out: np.ndarray, *, upper: bool,
               distance: bool, same: np.ndarray | None) -> None:
     """Fill ``out`` (rows ``r0:r0+len(out)``, columns ``c0:c0+out.shape[1]``) with finished
@@ -310,30 +345,12 @@ def _cpu_rows(V: np.ndarray, zero: np.ndarray, r0: int, c0: int, out: np.ndarray
     strided view). With ``upper`` a chunk of rows starting at ``a0`` skips the columns
     below ``a0``: the lower triangle of the tile's diagonal square is left for
     :func:`_symmetrize_diagonal_block`."""
-    import torch
-
-    engine = cpu_engine()
-    op = _onednn_linear() if engine == "onednn" else None
     R, C = out.shape
-    c1 = c0 + C
-    with warnings.catch_warnings():  # read-only inputs (a store's memory map) are only read
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        Vt = torch.from_numpy(V)
-        out_t = torch.from_numpy(out)
-    scratch = None if op is not None else np.empty(_ROW_CHUNK * _COL_BLOCK, dtype=np.float32)
-    for a0 in range(r0, r0 + R, _ROW_CHUNK):
-        a1 = min(r0 + R, a0 + _ROW_CHUNK)
-        for b0 in range(max(c0, a0) if upper else c0, c1, _COL_BLOCK):
-            b1 = min(c1, b0 + _COL_BLOCK)
-            if op is not None:
-                Pt = op(Vt[a0:a1], Vt[b0:b1], None, "none", [], "")
-                P = Pt.numpy()
-            else:
-                P = scratch[: (a1 - a0) * (b1 - b0)].reshape(a1 - a0, b1 - b0)
-                np.matmul(V[a0:a1], V[b0:b1].T, out=P)
-                Pt = torch.from_numpy(P)
-            _finish(P, a0, b0, zero, distance, same)
-            out_t[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0].copy_(Pt)  # torch's cast: numpy's rounding, vectorised
+    out_t = _tensor(out)
+    for a0, b0, P in _product_blocks(V, r0, r0 + R, c0, c0 + C, upper):
+        _finish(P, a0, b0, zero, distance, same)
+        a1, b1 = a0 + P.shape[0], b0 + P.shape[1]
+        out_t[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0].copy_(_tensor(P))  # torch's cast: numpy's rounding, vectorised
 
 
 def _torch_blocks(V, zero, tile_rows, device, *, upper, distance, reuse, same, dtype):
@@ -349,7 +366,7 @@ def _torch_blocks(V, zero, tile_rows, device, *, upper, distance, reuse, same, d
     import torch
 
     cuda = str(device).startswith("cuda")
-    out_dtype = np.dtype(np.float16 if np.dtype(dtype) == np.float16 else np.float32)
+    out_dtype = _tile_dtype(dtype)
     tdt = torch.float16 if out_dtype == np.float16 else torch.float32
     n = V.shape[0]
     with torch_float32(device):
@@ -503,9 +520,7 @@ def _fill_symmetric(
         for s0 in range(0, r0, tile_rows):
             s1 = min(r0, s0 + tile_rows)
             src = source(s0, s1)
-            with warnings.catch_warnings():  # a read-only file map, only read
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                dst_t[:, s0:s1].copy_(torch.from_numpy(src[:, r0:r1]).T)
+            dst_t[:, s0:s1].copy_(_tensor(src[:, r0:r1]).T)
             del src  # a file map is unmapped here, keeping RSS to one tile's strip
         done(r0, r1, dst)
         del dst, dst_t

@@ -427,8 +427,8 @@ class Store:
     def spectrum(self, layer: str, centred: bool = False) -> np.ndarray:
         """Eigenvalues (descending) of the layer's training sample (rows unit length): of its
         second moment, the spectrum the projection was fitted on (centred for a ``--center``
-        store), or with ``centred`` of its covariance. Empty when not stored (``centred`` on a
-        store indexed before it was recorded)."""
+        store), or with ``centred`` of its covariance (for a ``--center`` store the same file).
+        Empty when not stored (``centred`` on a store indexed before it was recorded)."""
         name = "spectrum_centred.npy" if centred else "spectrum.npy"
         path = self.layer_dir(layer) / name
         if not path.is_file() and centred and self.layer_info(layer)["reducer"]["config"].get("center"):

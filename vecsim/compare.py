@@ -302,7 +302,7 @@ class _LayerData:
 
     def unit_map(self) -> tuple[bool, np.ndarray | None]:
         """(whether the layer's units can be recovered, the projection (dim × units it reads,
-        float64) or None when the stored coordinates are the units): features · projection =
+        float32) or None when the stored coordinates are the units): features · projection =
         the projected activations in the layer's unit coordinates (after pooling and dropped
         units). Not recoverable for a sketched layer, whose projection reads count-sketch
         buckets; a store made from vectors (no transform) holds its units as they are."""
@@ -312,8 +312,8 @@ class _LayerData:
             elif (self.store.manifest.get("model") or {}).get("name") == "none":  # imported vectors
                 self._unit_map = (True, None)
             else:
-                matrix = self.store.reducer(self.layer).matrix
-                self._unit_map = (True, matrix.cpu().numpy().astype(np.float64))
+                # float32 as stored (dim × units can be large); _pwcca_from_bases multiplies by blocks
+                self._unit_map = (True, self.store.reducer(self.layer).matrix.cpu().numpy())
         return self._unit_map
 
     def features(self, ids: np.ndarray) -> np.ndarray:

@@ -331,6 +331,14 @@ def test_parquet_long_form_agrees_with_npy(data, tmp_path, triangle):
         np.testing.assert_array_equal(cols["id_i"][sel], data.ids[i])
         np.testing.assert_array_equal(cols["id_j"][sel], data.ids[j])
         np.testing.assert_allclose(cols["similarity"][sel], A[li][i, j], atol=1e-6)
+        if triangle == "full":  # the .npy's square itself (same tiles): equal and exactly symmetric
+            square = np.empty((N, N), dtype=np.float32)
+            square[i, j] = cols["similarity"][sel]
+            np.testing.assert_array_equal(square, square.T)
+            same_tiles = tmp_path / f"{name}_same_tiles.npy"
+            _export(data, same_tiles, layers={name: layers[name]}, memory_limit_bytes=N * 200)
+            np.testing.assert_array_equal(square, np.load(same_tiles))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".square"))]  # no scratch left
     meta = json.loads(pf.schema_arrow.metadata[b"vecsim"])
     assert meta["layers"] == ["conv1", "fc"] and meta["triangle"] == triangle
     assert meta["ids"] == data.ids.tolist() and meta["labels"] == data.labels

@@ -26,8 +26,11 @@ Memory stays bounded by ``memory_limit_bytes``: rows are processed in tiles of
     Long form: ``layer`` (dictionary-encoded string), ``i``, ``j`` (int32 row
     positions), ``id_i``, ``id_j`` (int64 stimulus ids) and ``similarity`` or
     ``distance`` (float32/float16); one row group per tile. ``triangle="upper"``
-    keeps only the pairs ``i < j`` (the diagonal is dropped). Provenance sits
-    in the schema metadata under ``b"vecsim"``.
+    keeps only the pairs ``i < j`` (the diagonal is dropped). The full form is
+    the ``.npy`` export's square, written to a scratch file beside the output
+    and read back (so exactly symmetric, equal to the ``.npy``; the free-disk
+    check counts the scratch). Provenance sits in the schema metadata under
+    ``b"vecsim"``.
 ``.h5`` / ``.hdf5``
     The layout :meth:`rsatoolbox.rdm.RDMs.save` writes, so
     ``rsatoolbox.rdm.load_rdm(path, file_type="hdf5")`` returns an ``RDMs``
@@ -651,7 +654,8 @@ def estimate_export_bytes(
         )
     if fmt == "parquet":
         pairs = n * n if triangle == "full" else n * (n - 1) // 2
-        return int(2**20 + n_layers * pairs * _parquet_bytes_per_entry(n, itemsize) + 2 * provenance_bytes)
+        scratch = 4096 + n * n * itemsize if triangle == "full" else 0  # one layer's square, see _write_parquet_full
+        return int(2**20 + n_layers * pairs * _parquet_bytes_per_entry(n, itemsize) + scratch + 2 * provenance_bytes)
     raise ConfigError(f"unknown format {fmt!r}")  # pragma: no cover
 
 
@@ -902,7 +906,8 @@ def export_similarity(
 # ---- .npy ------------------------------------------------------------------------
 
 
-def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, distance, same=None) -> int:
+def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, distance, same=None,
+               flush_tiles: bool = True) -> int:
     """Create the .npy with ``open_memmap`` (header, full size) and fill it tile by tile.
 
     Each finished tile of rows is ``pwrite``-n from one of two reusable buffers by
@@ -914,6 +919,8 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     for older rows, through a short-lived read-only memory map of just those rows.
     Nothing maps the whole file for long: pages of such a map, once touched,
     would count towards the process's RSS, and the file can be far larger than RAM.
+    ``flush_tiles=False`` skips the per-tile flush (a scratch file that is read back and
+    deleted, see :func:`_write_parquet`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -933,7 +940,8 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
         pos = 0
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], offset + pos)
-        datasync(fd)
+        if flush_tiles:
+            datasync(fd)
 
     with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as writer:
         fd = fh.fileno()
@@ -1003,53 +1011,101 @@ def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, 
     )
     layer_dict = pa.array(names, type=pa.string())
     upper = triangle == "upper"
+    if not upper:
+        return _write_parquet_full(tmp, mats=mats, zeros=zeros, n=n, dt=dt, limit=limit, device=device,
+                                   tick=tick, ids=ids, distance=distance, same=same, schema=schema,
+                                   layer_dict=layer_dict, idx_np=idx_np)
     # f32 block + (value + i + j + id_i + id_j + layer index) arrays, twice for the
     # encoder's copy; capped at pyarrow's largest row group.
     per_entry = 4 + 2 * (dt.itemsize + 4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize)
     tile_rows = _tile_rows_for(n, per_entry, limit)
     tile_rows = max(1, min(tile_rows, (64 * 1024 * 1024) // n))
-    all_j = np.arange(n, dtype=np.int32)
 
     with pq.ParquetWriter(str(tmp), schema) as writer:
         for li, (V, zero) in enumerate(zip(mats, zeros)):
-            for r0, r1, c0, S in _blocks(V, zero, tile_rows, device, upper=upper, distance=distance, same=same,
-                                         dtype=dt):
+            for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same,
+                                          dtype=dt):
                 R = r1 - r0
                 rows = np.arange(r0, r1, dtype=np.int32)
-                if not upper:
-                    vals = S.astype(dt, copy=False).reshape(-1)
-                    i_col = np.repeat(rows, n)
-                    j_col = np.tile(all_j, R)
-                else:
-                    counts = (n - 1 - rows).astype(np.int64)
-                    total = int(counts.sum())
-                    if total == 0:
-                        tick(R)
-                        continue
-                    vals = np.empty(total, dtype=dt)
-                    pos = 0
-                    for a in range(R):
-                        m = int(counts[a])
-                        vals[pos : pos + m] = S[a, a + 1 :]
-                        pos += m
-                    i_col = np.repeat(rows, counts)
-                    starts = np.cumsum(counts) - counts  # position of each row's first pair
-                    j_col = (np.arange(total, dtype=np.int64) - np.repeat(starts - rows - 1, counts)).astype(np.int32)
-                count = len(vals)
-                table = pa.Table.from_arrays(
-                    [
-                        pa.DictionaryArray.from_arrays(pa.array(np.full(count, li, dtype=idx_np)), layer_dict),
-                        pa.array(i_col),
-                        pa.array(j_col),
-                        pa.array(ids[i_col]),
-                        pa.array(ids[j_col]),
-                        pa.array(vals),
-                    ],
-                    schema=schema,
-                )
-                writer.write_table(table, row_group_size=count)
-                del table, vals, i_col, j_col
+                counts = (n - 1 - rows).astype(np.int64)
+                total = int(counts.sum())
+                if total == 0:
+                    tick(R)
+                    continue
+                vals = np.empty(total, dtype=dt)
+                pos = 0
+                for a in range(R):
+                    m = int(counts[a])
+                    vals[pos : pos + m] = S[a, a + 1 :]
+                    pos += m
+                i_col = np.repeat(rows, counts)
+                starts = np.cumsum(counts) - counts  # position of each row's first pair
+                j_col = (np.arange(total, dtype=np.int64) - np.repeat(starts - rows - 1, counts)).astype(np.int32)
+                _write_pairs(writer, schema, layer_dict, li, idx_np, ids, i_col, j_col, vals)
                 tick(R)
+    return tile_rows
+
+
+def _write_pairs(writer, schema, layer_dict, li, idx_np, ids, i_col, j_col, vals) -> None:
+    """One row group of the long form: layer ``li``'s pairs ``(i_col, j_col)`` and their values."""
+    import pyarrow as pa
+
+    count = len(vals)
+    table = pa.Table.from_arrays(
+        [
+            pa.DictionaryArray.from_arrays(pa.array(np.full(count, li, dtype=idx_np)), layer_dict),
+            pa.array(i_col),
+            pa.array(j_col),
+            pa.array(ids[i_col]),
+            pa.array(ids[j_col]),
+            pa.array(vals),
+        ],
+        schema=schema,
+    )
+    writer.write_table(table, row_group_size=count)
+
+
+def _write_parquet_full(tmp, *, mats, zeros, n, dt, limit, device, tick, ids, distance, same, schema,
+                        layer_dict, idx_np) -> int:
+    """The long form of every pair: each layer's square is first written, as the ``.npy``
+    export writes it (upper triangle multiplied, lower one mirrored), to a scratch file beside
+    ``tmp``, then read back one tile of rows at a time into row groups, so the Parquet values
+    equal the ``.npy`` ones and are exactly symmetric. The scratch (N² values) is deleted as
+    soon as the layer is written; :func:`estimate_export_bytes` counts it."""
+    import pyarrow.parquet as pq
+
+    per_entry = 2 * dt.itemsize + 2 * (4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize)  # read buffer + columns
+    tile_rows = _tile_rows_for(n, per_entry, limit)
+    tile_rows = max(1, min(tile_rows, (64 * 1024 * 1024) // n))
+    scratch = Path(str(tmp) + ".square")
+    all_j = np.arange(n, dtype=np.int32)
+    buf = np.empty(tile_rows * n, dtype=dt)
+    try:
+        with pq.ParquetWriter(str(tmp), schema) as writer:
+            for li, (V, zero) in enumerate(zip(mats, zeros)):
+                _write_npy(scratch, mats=[V], zeros=[zero], n=n, dt=dt, limit=limit, device=device,
+                           tick=lambda rows: None, shape=(n, n), distance=distance, same=same,
+                           flush_tiles=False)
+                with open(scratch, "rb") as fh:
+                    fmt_ = np.lib.format
+                    major, _minor = fmt_.read_magic(fh)
+                    (fmt_.read_array_header_1_0 if major == 1 else fmt_.read_array_header_2_0)(fh)  # to the data
+                    for r0 in range(0, n, tile_rows):
+                        r1 = min(n, r0 + tile_rows)
+                        R = r1 - r0
+                        vals = buf[: R * n]
+                        got = fh.readinto(memoryview(vals).cast("B"))
+                        if got != vals.nbytes:  # pragma: no cover - the file was just written
+                            raise OSError(f"short read from the scratch file {scratch}")
+                        i_col = np.repeat(np.arange(r0, r1, dtype=np.int32), n)
+                        j_col = np.tile(all_j, R)
+                        _write_pairs(writer, schema, layer_dict, li, idx_np, ids, i_col, j_col, vals)
+                        del i_col, j_col
+                        tick(R)
+                scratch.unlink()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            scratch.unlink()
     return tile_rows
 
 

@@ -86,7 +86,7 @@ def both_orders(x, train: np.ndarray, dim: int, layer: str):
     from vecsim.reduce import LayerReducer, ReducerConfig, _top_directions
 
     reducer = LayerReducer(layer, (x.shape[1],), ReducerConfig(dim=dim))
-    z, _, _ = reducer.prepare(x)
+    z, _, _, _ = reducer.prepare(x)
     reducer.fit(z[train].clone())
     y = reducer.project(z).double()
     ours = (y @ y.T).numpy()

@@ -289,8 +289,8 @@ def fidelity(model, reducers, images, device):
                 block = x[:, start : start + GRAM_COLUMNS].to(torch.float64)
                 gram += block @ block.T
             norms, finite = reducer.measure(x)
-            z = reducer.reduce_pooled(x, finite)
-            y = reducer.project(z)
+            z, share = reducer.reduce_pooled(x, finite)
+            y = reducer.project(z, share)
             return gram.cpu(), z.double().cpu(), y.double().cpu()
 
         return function

@@ -115,7 +115,7 @@ def test_reducer_fitted_on_cpu_gives_the_same_vectors_on_cuda(exact_fp32, shape,
     n = 32
     x = _low_rank(n, int(np.prod(shape))).reshape(n, *shape)
     reducer = LayerReducer("layer", shape, ReducerConfig(**config), "cpu")
-    z, _, _ = reducer.prepare(x.clone())
+    z, _, _, _ = reducer.prepare(x.clone())
     reducer.fit(z)
     y_cpu, norms_cpu, finite_cpu = reducer(x.clone())
 

@@ -22,7 +22,7 @@ def test_chain_equals_the_composition_of_its_parts():
     rng = np.random.default_rng(0)
     out = torch.tensor(np.maximum(rng.normal(size=(12, 8, 20, 20)), 0), dtype=torch.float32)
     reducer = LayerReducer("l", (8, 20, 20), ReducerConfig(dim=6, sketch_dim=512, sketch_seed=3))
-    z, _, _ = reducer.prepare(out)
+    z, _, _, _ = reducer.prepare(out)
     reducer.fit(z)
     chained, _, _ = reducer(out)
     flat = out.flatten(1)

@@ -18,7 +18,7 @@ def _data(n=40, d=300, seed=0):
 
 def _fit(x, **cfg):
     reducer = LayerReducer("l", (x.shape[1],), ReducerConfig(**{"sketch_dim": 0, **cfg}))
-    z, norms, _ = reducer.prepare(x)
+    z, norms, _, _ = reducer.prepare(x)
     reducer.fit(z)
     return reducer
 
@@ -144,7 +144,7 @@ def test_the_chain_never_writes_into_the_layer_output(cfg):
     before = out.clone()
     x = reducer.pool(out)
     norms, finite = reducer.measure(x)
-    z = reducer.reduce_pooled(x, finite)
+    z, _ = reducer.reduce_pooled(x, finite)
     assert not bool(finite[2]) and bool(torch.all(z[2] == 0))
     torch.testing.assert_close(out, before, equal_nan=True)
 
@@ -182,3 +182,53 @@ def test_zero_rows_never_writes_its_input_and_copies_on_the_cpu_only_when_needed
     assert torch.equal(torch.nan_to_num(x, nan=-1), torch.nan_to_num(before, nan=-1))  # input untouched
     out, fresh = zero_rows(x[[0, 2]], torch.tensor([True, True]), on_device)
     assert fresh == on_device  # the sync-free device path always copies; the CPU path not for a clean batch
+
+
+@pytest.mark.parametrize("sketch_dim,center", [(0, False), (0, True), (64, False)])
+def test_drop_zero_units_normalises_a_later_stimulus_by_its_whole_norm(sketch_dim, center):
+    """Units zero for every training stimulus are dropped; a later stimulus with energy there
+    is still normalised by its whole norm (as the training stimuli are), so its cosine with
+    a training stimulus stays the raw one when the projection is exact (it was inflated by
+    ‖y‖/‖y_kept‖ when the kept part alone was normalised)."""
+    x = _data(n=30, d=300)
+    x[:20, 250:] = 0.0  # zero in the training sample
+    x[20:, 250:] *= 5.0  # much of the later stimuli's energy is there
+    reducer = LayerReducer("l", (300,), ReducerConfig(sketch_dim=sketch_dim, drop_zero_units=True, dim=64,
+                                                      center=center))
+    z, _, _, share = reducer.prepare(x[:20])
+    assert share is None
+    reducer.fit(z)
+    assert reducer.drop_zero_units() == 50
+    train, later = reducer(x[:20])[0].double().numpy(), reducer(x[20:])[0].double().numpy()
+    if center:  # centred PCA renormalises: the cosine of the later stimulus's centred unit vector,
+        # projected on the centred training sample's span, with the training stimuli's
+        unit = x.double().numpy() / np.linalg.norm(x.double().numpy(), axis=1, keepdims=True)
+        c = unit[:, :250] - unit[:20, :250].mean(axis=0)
+        basis = np.linalg.svd(c[:20], full_matrices=False)[2][:19]  # 20 centred vectors span 19 dims
+        projected = c[20:] @ basis.T @ basis
+        want = cosine_matrix(np.vstack([projected, c[:20]]))[:10, 10:]
+        np.testing.assert_allclose(later @ train.T, want, atol=1e-5)
+        return
+    raw = cosine_matrix(x.double().numpy())[20:, :20]
+    if sketch_dim:  # the sketch estimates; the whole-norm scaling is what the kept-part one missed
+        got = later @ train.T
+        assert np.abs(got - raw).mean() < 0.05
+        kept_only = got / np.linalg.norm(x[20:, :250].double().numpy(), axis=1)[:, None] \
+            * np.linalg.norm(x[20:].double().numpy(), axis=1)[:, None]
+        assert np.abs(got - raw).mean() < 0.5 * np.abs(kept_only - raw).mean()
+    else:
+        np.testing.assert_allclose(later @ train.T, raw, atol=1e-5)
+
+
+def test_row_norms_stay_accurate_on_millions_of_units():
+    from vecsim.reduce import normalise_rows, row_norms
+
+    x = torch.rand(2, 2_560_000, generator=torch.Generator().manual_seed(0))
+    want = np.linalg.norm(x.double().numpy(), axis=1)
+    np.testing.assert_allclose(row_norms(x).double().numpy(), want, rtol=5e-7)
+    np.testing.assert_allclose(np.linalg.norm(normalise_rows(x).double().numpy(), axis=1), 1.0, rtol=5e-7)
+    short = torch.rand(3, 100)
+    np.testing.assert_allclose(row_norms(short).numpy(), np.linalg.norm(short.numpy(), axis=1), rtol=1e-6)
+    bad = x[:, :20000].clone()
+    bad[1, 17000] = float("nan")
+    assert torch.isfinite(row_norms(bad)).tolist() == [True, False]

@@ -207,3 +207,9 @@ def test_info_says_which_pairs_are_exact(shared_image_set, tmp_path):
     fit = summary.layers["features.relu2"]
     assert fit["exact"] and fit["sketched"] and fit["units"] == 32768
     assert Store.open(out).info()["layers"]["features.relu2"]["exact_pairs"] == "none"
+    # a centred store keeps every direction of its centred sample but holds centred cosines
+    out = tmp_path / "centred"
+    vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=[layer], out=str(out),
+                         dim="32", center=True, progress=False)
+    info = Store.open(out).info()["layers"][layer]
+    assert info["exact"] and info["exact_pairs"] == "none"

@@ -85,11 +85,14 @@ def index_cmd(
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s{resumed})"
     )
     for layer, fit in summary.layers.items():
-        pairs = exact_pairs(fit, summary.indexed, fit.get("sketched", False))
+        pairs = exact_pairs(fit, summary.indexed, fit.get("sketched", False), fit.get("center", False))
         if pairs == "all":
             exact = "exact"
         elif pairs == "training":
             exact = "exact on the training sample (and for pairs with one of it), approximate for other pairs"
+        elif fit["exact"] and fit.get("center"):
+            exact = ("every direction of the centred training sample kept (stored: cosines of the "
+                     "stimulus-centred vectors, not the raw cosines)")
         elif fit["exact"]:  # sketched
             exact = "every direction of the sketched training sample kept (the sketch estimates raw cosines)"
         else:

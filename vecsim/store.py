@@ -471,7 +471,8 @@ class Store:
                 "similarity": red["config"]["similarity"],
                 "projection": "centred PCA" if red["config"]["center"] else "uncentred",
                 "exact": red["fit"]["exact"] if red.get("fit") else None,
-                "exact_pairs": exact_pairs(red.get("fit"), vectors, bool(red.get("sketch"))),
+                "exact_pairs": exact_pairs(red.get("fit"), vectors, bool(red.get("sketch")),
+                                           bool(red.get("config", {}).get("center"))),
                 "energy_kept": red["fit"]["energy_kept"] if red.get("fit") else None,
                 "n_train": red["fit"]["n_train"] if red.get("fit") else None,
                 "vectors": vectors,
@@ -518,13 +519,14 @@ def _creation_leftovers(path: Path) -> bool:
     return True
 
 
-def exact_pairs(fit: dict | None, vectors: int, sketched: bool = False) -> str:
+def exact_pairs(fit: dict | None, vectors: int, sketched: bool = False, centred: bool = False) -> str:
     """Which stored cosines equal the raw ones: ``all`` (the projection keeps the whole input
     space, or every stored stimulus was in the training sample it keeps exactly), ``training``
     (pairs with at least one training stimulus: the sample's span is kept, the rest is
     projected onto it) or ``none`` (an approximation; see the fidelity report). A count
-    sketch before the projection estimates the raw cosines, so a sketched layer is ``none``."""
-    if not fit or sketched:
+    sketch before the projection estimates the raw cosines, so a sketched layer is ``none``;
+    a ``--center`` store holds cosines of stimulus-centred vectors, never the raw ones: ``none``."""
+    if not fit or sketched or centred:
         return "none"
     if fit.get("lossless") or (fit.get("exact") and fit.get("n_train", 0) >= vectors):
         return "all"

@@ -195,6 +195,16 @@ def test_compare_cli_writes_tables_and_heatmaps(stores, tmp_path):
     assert data["matching"]["unmatched_a"] == 3 and data["matching"]["unmatched_b"] == 2
     bad = run_cli("compare", stores["full"], stores["other"])
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "do not match" in bad.stderr
+    # an earlier comparison's folder is refused, or with --overwrite left holding this run's files only
+    (out / "notes.txt").write_text("mine")
+    again = run_cli("compare", stores["full"], "--measure", "cka", "--out", out)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    assert (out / "pwcca.png").is_file()
+    again = run_cli("compare", stores["full"], "--measure", "cka", "--out", out, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert not (out / "pwcca.png").exists() and not (out / "pwcca_matrix.csv").exists()
+    assert (out / "cka.png").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert set(pq.read_table(out / "comparison.parquet").column("measure").to_pylist()) == {"cka"}
 
 
 # -- prune -----------------------------------------------------------------------------------
@@ -210,6 +220,8 @@ def test_prune_cli_reaches_the_sparsity_and_its_checkpoint_indexes(stores, tmp_p
     assert zeros == round(0.5 * sum(w.numel() for w in weights))
     again = run_cli("prune", "--model", "digits-cnn", "--amount", "0.5", "--out", ckpt)
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    missing = run_cli("prune", "--model", "digits-cnn", "--amount", "0.5", "--out", tmp_path / "no" / "p.pt")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and not (tmp_path / "no").exists()
     out = tmp_path / "store"
     index = run_cli("index", stores["source"], "--model", "digits-cnn", "--checkpoint", ckpt,
                     "--layers", "features.relu4", "--out", out, "--dim", "8", "-q")
@@ -262,6 +274,9 @@ def test_spectrum_numbers_are_those_of_the_stored_spectrum(stores, tmp_path):
     data = _no_nan_json(result.stdout)
     assert data["layers"][0]["layer"] == "features.relu3"
     assert all((out / n).is_file() for n in ("spectrum.png", "spectrum.json", "spectrum.csv"))
+    again = run_cli("spectrum", stores["full"], "--out", out)
+    assert again.returncode == 2 and "already holds spectrum" in again.stderr
+    assert run_cli("spectrum", stores["full"], "--out", out, "--overwrite").returncode == 0
     text = run_cli("spectrum", stores["full"]).stdout
     assert "second moment" in text and "n_train=18" in text and "forward-pass order" in text
     assert "PR cov" in text
@@ -325,6 +340,12 @@ def test_channel_matrices_and_summary(stores, tmp_path):
         assert (out / f"features_relu3_{name}").is_file(), name
     assert np.load(out / "features_relu3_overlap.npy").shape == (64, 64)
     _no_nan_json((out / "features_relu3_summary.json").read_text())
+    other = run_cli("channels", stores["full"], "--layer", "features.relu4", "--k", "5", "--out", out)
+    assert other.returncode == 0, other.stderr  # another layer's files share the folder
+    again = run_cli("channels", stores["full"], "--layer", "features.relu3", "--k", "5", "--out", out)
+    assert again.returncode == 2 and "already holds features_relu3_" in again.stderr
+    again = run_cli("channels", stores["full"], "--layer", "features.relu3", "--k", "5", "--out", out, "--overwrite")
+    assert again.returncode == 0, again.stderr
 
 
 def test_cca_measures_report_their_chance_level_and_flag_directions_that_fill_the_stimuli(tmp_path):

@@ -141,5 +141,9 @@ def test_an_unwritable_output_is_one_clear_error(tmp_path) -> None:
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match=r"cannot write the pruned state dict to .*file/sub/p\.pt"):
+    with pytest.raises(ConfigError, match=r"output folder .*file/sub does not exist or is not a folder"):
         prune_checkpoint("digits-cnn", blocker / "sub" / "p.pt", 0.5)
+    (tmp_path / "p.pt.tmp").mkdir()  # where the checkpoint is written before its rename
+    with pytest.raises(ConfigError, match=r"cannot write the pruned state dict to .*p\.pt"):
+        prune_checkpoint("digits-cnn", tmp_path / "p.pt", 0.5)
+    assert not (tmp_path / "p.pt").exists()

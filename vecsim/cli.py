@@ -335,7 +335,9 @@ def neighbors_cmd(
     opened = Store.open(store)
     _warn_unfinished(opened)
     result = opened.neighbors(layer, k, out, overwrite=overwrite, progress=not quiet, device=device)
-    typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli, k={k}) to {result['path']} "
+    capped = (f"k={result['k_effective']:,}: every other stimulus, fewer than the {k:,} asked for"
+              if result["k_effective"] < k else f"k={k:,}")
+    typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli, {capped}) to {result['path']} "
                f"in {result['seconds']:.1f} s")
 
 
@@ -387,6 +389,7 @@ def compare_cmd(
     layers_b: Optional[str] = typer.Option(None, "--layers-b", help="Comma-separated layers of B [default: all]."),
     pairs: str = typer.Option("grid", "--pairs", help="grid (every A layer × every B layer) or matching (i-th with i-th)."),
     source: str = typer.Option("auto", "--source", help="auto, exact-gram or stored-vectors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier comparison's files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
 ) -> None:
     """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two."""
@@ -394,7 +397,7 @@ def compare_cmd(
     from vecsim._io import dumps_json
 
     result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
-    _emit(result, out, as_json, dumps_json,
+    _emit(result, out, overwrite, as_json, dumps_json,
           lambda written: f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
 
 
@@ -421,13 +424,14 @@ def prune_cmd(
 def spectrum_cmd(
     store: str = typer.Argument(..., help="Store folder."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder for spectrum.png/.json/.csv."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier spectrum's files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
 ) -> None:
     """Per layer: effective rank and dims for 90/95/99% energy of the stored training spectrum."""
     from vecsim.compare import store_spectra
     from vecsim._io import dumps_json
 
-    _emit(store_spectra(store), out, as_json, dumps_json)
+    _emit(store_spectra(store), out, overwrite, as_json, dumps_json)
 
 
 @app.command("channels")
@@ -437,18 +441,19 @@ def channels_cmd(
     out: Optional[str] = typer.Option(None, "--out", help="Folder for the matrices (.npy), heatmaps and summary JSON."),
     k: int = typer.Option(10, "--k", help="NNK candidates per stimulus."),
     kernel: str = typer.Option("auto", "--kernel", help="NNK kernel: auto (cosine; gaussian for 1x1 maps), cosine or gaussian."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace this layer's earlier files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (NaN as null)."),
 ) -> None:
     """Channel redundancy of one layer: cosine similarity and CW-NNK overlap of its channels."""
     from vecsim.compare import channel_redundancy
     from vecsim._io import dumps_json
 
-    _emit(channel_redundancy(store, layer, k=k, kernel=kernel), out, as_json, dumps_json)
+    _emit(channel_redundancy(store, layer, k=k, kernel=kernel), out, overwrite, as_json, dumps_json)
 
 
-def _emit(report, out: Optional[str], as_json: bool, dumps_json, describe=None) -> None:
+def _emit(report, out: Optional[str], overwrite: bool, as_json: bool, dumps_json, describe=None) -> None:
     """Save a report's files when asked, then print it as JSON or as its table."""
-    written = report.save(out) if out else []
+    written = report.save(out, overwrite=overwrite) if out else []
     if as_json:
         typer.echo(dumps_json(report.to_dict()))
         return

@@ -128,11 +128,23 @@ _CORNER = "A \\ B"
 # --------------------------------------------------------------------------- small helpers
 
 
-def _out_dir(out: str | os.PathLike) -> Path:
+def _out_dir(out: str | os.PathLike, names: list[str], overwrite: bool, command: str,
+             stale: tuple[str, ...] = ()) -> Path:
+    """The --out folder (created if missing), once no file of ``names`` (what this run writes)
+    or ``stale`` (what an earlier run of the same command may have left that this one does
+    not write) is there, unless ``overwrite``; then the ``stale`` ones are removed, so the
+    folder holds one run's results. Other files in the folder are never touched."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"--out {path} is a file; give a folder to write the results into")
+    clash = [name for name in (*names, *stale) if (path / name).exists()]
+    if clash and not overwrite:
+        more = f" (and {len(clash) - 1} more of its files)" if len(clash) > 1 else ""
+        raise OutputExistsError(f"{path} already holds {clash[0]}{more} from an earlier `vecsim {command}`; "
+                                "pass --overwrite to replace them or choose another --out")
     path.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        (path / name).unlink(missing_ok=True)
     return path
 
 
@@ -441,13 +453,19 @@ class Comparison:
         })
 
     # -- files -----------------------------------------------------------------
-    def save(self, out: str | os.PathLike) -> list[Path]:
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> list[Path]:
         """Write comparison.parquet/.csv (long), comparison.json, and per measure
-        ``<measure>_matrix.csv`` (wide) and ``<measure>.png`` (heatmap). Returns the paths."""
+        ``<measure>_matrix.csv`` (wide) and ``<measure>.png`` (heatmap). Returns the paths.
+        An earlier comparison's files in ``out`` are refused unless ``overwrite``, which also
+        removes those of measures this one does not have."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        folder = _out_dir(out)
+        def files(measures) -> list[str]:
+            return [name for m in measures for name in (f"{m}_matrix.csv", f"{m}.png")]
+
+        folder = _out_dir(out, ["comparison.parquet", "comparison.csv", "comparison.json", *files(self.measures)],
+                          overwrite, "compare", stale=tuple(files(m for m in MEASURES if m not in self.measures)))
         written = []
         rows = self.rows()
         columns = ["measure", "layer_a", "layer_b", "row", "col", "value", "chance", "source", "n",
@@ -868,9 +886,10 @@ class SpectrumReport:
                      "matrix Gao et al.'s participation ratio is defined on; '-' where the store did not record it")
         return "\n".join(lines)
 
-    def save(self, out: str | os.PathLike) -> list[Path]:
-        """spectrum.json, spectrum.csv (the numbers) and spectrum.png (normalised spectra by depth)."""
-        folder = _out_dir(out)
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+        """spectrum.json, spectrum.csv (the numbers) and spectrum.png (normalised spectra by depth);
+        an earlier run's are refused unless ``overwrite``."""
+        folder = _out_dir(out, ["spectrum.json", "spectrum.csv", "spectrum.png"], overwrite, "spectrum")
         path_json = folder / "spectrum.json"
         payload = self.to_dict()
         payload["normalised_spectra"] = {k: (v / v.sum() if v.sum() > 0 else v) for k, v in self.spectra.items()}
@@ -1012,12 +1031,15 @@ class ChannelReport:
                       for p in self.top_pairs]
         return "\n".join(lines)
 
-    def save(self, out: str | os.PathLike) -> list[Path]:
-        """similarity.npy, overlap.npy, their heatmaps and summary.json (file names prefixed by the layer)."""
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+        """similarity.npy, overlap.npy, their heatmaps and summary.json (file names prefixed by the
+        layer, so several layers can share a folder); this layer's earlier files are refused
+        unless ``overwrite``."""
         from vecsim.store import layer_slug
 
-        folder = _out_dir(out)
         slug = layer_slug(self.layer)
+        folder = _out_dir(out, [f"{slug}_{name}" for name in ("similarity.npy", "overlap.npy", "similarity.png",
+                                                                "overlap.png", "summary.json")], overwrite, "channels")
         written = []
         for name, M, cmap, vmin in (("similarity", self.similarity, "RdBu_r", -1.0), ("overlap", self.overlap, "viridis", 0.0)):
             path = folder / f"{slug}_{name}.npy"
@@ -1120,13 +1142,14 @@ def prune_checkpoint(
         raise OutputExistsError(f"--out {out} is a folder; give a file name such as pruned.pt")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"output folder {out.parent} does not exist or is not a folder; create it first")
     import torch
 
     loaded = load_model(model, weights=weights, checkpoint=None if checkpoint is None else str(checkpoint))
     report = prune_model(loaded.module, amount, scope)
     tmp = out.with_name(out.name + ".tmp")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:  # an OSError names the path (torch.save's own errors do not)
             torch.save(loaded.module.state_dict(), fh)
         fsync_replace(tmp, out)

@@ -38,6 +38,8 @@ def test_help_does_not_import_torch_or_lancedb():
         (["index", "builtin:digits", "--model", "resnet18", "--weights", "IMAGENET9K", "--layers", "layer1",
           "--out", "OUT"], "unknown weights"),
         (["info", "/no/such/store"], "no store"),
+        (["index", "--model", "digits-cnn", "--layers", "features.relu1", "--out", "OUT"],
+         "SOURCE is required: a folder of images or builtin:digits, as the first argument"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message, tmp_path):

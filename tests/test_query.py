@@ -133,6 +133,14 @@ def test_neighbors_graph_equals_brute_force(store, tmp_path):
     # k beyond the store: every other stimulus, and the count returned is the rows written
     result = store.neighbors(LAYERS[0], len(ids) + 5, tmp_path / "all.parquet", progress=False)
     assert result["rows"] == pq.read_metadata(tmp_path / "all.parquet").num_rows == len(ids) * (len(ids) - 1)
+    assert result["k_effective"] == len(ids) - 1 and result["k"] == len(ids) + 5
+    import subprocess
+    import sys
+
+    said = subprocess.run([sys.executable, "-m", "vecsim", "neighbors", str(store.path), "--layer", LAYERS[0], "-k",
+                           str(len(ids) + 5), "--out", str(tmp_path / "cli.parquet"), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert said.returncode == 0 and f"k={len(ids) - 1}: every other stimulus, fewer than the {len(ids) + 5}" in said.stdout
 
 
 def test_torch_exact_search_equals_the_flat_index():

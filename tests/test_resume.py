@@ -75,6 +75,10 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
         assert info.returncode == 0, info.stderr
         checked = run([sys.executable, "-m", "vecsim", "verify", str(out)])
         assert checked.returncode != 0 and "not complete" in checked.stdout + checked.stderr
+    if kill_at == "fit-pass":  # nothing committed: a query says how to finish the store, in one line
+        asked = run([sys.executable, "-m", "vecsim", "query", str(out), "--id", "0"])
+        assert asked.returncode == 2 and asked.stderr.count("\n") == 1, asked.stderr
+        assert "no committed stimuli yet" in asked.stderr and f"vecsim index --resume {out}" in asked.stderr
     if kill_at in ("chunk:2", "vectors-written:3"):  # an export from it covers the stimuli committed so far
         partial = Store.open(out)
         committed, status = len(partial.lookup().ids), partial.manifest["status"]
@@ -134,5 +138,13 @@ def test_a_second_writer_is_refused_while_one_holds_the_lock(reference, tmp_path
     try:
         with pytest.raises(StoreLockedError, match="another vecsim process"):
             StoreWriter.reopen(reference.path)
+        from vecsim.maintain import add
+
+        first.save_manifest(status="indexing")  # as a run still writing it: busy, not unfinished
+        try:
+            with pytest.raises(StoreLockedError, match="another vecsim process"):
+                add(reference.path, [str(reference.path)], progress=False)
+        finally:
+            first.save_manifest(status="complete")
     finally:
         first.close()

@@ -76,7 +76,10 @@ class IndexConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {value!r}")
         if self.manifest and self.labels_from_folders:
             raise ConfigError("give --manifest (labels from its label column) or --labels-from-folders, not both")
-        for name in ("source", "model", "out"):
+        if not self.source:  # the CLI's first argument; `source` in a --config file
+            raise ConfigError("SOURCE is required: a folder of images or builtin:digits, as the first argument "
+                              "(`vecsim index SOURCE --model ... --layers ... --out ...`)")
+        for name in ("model", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.layers:

@@ -158,10 +158,11 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
 
     started = time.time()
     store = Store.open(store_path)
-    if not store.complete:
-        raise StoreError(f"{store_path} is not complete; finish it first (rerun its index command)")
-    writer = StoreWriter.reopen(store.path)
+    writer = StoreWriter.reopen(store.path)  # the lock first: a store being written is busy, not unfinished
     try:
+        if writer.manifest.get("status") != "complete":
+            raise StoreError(f"{store_path} is not complete; finish it first (`vecsim index --resume {store_path}`)")
+        store = Store.open(store_path)  # as the lock found it
         if writer.manifest.get(PENDING_ADD):
             if progress:
                 print(f"rolling back an interrupted add (run {writer.manifest[PENDING_ADD]['run']}) first",

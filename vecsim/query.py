@@ -284,7 +284,8 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     finally:  # a failed run (disk full, an error) leaves no temporary file behind
         tmp.unlink(missing_ok=True)
     # fewer than k per stimulus when the store holds k or fewer other stimuli
-    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k, "seconds": time.time() - start,
+    return {"path": str(out), "rows": written, "stimuli": int(len(ids)), "k": k,
+            "k_effective": min(k, max(len(ids) - 1, 0)), "seconds": time.time() - start,
             "device": device if exact else "cpu"}
 
 

@@ -253,6 +253,9 @@ class Store:
         try:
             return self.db.open_table(name)
         except Exception as exc:
+            if self.manifest.get("status") == "fitting":  # stopped (or still running) before its first commit
+                raise StoreError(f"{self.path} has no committed stimuli yet: its index run stopped (or is still running) "
+                                 f"while fitting; finish it with `vecsim index --resume {self.path}`") from None
             raise StoreError(f"{self.path}: table {name!r} cannot be opened ({type(exc).__name__}); run `vecsim verify`") from None
 
     def _read(self, name: str, columns: list[str] | None = None):

@@ -229,6 +229,11 @@ def test_row_norms_stay_accurate_on_millions_of_units():
     np.testing.assert_allclose(np.linalg.norm(normalise_rows(x).double().numpy(), axis=1), 1.0, rtol=5e-7)
     short = torch.rand(3, 100)
     np.testing.assert_allclose(row_norms(short).numpy(), np.linalg.norm(short.numpy(), axis=1), rtol=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    for strided in (torch.rand(4, 600_000, generator=gen)[:, ::2], torch.rand(300_000, 4, generator=gen).T,
+                    torch.rand(4, 600_000, generator=gen)[:, 1:300_001]):
+        want = np.linalg.norm(strided.double().numpy(), axis=1)
+        np.testing.assert_allclose(row_norms(strided).double().numpy(), want, rtol=5e-7)
     bad = x[:, :20000].clone()
     bad[1, 17000] = float("nan")
     assert torch.isfinite(row_norms(bad)).tolist() == [True, False]

@@ -505,9 +505,15 @@ def row_norms(z):
     d = z.shape[1]
     if d <= NORM_BLOCK:
         return torch.linalg.vector_norm(z, dim=1)
-    total = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    for start in range(0, d, NORM_BLOCK):
-        total += torch.linalg.vector_norm(z[:, start : start + NORM_BLOCK], dim=1).to(torch.float64).square()
+    if z.stride(1) != 1:  # torch's norm is as imprecise as the whole row's along a strided dim
+        total = sum(torch.linalg.vector_norm(z[:, start : start + NORM_BLOCK].contiguous(), dim=1)
+                    .to(torch.float64).square() for start in range(0, d, NORM_BLOCK))
+        return total.sqrt().to(z.dtype)
+    whole = d - d % NORM_BLOCK  # the whole blocks in one call (a few kernel launches on a GPU), then the rest
+    blocks = torch.linalg.vector_norm(z[:, :whole].reshape(z.shape[0], -1, NORM_BLOCK), dim=2)
+    total = blocks.to(torch.float64).square().sum(dim=1)
+    if whole < d:
+        total += torch.linalg.vector_norm(z[:, whole:], dim=1).to(torch.float64).square()
     return total.sqrt().to(z.dtype)
 
 

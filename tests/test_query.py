@@ -197,16 +197,33 @@ def test_neighbors_through_the_torch_search_equal_the_faiss_ones(store, tmp_path
     np.testing.assert_allclose(a["cosine"].to_numpy(), b["cosine"].to_numpy(), atol=1e-6)
 
 
-def test_byte_identical_files_have_cosine_one_in_neighbours_and_matrices(shared_image_set, tmp_path):
+@pytest.mark.parametrize("copy", ["bytes", "pixels"])
+def test_identical_stimuli_have_cosine_one_in_neighbours_and_matrices(shared_image_set, tmp_path, copy):
+    """The same file twice, or the same pixels in another format (other bytes, the same model
+    input): raw activations identical, so cosine exactly 1, whatever the reduction keeps."""
     import shutil
+
+    from PIL import Image
+
+    from vecsim.stimuli import decode_image
 
     images = tmp_path / "images"
     shutil.copytree(shared_image_set, images)
-    shutil.copy(images / "owl" / "img_03.jpg", images / "owl" / "img_03_copy.jpg")
+    twin_name = "owl/img_03_copy.jpg" if copy == "bytes" else "owl/img_03_copy.png"
+    if copy == "bytes":
+        shutil.copy(images / "owl" / "img_03.jpg", images / twin_name)
+    else:
+        decode_image(images / "owl" / "img_03.jpg").image.save(images / twin_name)
+        assert (images / twin_name).read_bytes() != (images / "owl" / "img_03.jpg").read_bytes()
     vecsim.index_stimuli(source=str(images), model="digits-cnn", layers=[LAYERS[1]], out=str(tmp_path / "s"), dim="8",
                          train_size=10, labels_from_folders=True, progress=False)
     store = Store.open(tmp_path / "s")
-    a, b = store.lookup().id_of_path("owl/img_03.jpg"), store.lookup().id_of_path("owl/img_03_copy.jpg")
+    a, b = store.lookup().id_of_path("owl/img_03.jpg"), store.lookup().id_of_path(twin_name)
+    # a new file with those pixels (a third format) finds both first, at 1.0
+    third = tmp_path / "third.bmp"
+    Image.open(images / twin_name if copy == "pixels" else images / "owl" / "img_03.jpg").convert("RGB").save(third)
+    hits = store.query(image=str(third), layer=LAYERS[1], k=3)
+    assert [(h["id"], h["cosine"]) for h in hits[:2]] == [(a, 1.0), (b, 1.0)] and hits[2]["cosine"] < 1.0
     store.neighbors(LAYERS[1], 3, tmp_path / "nn.parquet", progress=False)
     table = pq.read_table(tmp_path / "nn.parquet").to_pylist()
     first = {r["id"]: r for r in table if r["rank"] == 1}
@@ -319,3 +336,40 @@ def test_a_path_typed_in_another_unicode_form_finds_its_stimulus():
     assert lookup.id_of_path(nfd) == 0 and lookup.id_of_path("cats/plain.png") == 1
     with pytest.raises(UnknownStimulusError):
         lookup.id_of_path("cats/eclair.png")
+
+
+def test_identity_is_the_model_input_and_falls_back_to_file_bytes_in_older_stores():
+    import pyarrow as pa
+    from PIL import Image
+
+    from vecsim.models import Preprocessing
+    from vecsim.query import StimulusLookup
+
+    pre = Preprocessing(resize=16, crop=16)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    base = Image.fromarray(pixels)
+    border = pixels.copy()
+    border[:, :4] = 0  # outside the centre crop of the 16x24 image
+    touched = pixels.copy()
+    touched[8, 12, 0] ^= 1
+    t0, d0 = pre.prepare(base)
+    t1, d1 = pre.prepare(Image.fromarray(border))
+    t2, d2 = pre.prepare(Image.fromarray(touched))
+    assert d0 == d1 and torch_equal(t0, t1)  # the same input: the same digest
+    assert d0 != d2 and not torch_equal(t0, t2)
+    rows = {"id": [1, 2, 3, 4], "path": ["a", "b", "c", "d"], "sha256": ["x", "y", "x", "z"],
+            "label": [None] * 4}
+    new = StimulusLookup(pa.table({**rows, "input_sha256": ["p", "p", "p", None]}))
+    assert [g.tolist() for g in new.identical_groups()] == [[1, 2, 3]]
+    assert new.twins_of(2).tolist() == [1, 2, 3] and new.twins_of(4).tolist() == [4]
+    assert new.same_input("z", "q").tolist() == [4] and new.same_input("w", "p").tolist() == [1, 2, 3]
+    old = StimulusLookup(pa.table(rows))  # a store written before input_sha256: file bytes decide
+    assert [g.tolist() for g in old.identical_groups()] == [[1, 3]]
+    assert old.same_input("x", "p").tolist() == [1, 3]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -263,7 +263,7 @@ def query_cmd(
     layer: Optional[str] = typer.Option(None, "--layer", help="One layer [default: all, side by side]."),
     k: int = typer.Option(10, "-k", help="Number of neighbours."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL filter on the stimuli table, e.g. \"label = 'cat'\"."),
-    exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query stimulus out of its results (for --image, any stored copy of that file); other byte-identical files stay first, at 1.0."),
+    exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query stimulus out of its results (for --image, every stored stimulus identical to it); other identical stimuli stay first, at 1.0."),
     device: str = typer.Option("auto", "--device", help="For --image: auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),

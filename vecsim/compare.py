@@ -356,7 +356,7 @@ class _LayerData:
 
         Off the diagonal ``⟨y_i, y_j⟩ ‖x_i‖ ‖x_j‖``; normalising it by its diagonal gives the
         stored cosine estimates ⟨y_i, y_j⟩, not ⟨y_i, y_j⟩ / (‖y_i‖ ‖y_j‖), which would undo
-        what the normalise-then-project chain keeps. Byte-identical files have identical
+        what the normalise-then-project chain keeps. Identical stimuli (the same model input) have identical
         activations: their pairs get ``‖x_i‖ ‖x_j‖`` (cosine exactly 1, like the diagonal),
         as in query, neighbors and the similarity export.
         """

@@ -140,6 +140,7 @@ class DecodedBatch:
     sha256: list[str]
     sizes: list[tuple[int, int]]
     failures: list[Failure] = field(default_factory=list)
+    input_sha256: list[str] = field(default_factory=list)  # Preprocessing.prepare's digest per image
 
 
 class _DecodeDataset:
@@ -155,18 +156,18 @@ class _DecodeDataset:
         stim_id, rel = self.items[index]
         try:
             decoded = decode_image(self.root / rel, self.max_pixels)
-            tensor = self.preprocessing(decoded.image)
+            tensor, input_digest = self.preprocessing.prepare(decoded.image)
         except ImageDecodeError as exc:
             return stim_id, rel, None, str(exc)
         except Exception as exc:  # a transform failing on odd data must not end a long job
             return stim_id, rel, None, f"{type(exc).__name__}: {exc}"
-        return stim_id, rel, tensor, (decoded.sha256, decoded.width, decoded.height)
+        return stim_id, rel, tensor, (decoded.sha256, decoded.width, decoded.height, input_digest)
 
 
 def _collate(samples) -> DecodedBatch:
     import torch
 
-    ids, tensors, shas, sizes, failures = [], [], [], [], []
+    ids, tensors, shas, sizes, failures, inputs = [], [], [], [], [], []
     for stim_id, rel, tensor, info in samples:
         if tensor is None:
             failures.append(Failure(stim_id, rel, "decode", info))
@@ -175,8 +176,9 @@ def _collate(samples) -> DecodedBatch:
         tensors.append(tensor)
         shas.append(info[0])
         sizes.append((info[1], info[2]))
+        inputs.append(info[3])
     images = torch.stack(tensors) if tensors else None
-    return DecodedBatch(ids, images, shas, sizes, failures)
+    return DecodedBatch(ids, images, shas, sizes, failures, inputs)
 
 
 def default_workers() -> int:

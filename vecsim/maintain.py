@@ -215,7 +215,7 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
                     if ok[pos]:
                         width, height = batch.sizes[pos]
                         rows.append({"id": stim_id, "path": by_id[stim_id], "sha256": batch.sha256[pos], "label": label,
-                                     "width": width, "height": height})
+                                     "width": width, "height": height, "input_sha256": batch.input_sha256[pos]})
         chunk = {layer: tuple(np.concatenate([p[i] for p in parts]) if parts else np.zeros((0,)) for i in range(3))
                  for layer, parts in vectors.items()}
         # from here until the manifest below records the addition, a stop leaves rows and index

@@ -27,6 +27,15 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __call__(self, rgb_image):
+        return self.prepare(rgb_image)[0]
+
+    def prepare(self, rgb_image):
+        """(the model input tensor, the sha256 of the resized and cropped 8-bit pixels it is made
+        from): two images with the same digest give the model the same input, hence the same
+        activations, whatever their files' bytes (another format, other metadata, a border the
+        crop removes)."""
+        import hashlib
+
         import torch
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
@@ -34,8 +43,10 @@ class Preprocessing:
         mode = InterpolationMode(self.interpolation)
         img = F.resize(rgb_image, self.resize, interpolation=mode, antialias=True)
         img = F.center_crop(img, [self.crop, self.crop])
+        digest = hashlib.sha256(f"{img.mode} {img.width}x{img.height}\n".encode())
+        digest.update(img.tobytes())
         tensor = F.pil_to_tensor(img).to(torch.float32).div_(255.0)
-        return F.normalize(tensor, list(self.mean), list(self.std))
+        return F.normalize(tensor, list(self.mean), list(self.std)), digest.hexdigest()
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}

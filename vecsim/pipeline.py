@@ -407,7 +407,7 @@ class _Indexer:
         stim = self.by_id[batch.ids[pos]]
         width, height = batch.sizes[pos]
         return {"id": stim.id, "path": stim.path, "sha256": batch.sha256[pos], "label": stim.label,
-                "width": width, "height": height, **stim.extra}
+                "width": width, "height": height, "input_sha256": batch.input_sha256[pos], **stim.extra}
 
     def _fit_pass(self, items, bar) -> int:
         import torch

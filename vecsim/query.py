@@ -27,6 +27,12 @@ class StimulusLookup:
         self.paths = np.array(table.column("path").to_pylist(), dtype=object)
         self.labels = np.array(table.column("label").to_pylist(), dtype=object)
         self.sha256 = np.array(table.column("sha256").to_pylist(), dtype=object)
+        # what makes two stimuli identical: the same model input (input_sha256), or in a store
+        # written before that column, or for rows without it, the same file bytes
+        inputs = (table.column("input_sha256").to_pylist() if "input_sha256" in table.column_names
+                  else [None] * len(self.ids))
+        self.identity = np.array([f"input:{d}" if d else f"file:{s}" for d, s in zip(inputs, self.sha256.tolist())],
+                                 dtype=object)
         self._by_path = {p: int(i) for p, i in zip(self.paths, self.ids)}
         self._by_sha: dict[str, list[int]] | None = None
         self._by_nfc: dict[str, list[int]] | None = None
@@ -46,16 +52,27 @@ class StimulusLookup:
     def _sha_groups(self) -> dict[str, list[int]]:
         if self._by_sha is None:
             self._by_sha = {}
-            for stim_id, digest in zip(self.ids.tolist(), self.sha256.tolist()):
-                self._by_sha.setdefault(digest, []).append(stim_id)  # ids are sorted, so each list is too
+            for stim_id, key in zip(self.ids.tolist(), self.identity.tolist()):
+                self._by_sha.setdefault(key, []).append(stim_id)  # ids are sorted, so each list is too
         return self._by_sha
 
-    def same_bytes(self, sha256: str) -> np.ndarray:
-        """Ids of the stimuli whose file has this sha256 (identical inputs), sorted."""
-        return np.array(self._sha_groups().get(sha256, []), dtype=np.int64)
+    def same_input(self, file_sha256: str, input_sha256: str | None = None) -> np.ndarray:
+        """Ids of the stimuli identical to an image with this file sha256 and model-input digest
+        (:meth:`vecsim.models.Preprocessing.prepare`): the same model input, or for stimuli
+        stored without a digest the same file bytes; sorted."""
+        groups = self._sha_groups()
+        found = set(groups.get(f"file:{file_sha256}", []))
+        if input_sha256:
+            found.update(groups.get(f"input:{input_sha256}", []))
+        return np.array(sorted(found), dtype=np.int64)
+
+    def twins_of(self, stim_id: int) -> np.ndarray:
+        """Ids of the stimuli identical to this stored one (itself included), sorted."""
+        return np.array(self._sha_groups()[self.identity[self.position(np.array([stim_id]))[0]]], dtype=np.int64)
 
     def identical_groups(self) -> list[np.ndarray]:
-        """Sorted id arrays of the stimuli that share their file's bytes with another (rare)."""
+        """Sorted id arrays of the stimuli that give the model the same input as another (rare:
+        copies of a file, or the same picture saved in another format or with other metadata)."""
         return [np.array(g, dtype=np.int64) for g in self._sha_groups().values() if len(g) > 1]
 
     def check_id(self, stim_id: int) -> None:
@@ -105,14 +122,16 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 def image_vectors(store, image: str | os.PathLike, layers: list[str],
                   device: str = "auto") -> tuple[dict[str, np.ndarray], str]:
     """A new image through the store's model, preprocessing and fitted reducers: one vector per
-    layer (as stored: norm at most 1), and the file's sha256 (hashed while decoding)."""
+    layer (as stored: norm at most 1), the file's sha256 (hashed while decoding) and the model
+    input's digest (:meth:`vecsim.models.Preprocessing.prepare`)."""
     from vecsim.extract import LayerCapture, resolve_device
     from vecsim.stimuli import decode_image
 
     device = resolve_device(device)
     decoded = decode_image(Path(image), store.manifest["config"].get("max_pixels") or 0)
     model, preprocessing = store.load_model(device)
-    batch = preprocessing(decoded.image).unsqueeze(0).to(device)
+    tensor, input_digest = preprocessing.prepare(decoded.image)
+    batch = tensor.unsqueeze(0).to(device)
     reducers = {layer: store.reducer(layer, device) for layer in layers}
     with LayerCapture(model, layers, reducers) as capture:
         results = capture.run(batch)
@@ -121,7 +140,7 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str],
         if not bool(finite.all()):
             raise QueryError(f"the image's activations at {layer} contain NaN or Inf")
         out[layer] = vecs.cpu().numpy().astype(np.float32)
-    return out, decoded.sha256
+    return out, decoded.sha256, input_digest
 
 
 def query(store, *, id: int | None = None, path: str | None = None, image: str | None = None,
@@ -142,18 +161,18 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
         store.layer_info(name)
     lookup = store.lookup()
     allowed = allowed_ids(store, where)
-    # selves: the stored stimuli identical to the query (same file bytes), query stimulus first;
+    # selves: the stored stimuli identical to the query (same model input), query stimulus first;
     # their cosine with it is exactly 1. --exclude-self leaves out the query stimulus (for an
     # --image, every stored copy of that file); other copies stay, first, at 1.0.
     if image is not None:
-        queries, digest = image_vectors(store, image, layers, device)
-        selves = lookup.same_bytes(digest)
+        queries, digest, input_digest = image_vectors(store, image, layers, device)
+        selves = lookup.same_input(digest, input_digest)
         excluded = selves if exclude_self else selves[:0]
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)
         queries = {name: store.vector_of(name, self_id) for name in layers}
-        twins = lookup.same_bytes(lookup.sha256[lookup.position(np.array([self_id]))[0]])
+        twins = lookup.twins_of(self_id)
         selves = np.concatenate([[self_id], twins[twins != self_id]]).astype(np.int64)
         excluded = selves[:1] if exclude_self else selves[:0]
     first = selves[~np.isin(selves, excluded)]
@@ -252,7 +271,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
               overwrite: bool = False, progress: bool = True, device: str = "auto") -> dict:
     """The all-vs-all k-NN graph of one layer (self excluded) as Parquet: id, rank, neighbor_id, cosine.
 
-    Byte-identical files (same sha256) are each other's first neighbours with cosine 1.0.
+    Identical stimuli (the same model input, StimulusLookup) are each other's first neighbours with cosine 1.0.
     ``device``: ``auto`` (the GPU when torch sees one), ``cpu`` or ``cuda[:N]``. On a GPU an
     exact index is searched by torch matrix products and top-k there (the same neighbours
     as the FAISS scan, up to ties); an approximate index is searched by FAISS as on the CPU."""
@@ -271,7 +290,7 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     exact = is_exact(index)
     ids, vecs = store.vectors(layer)
     lookup = store.lookup()
-    # byte-identical files (same sha256) have cosine exactly 1 with each other, as in query()
+    # identical stimuli (the same model input) have cosine exactly 1 with each other, as in query()
     twins = {int(i): g[g != i] for g in lookup.identical_groups() for i in g}
     schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
     schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
@@ -439,8 +458,9 @@ def similarity(store, out: str | os.PathLike | None = None, *, layers: list[str]
 
 
 def _identical_rows(store, ids: np.ndarray) -> list[list[int]]:
-    """Groups of row positions (in ``ids`` order, which need not be sorted) whose files are
-    byte-identical (same sha256): their similarity is exactly 1, like a stimulus's with itself."""
+    """Groups of row positions (in ``ids`` order, which need not be sorted) of identical
+    stimuli (the same model input, StimulusLookup): their similarity is exactly 1, like a
+    stimulus's with itself."""
     ids = np.asarray(ids, dtype=np.int64)
     groups = store.lookup().identical_groups()
     if not groups or not len(ids):

@@ -248,7 +248,7 @@ def layer_subset(store, layer: str) -> dict:
 
 
 def _twin_pairs(store, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray | None:
-    """(m, m) mask of the subset's pairs of byte-identical stimuli (not all-zero), whose stored
+    """(m, m) mask of the subset's pairs of identical stimuli (the same model input; not all-zero), whose stored
     similarity is exactly 1 wherever vecsim reports one (query, neighbors, similarity, RSA);
     None when there are none."""
     from vecsim.query import _identical_rows
@@ -264,7 +264,7 @@ def _twin_pairs(store, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray | Non
 
 def _stored_similarity(reduced: np.ndarray, twins: np.ndarray | None) -> np.ndarray:
     """The stored similarity matrix as vecsim reports it: inner products clipped to [-1, 1],
-    byte-identical pairs exactly 1."""
+    identical pairs exactly 1."""
     approx = np.clip(reduced @ reduced.T, -1.0, 1.0)
     if twins is not None:
         approx[twins] = 1.0

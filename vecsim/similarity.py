@@ -194,7 +194,7 @@ def _finish(S: np.ndarray, r0: int, c0: int, zero: np.ndarray, distance: bool,
     """In place: clip, exact diagonal, zero rows/columns, identical pairs, optional ``1 - s``.
 
     ``S`` holds rows ``r0:r0+len(S)`` and columns ``c0:c0+S.shape[1]`` of the similarity matrix.
-    ``same`` is a (P, 2) array of row positions (both orders) of byte-identical stimuli,
+    ``same`` is a (P, 2) array of row positions (both orders) of identical stimuli (the same model input),
     whose similarity is exactly 1 like the diagonal's.
     """
     R, C = S.shape
@@ -569,7 +569,7 @@ def similarity_matrix(
     For small N only: the result alone takes ``N * N * itemsize`` bytes (the
     working tiles are bounded by ``memory_limit_bytes`` on top of it). Exactly
     symmetric, diagonal 1 (0 for an all-zero row; reversed for distances).
-    ``identical``: groups of row positions of byte-identical stimuli (similarity 1).
+    ``identical``: groups of row positions of identical stimuli (similarity 1).
     """
     V = _as_vectors(vectors)
     zero = _zero_rows(V)

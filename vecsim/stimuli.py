@@ -270,7 +270,7 @@ def read_manifest_table(path: Path):
         raise StimulusSetError(f"cannot read manifest {path}: {_short_reason(exc)}") from None
 
 
-RESERVED_COLUMNS = {"id", "path", "label", "sha256", "width", "height"}
+RESERVED_COLUMNS = {"id", "path", "label", "sha256", "width", "height", "input_sha256"}
 
 
 def _from_manifest(root: Path, manifest: Path) -> StimulusSet:

@@ -131,6 +131,9 @@ def stimuli_schema(extra=None, extra_columns: Iterable[str] = ()):
         pa.field("label", pa.string()),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        # sha256 of the model input's pixels (models.Preprocessing.prepare): equal for files that
+        # differ in bytes but give the model the same input; null in stores written before it
+        pa.field("input_sha256", pa.string()),
     ]
     for name in extra_columns:
         kind = extra.field(name).type if extra is not None else pa.string()

@@ -69,10 +69,78 @@ def test_recall_of_an_exact_index_is_one():
 
 
 def test_bad_factory_string_and_untrainable_sets_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="factory string"):
+    from vecsim.index import check_index_spec
+
+    with pytest.raises(ConfigError, match="cannot index 16-dim vectors: could not parse index string IVFxx,Flat"):
         new_index("IVFxx,Flat", 16, 100)
-    with pytest.raises(ConfigError, match="cannot train"):
+    with pytest.raises(ConfigError, match=r"cannot train .*: Number of training points \(50\) should be at least"):
         store_from_vectors(tmp_path / "s", {"v": unit(50, 32)}, index="IVF256,PQ8")
+    # checked before any work: a width it cannot take, a string it cannot parse, IDMap (vecsim's own)
+    with pytest.raises(ConfigError, match="cannot index 250-dim vectors: .*multiple of the number of subquantizers"):
+        check_index_spec("PQ16", [256, 250])
+    with pytest.raises(ConfigError, match="could not parse"):
+        check_index_spec("Foo", [None])
+    check_index_spec("PQ16", [None])  # builds for some width: the fitted one is checked after the fit
+    with pytest.raises(ConfigError, match="leave IDMap out"):
+        check_index_spec("IDMap,Flat", [64])
+
+
+def test_a_bad_index_is_refused_before_any_image_is_read(shared_image_set, tmp_path):
+    import vecsim
+
+    with pytest.raises(ConfigError, match="could not parse index string Foo"):
+        vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu4"],
+                             out=str(tmp_path / "s"), index="Foo", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("spec", ["L2norm,Flat", "PCA16,Flat", "SQ8", "HNSW16,SQ8", "PQ8"])
+def test_lossy_or_transformed_indexes_are_not_exact_and_report_stored_cosines(tmp_path, spec):
+    """Only a flat index (in ID maps) holds the stored vectors; a transform or a code changes
+    the scores, so such an index proposes candidates and the stored vectors score them, and the
+    query vector is the stored one, not the index's compressed copy."""
+    from vecsim.index import is_exact
+
+    vecs = unit(3000, 32, seed=2)
+    store = store_from_vectors(tmp_path / "s", {"v": vecs}, index=spec)
+    assert not is_exact(store.index("v")) and store.layer_info("v")["index"]["exact"] is False
+    np.testing.assert_array_equal(store.vector_of("v", 11)[0], vecs[11])
+    hits = store.query(id=11, layer="v", k=10)
+    np.testing.assert_allclose([h["cosine"] for h in hits[1:]], vecs[[h["id"] for h in hits[1:]]] @ vecs[11], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "IVF16,Flat"])
+def test_k_beyond_what_an_approximate_search_returns_still_gives_k_hits(tmp_path, kind):
+    vecs = unit(600, 16, seed=3)
+    store = store_from_vectors(tmp_path / "s", {"v": vecs}, index=kind)
+    hits = store.query(id=5, layer="v", k=599)
+    assert len(hits) == 599 and len({h["id"] for h in hits}) == 599
+    order = np.argsort(-(vecs @ vecs[5]), kind="stable")
+    assert [h["id"] for h in hits[1:]] == [i for i in order if i != 5][:598]
+    assert len(store.query(id=5, layer="v", k=10**9)) == 600  # capped at the stimuli, no giant allocation
+
+
+def test_every_approximate_index_is_judged_against_the_recall_target(tmp_path, monkeypatch):
+    """An index with no search setting to raise (PQ), or one inside a refine wrapper, still
+    carries the target its recall is judged by; nprobe may go up to every list."""
+    from vecsim.index import _knob
+
+    vecs = unit(3000, 32, seed=4)
+    store = store_from_vectors(tmp_path / "s", {"v": vecs}, index="PQ4")
+    info = store.layer_info("v")["index"]
+    assert info["recall_target"] == 0.95 and info["recall_at_10"] < 0.95
+    store = store_from_vectors(tmp_path / "r", {"v": vecs}, index="IVF24,PQ4,RFlat")
+    holder, name, values = _knob(store.index("v"))
+    assert name == "nprobe" and values[-1] == 24 and "recall_target" in store.layer_info("v")["index"]
+    from vecsim import query as query_module
+
+    # a filtered search too broad for the exact path goes around a refine wrapper, which FAISS
+    # cannot filter through an ID map (pretend 3000 stimuli are many)
+    monkeypatch.setattr(query_module, "FILTER_EXACT_MAX", 100)
+    hits = store.query(id=3, layer="v", k=5, where="id % 2 = 1", exclude_self=True)
+    s = vecs[1::2] @ vecs[3]
+    want = np.arange(1, 3000, 2)[np.argsort(-s, kind="stable")]
+    assert [h["id"] for h in hits] == [i for i in want if i != 3][:5]
 
 
 def _flat(vecs):

@@ -248,3 +248,21 @@ def test_a_store_finds_its_checkpoint_from_anywhere_and_notices_when_it_changed(
     with pytest.raises(CheckpointError, match="changed since the store was built"):
         store.query(image=image, k=1, device="cpu")
     assert any("checkpoint" in p and "changed since the store was built" in p for p in verify(store, rehash=True))
+
+
+def test_add_measures_an_approximate_index_recall_again(shared_image_set, tmp_path):
+    """The recall recorded at indexing no longer describes an index that grew: add tunes and
+    measures it again (on stored queries when fewer than 100 were added) and says so."""
+    from vecsim.cli import format_index
+
+    out = tmp_path / "h"
+    vecsim.index_stimuli(source=str(shared_image_set), model="digits-cnn", layers=["features.relu4"], out=str(out),
+                         dim="8", index="hnsw", progress=False)
+    first = Store.open(out).layer_info("features.relu4")["index"]
+    assert "recall_at_10" in first and not first.get("measured_after_add")
+    extra = make_image_set(tmp_path / "extra", per_class=2, classes=("newt",), seed=5)
+    add(out, [str(extra)], progress=False)
+    after = Store.open(out).layer_info("features.relu4")["index"]
+    assert after["measured_after_add"] is True and after["held_out"] is False and after["ntotal"] == 20
+    assert after["queries"] == 20 and 0.0 <= after["recall_at_10"] <= 1.0 and "efSearch" in after
+    assert "on 20 stored queries" in format_index(after) and "measured again after vecsim add" in format_index(after)

@@ -171,9 +171,13 @@ def format_index(index: dict) -> str:
     if "recall_at_10" in index:
         knob = next((f", {k} {index[k]}" for k in ("efSearch", "nprobe") if k in index), "")
         queries = "held-out" if index.get("held_out", True) else "training-sample (none held out)"
+        after = ""
+        if index.get("measured_after_add"):
+            queries = "added" if index.get("held_out", True) else "stored"
+            after = ", measured again after vecsim add"
         below = (f", below the {index['recall_target']:.2f} target"
                  if index["recall_at_10"] < index.get("recall_target", 0) else "")
-        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} {queries} queries{knob}{below})"
+        text += f" (recall@10 {index['recall_at_10']:.3f} on {index['queries']} {queries} queries{knob}{after}{below})"
     return text
 
 

@@ -147,6 +147,40 @@ def _pq_subquantizers(dim: int) -> int:
     return 1
 
 
+def faiss_reason(exc: BaseException) -> str:
+    """The readable part of a FAISS error ("Error in <C++ signature> at <file>:<line>: <reason>")."""
+    import re
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    match = re.search(r" at \S+:\d+: (.*)$", text)
+    reason = match.group(1) if match else text
+    return re.sub(r"^Error: '.*?' failed: ", "", reason)[:200]
+
+
+def check_index_spec(kind: str, dims) -> None:
+    """Refuse an --index that FAISS cannot build for vectors of these widths (None: a width
+    not known yet, where the string only has to build for some width), in one line; the
+    automatic kinds always build."""
+    from vecsim.errors import ConfigError
+
+    if kind in ("auto", "flat", "hnsw", "ivf-pq"):
+        return
+    if "IDMap" in kind:
+        raise ConfigError(f"--index {kind!r}: leave IDMap out of the factory string (vecsim maps stimulus ids itself)")
+    known = sorted({int(d) for d in dims if d is not None})
+    for dim in known:
+        new_index(kind, dim, FLAT_MAX)
+    if len(known) < len(list(dims)):
+        errors = []
+        for dim in (256, 240, 192, 128, 96, 64, 32):
+            try:
+                new_index(kind, dim, FLAT_MAX)
+                return
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+
+
 def new_index(kind: str, dim: int, n: int):
     """An empty index of ``kind`` (flat, hnsw, ivf-pq, or any FAISS factory string), inner product."""
     import faiss
@@ -157,8 +191,7 @@ def new_index(kind: str, dim: int, n: int):
     try:
         base = faiss.index_factory(int(dim), spec, faiss.METRIC_INNER_PRODUCT)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--index {kind!r} is not a FAISS index factory string ({first[:120]})") from None
+        raise ConfigError(f"--index {kind!r} cannot index {dim}-dim vectors: {faiss_reason(exc)}") from None
     if isinstance(base, faiss.IndexHNSW):
         base.hnsw.efConstruction = 80
         base.hnsw.efSearch = 128
@@ -168,13 +201,17 @@ def new_index(kind: str, dim: int, n: int):
 
 
 def _chain(index):
-    """The index and the ones it wraps (ID map, pre-transform), outermost first, each downcast."""
+    """The index and the ones it wraps (ID map, pre-transform, a refine's base), outermost
+    first, each downcast."""
     import faiss
 
     inner = faiss.downcast_index(index)
     yield inner
-    while hasattr(inner, "index"):
-        inner = faiss.downcast_index(inner.index)
+    while True:
+        wrapped = getattr(inner, "index", None) or getattr(inner, "base_index", None)
+        if wrapped is None:
+            return
+        inner = faiss.downcast_index(wrapped)
         yield inner
 
 
@@ -220,8 +257,9 @@ def _knob(index):
     inner = _first(index, (faiss.IndexHNSW, faiss.IndexIVF))
     if isinstance(inner, faiss.IndexHNSW):
         return inner.hnsw, "efSearch", [64, 128, 256, 512, 1024, 2048]
-    if isinstance(inner, faiss.IndexIVF):
-        return inner, "nprobe", [n for n in (8, 16, 32, 64, 128, 256, 512) if n <= inner.nlist] or [inner.nlist]
+    if isinstance(inner, faiss.IndexIVF):  # doubling up to every list (an exhaustive scan of the lists)
+        return inner, "nprobe", [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if n < inner.nlist] \
+            + [inner.nlist]
     return None
 
 
@@ -231,8 +269,8 @@ def tune_for_recall(index, vectors: np.ndarray, ids: np.ndarray, exclude: np.nda
     ``target`` (or the largest setting); returns the recall measured and the setting kept."""
     knob = _knob(index)
     result = recall_at_k(index, vectors, ids, seed=seed, exclude=exclude)
-    if knob is None:
-        return result
+    if knob is None:  # nothing to raise: the recall is what it is, judged against the same target
+        return {**result, "recall_target": target}
     holder, name, values = knob
     for value in values:
         setattr(holder, name, value)
@@ -242,10 +280,25 @@ def tune_for_recall(index, vectors: np.ndarray, ids: np.ndarray, exclude: np.nda
     return {**result, "recall_target": target}
 
 
-def is_exact(index) -> bool:
+def filters_inside(index) -> bool:
+    """Whether a filtered search can go through the index (FAISS cannot hand an ID map's
+    translated filter to the base of a refine wrapper)."""
     import faiss
 
-    return _first(index, faiss.IndexFlat) is not None
+    return _first(index, faiss.IndexRefine) is None
+
+
+def is_exact(index) -> bool:
+    """Whether the index is an exact scan of the stored vectors: a flat index, in ID maps only
+    (a transform in front of it, such as PCA or normalisation, changes the scores)."""
+    import faiss
+
+    for inner in _chain(index):
+        if isinstance(inner, faiss.IndexFlat):
+            return True
+        if not isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            return False
+    return False
 
 
 def to_cpu(index):

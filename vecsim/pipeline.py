@@ -165,6 +165,10 @@ class _Indexer:
                                                       self.writer.layer_dir(layer), device) for layer in cfg.layers}
         else:
             dims = parse_dims(cfg.dim, cfg.layers)
+            from vecsim.index import check_index_spec
+
+            # a factory string FAISS cannot build is refused now, not after every stimulus is reduced
+            check_index_spec(cfg.index, [dims[layer] for layer in cfg.layers])
             poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
             for layer in cfg.layers:
                 _check_grid(layer, shapes[layer], poolings[layer], cfg.pooling)
@@ -412,6 +416,8 @@ class _Indexer:
     def _fit_pass(self, items, bar) -> int:
         import torch
 
+        from vecsim import index as vindex
+
         from vecsim.extract import LayerCapture
 
         n = len(items)
@@ -455,6 +461,7 @@ class _Indexer:
             written = {}
             for layer, reducer in self.reducers.items():
                 report = reducer.fit(held[layer][:count])
+                vindex.check_index_spec(self.config.index, [reducer.dim])  # the fitted width (a rank can lower it)
                 reducer.drop_zero_units()
                 spectra = (np.asarray(report.spectrum, dtype=np.float64),
                            np.asarray(report.spectrum_centred, dtype=np.float64))

@@ -221,25 +221,37 @@ def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None,
     the index proposes REFINE × k candidates whose stored vectors rescore them, so the
     cosines reported are the stored inner products and the order is theirs.
     """
-    from vecsim.index import exact_search_one, is_exact, search
+    from vecsim.index import exact_search_one, filters_inside, is_exact, search
 
+    k = max(1, min(int(k), int(index.ntotal)))  # never more columns than stimuli
     if allowed is None and len(queries) == 1:
         fast = exact_search_one(index, queries, k)
         if fast is not None:
             return fast
     if is_exact(index) or store is None:
         return search(index, queries, k, allowed)
-    if allowed is not None and len(allowed) <= FILTER_EXACT_MAX:
+    if allowed is not None and (len(allowed) <= FILTER_EXACT_MAX or not filters_inside(index)):
         return _exact_over(store, layer, queries[0], allowed, k)
     _, found = search(index, queries, REFINE * k, allowed)
     cand = found[0][found[0] >= 0]
     if allowed is not None and len(cand) < min(k, len(allowed)):  # the filtered search came back short
         return _exact_over(store, layer, queries[0], allowed, k)
+    if allowed is None and len(cand) < k:  # a graph or list search finds fewer than k: scan them all
+        ids, vecs = store.vectors(layer)
+        scores = vecs @ queries[0]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return scores[top][None, :].astype(np.float32), ids[top][None, :]
     return _exact_over(store, layer, queries[0], cand, k)
 
 
 def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray, k: int):
     """The k best of ``ids`` by exact inner product with their stored vectors, (1, k) arrays."""
+    if len(ids) > FILTER_EXACT_MAX:  # a scan of every stored vector, the others masked out
+        all_ids, vecs = store.vectors(layer)
+        scores = np.where(np.isin(all_ids, ids), vecs @ query, -np.inf).astype(np.float32)
+        top = np.argsort(-scores, kind="stable")[:k]
+        top_ids = np.where(np.isfinite(scores[top]), all_ids[top], -1)
+        return scores[top][None, :], top_ids[None, :]
     ids, vecs = store.vectors_for(layer, ids)
     return _rescore(query[None, :], ids[None, :], ids, vecs, k)
 

@@ -326,8 +326,11 @@ class Store:
         """The stored vector of one stimulus, shape (1, dim)."""
         import faiss
 
+        from vecsim.index import is_exact
+
         index = self.index(layer)
-        if isinstance(index, faiss.IndexIDMap2):
+        # an exact index holds the stored vectors themselves (others may compress them)
+        if is_exact(index) and isinstance(faiss.downcast_index(index), faiss.IndexIDMap2):
             try:
                 return index.reconstruct(int(stim_id)).reshape(1, -1)
             except RuntimeError:  # faiss: "key N not found"
@@ -767,7 +770,7 @@ class StoreWriter:
             except RuntimeError as exc:
                 from vecsim.errors import ConfigError
 
-                raise ConfigError(f"cannot train index {spec!r} on {size} vectors of {layer}: {str(exc).splitlines()[0][:160]}; "
+                raise ConfigError(f"cannot train index {spec!r} on {size} vectors of {layer}: {vindex.faiss_reason(exc)}; "
                                   "use --index flat or hnsw for a set this small") from None
             train_ids = ids[pick]
         index = vindex.to_gpu(index, device)

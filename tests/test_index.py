@@ -59,6 +59,21 @@ def test_approximate_indexes_report_recall_and_queries_work(tmp_path, kind):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_recall_does_not_count_a_query_finding_itself():
+    vecs = unit(300, 16)
+    ids = np.arange(300, dtype=np.int64) * 3
+
+    class OnlyItself:  # finds each stored query and nothing else
+        def search(self, q, k):
+            own = [ids[np.argmax(vecs @ row)] for row in q]
+            found = np.full((len(q), k), -1, dtype=np.int64)
+            found[:, 0] = own
+            return np.zeros((len(q), k), np.float32), found
+
+    result = recall_at_k(OnlyItself(), vecs, ids, queries=50)
+    assert result["recall_at_10"] == 0.0 and result["k"] == 10
+
+
 def test_recall_of_an_exact_index_is_one():
     import faiss
 

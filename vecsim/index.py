@@ -330,7 +330,9 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
 
     Queries are stored vectors not used to train the index (``exclude``), or training
     vectors when there are no others (``held_out`` says which); exact neighbours come
-    from a brute-force scan in blocks.
+    from a brute-force scan in blocks. Each query's own id is left out of both lists (k
+    other stimuli each), as for a query that is not in the index: finding itself would
+    count as a hit either way.
     """
     rng = np.random.default_rng([seed, 7])
     candidates = np.arange(len(ids)) if exclude is None else np.flatnonzero(~np.isin(ids, exclude))
@@ -339,19 +341,26 @@ def recall_at_k(index, vectors: np.ndarray, ids: np.ndarray, queries: int = RECA
         candidates = np.arange(len(ids))
     pick = rng.choice(candidates, size=min(queries, len(candidates)), replace=False)
     q = np.ascontiguousarray(vectors[pick])
-    k = min(k, len(ids))
+    own = ids[pick]
+    k = min(k, len(ids) - 1)
+    if k < 1:  # a single stimulus: no other to find
+        return {"recall_at_10": 1.0, "queries": int(len(q)), "k": 0, "held_out": held_out}
     best_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
     best_ids = np.full((len(q), k), -1, dtype=np.int64)
     for lo in range(0, len(ids), 65_536):
+        block_ids = ids[lo : lo + 65_536]
         scores = q @ vectors[lo : lo + 65_536].T
+        scores[own[:, None] == block_ids[None, :]] = -np.inf  # not itself
         cand_scores = np.concatenate([best_scores, scores], axis=1)
-        cand_ids = np.concatenate([best_ids, np.broadcast_to(ids[lo : lo + 65_536], scores.shape)], axis=1)
+        cand_ids = np.concatenate([best_ids, np.broadcast_to(block_ids, scores.shape)], axis=1)
         top = np.argpartition(-cand_scores, k - 1, axis=1)[:, :k]
         best_scores = np.take_along_axis(cand_scores, top, axis=1)
         best_ids = np.take_along_axis(cand_ids, top, axis=1)
-    exact = best_ids
-    _, found = index.search(q, k)
-    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found))
+    _, found = index.search(q, k + 1)
+    hits = 0
+    for me, exact_row, found_row in zip(own.tolist(), best_ids, found):
+        others = [i for i in found_row.tolist() if i != me and i >= 0][:k]
+        hits += len(set(exact_row.tolist()) & set(others))
     return {"recall_at_10": hits / float(len(q) * k), "queries": int(len(q)), "k": int(k), "held_out": held_out}
 
 

@@ -340,6 +340,7 @@ def test_a_path_typed_in_another_unicode_form_finds_its_stimulus():
 
 def test_identity_is_the_model_input_and_falls_back_to_file_bytes_in_older_stores():
     import pyarrow as pa
+    import torch
     from PIL import Image
 
     from vecsim.models import Preprocessing
@@ -356,8 +357,8 @@ def test_identity_is_the_model_input_and_falls_back_to_file_bytes_in_older_store
     t0, d0 = pre.prepare(base)
     t1, d1 = pre.prepare(Image.fromarray(border))
     t2, d2 = pre.prepare(Image.fromarray(touched))
-    assert d0 == d1 and torch_equal(t0, t1)  # the same input: the same digest
-    assert d0 != d2 and not torch_equal(t0, t2)
+    assert d0 == d1 and torch.equal(t0, t1)  # the same input: the same digest
+    assert d0 != d2 and not torch.equal(t0, t2)
     rows = {"id": [1, 2, 3, 4], "path": ["a", "b", "c", "d"], "sha256": ["x", "y", "x", "z"],
             "label": [None] * 4}
     new = StimulusLookup(pa.table({**rows, "input_sha256": ["p", "p", "p", None]}))
@@ -367,9 +368,3 @@ def test_identity_is_the_model_input_and_falls_back_to_file_bytes_in_older_store
     old = StimulusLookup(pa.table(rows))  # a store written before input_sha256: file bytes decide
     assert [g.tolist() for g in old.identical_groups()] == [[1, 3]]
     assert old.same_input("x", "p").tolist() == [1, 3]
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))

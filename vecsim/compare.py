@@ -1038,10 +1038,11 @@ class ChannelReport:
         from vecsim.store import layer_slug
 
         slug = layer_slug(self.layer)
-        folder = _out_dir(out, [f"{slug}_{name}" for name in ("similarity.npy", "overlap.npy", "similarity.png",
-                                                                "overlap.png", "summary.json")], overwrite, "channels")
+        matrices = (("similarity", self.similarity, "RdBu_r", -1.0), ("overlap", self.overlap, "viridis", 0.0))
+        names = [f"{slug}_{m[0]}.{ext}" for m in matrices for ext in ("npy", "png")] + [f"{slug}_summary.json"]
+        folder = _out_dir(out, names, overwrite, "channels")
         written = []
-        for name, M, cmap, vmin in (("similarity", self.similarity, "RdBu_r", -1.0), ("overlap", self.overlap, "viridis", 0.0)):
+        for name, M, cmap, vmin in matrices:
             path = folder / f"{slug}_{name}.npy"
             tmp = folder / f"{slug}_{name}.tmp.npy"
             np.save(tmp, M)

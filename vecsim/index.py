@@ -114,6 +114,7 @@ def _search_params(index, selector, keep_alive: list):
 
 FLAT_MAX = 250_000  # exact search up to here (a single query scans N x dim floats: ~2 ms at 100k x 256)
 HNSW_MAX = 2_000_000
+KINDS = ("auto", "flat", "hnsw", "ivf-pq")  # --index's own names; anything else is a FAISS factory string
 RECALL_QUERIES = 1_000
 RECALL_K = 10
 
@@ -163,14 +164,14 @@ def check_index_spec(kind: str, dims) -> None:
     automatic kinds always build."""
     from vecsim.errors import ConfigError
 
-    if kind in ("auto", "flat", "hnsw", "ivf-pq"):
+    if kind in KINDS:
         return
     if "IDMap" in kind:
         raise ConfigError(f"--index {kind!r}: leave IDMap out of the factory string (vecsim maps stimulus ids itself)")
-    known = sorted({int(d) for d in dims if d is not None})
-    for dim in known:
+    dims = list(dims)
+    for dim in sorted({int(d) for d in dims if d is not None}):
         new_index(kind, dim, FLAT_MAX)
-    if len(known) < len(list(dims)):
+    if None in dims:
         errors = []
         for dim in (256, 240, 192, 128, 96, 64, 32):
             try:

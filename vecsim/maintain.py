@@ -157,12 +157,11 @@ def add(store_path, sources: list[str], *, label: str | None = None, device: str
     from vecsim.store import Store, StoreWriter, now
 
     started = time.time()
-    store = Store.open(store_path)
-    writer = StoreWriter.reopen(store.path)  # the lock first: a store being written is busy, not unfinished
+    writer = StoreWriter.reopen(Path(store_path))  # the lock first: a store being written is busy, not unfinished
     try:
         if writer.manifest.get("status") != "complete":
             raise StoreError(f"{store_path} is not complete; finish it first (`vecsim index --resume {store_path}`)")
-        store = Store.open(store_path)  # as the lock found it
+        store = Store.open(store_path)
         if writer.manifest.get(PENDING_ADD):
             if progress:
                 print(f"rolling back an interrupted add (run {writer.manifest[PENDING_ADD]['run']}) first",
@@ -314,7 +313,7 @@ def _extend_index(writer, store, layer: str, ids: np.ndarray, vecs: np.ndarray) 
     recall@10 measured again (the figure from indexing no longer describes it): on up to
     1,000 of the added stimuli when at least 100 were added (none of them trained the index),
     else on stored vectors of any kind (``held_out`` false)."""
-    from vecsim.index import add as index_add, is_exact, save_index, tune_for_recall
+    from vecsim.index import RECALL_TARGET, add as index_add, is_exact, save_index, tune_for_recall
 
     from vecsim._faults import kill_point
 
@@ -323,13 +322,12 @@ def _extend_index(writer, store, layer: str, ids: np.ndarray, vecs: np.ndarray) 
     if len(ids):
         index_add(index, vecs, ids)
         if not is_exact(index) and "recall_at_10" in entry:
-            parts = list(writer._vector_batches(layer))
-            all_ids = np.concatenate([p[0] for p in parts])
-            all_vecs = np.concatenate([p[1] for p in parts])
-            order = np.argsort(all_ids, kind="stable")
-            all_ids, all_vecs = all_ids[order], all_vecs[order]
+            all_ids, all_vecs = writer.all_vectors(layer)
+            # queries: the added stimuli (held out), or with fewer than 100 any stored ones
+            # (excluding every id makes recall_at_k draw from all of them, held_out false)
             exclude = np.setdiff1d(all_ids, ids) if len(ids) >= 100 else all_ids
-            result = tune_for_recall(index, all_vecs, all_ids, exclude=exclude, target=entry.get("recall_target", 0.95))
+            result = tune_for_recall(index, all_vecs, all_ids, exclude=exclude,
+                                     target=entry.get("recall_target", RECALL_TARGET))
             for knob in ("efSearch", "nprobe"):
                 entry.pop(knob, None)
             entry.update(result)

@@ -132,6 +132,7 @@ class _Indexer:
 
         from vecsim.extract import resolve_device
         from vecsim.models import check_layers, layer_shapes, load_model
+        from vecsim.index import check_index_spec
         from vecsim.reduce import LayerReducer, ReducerConfig, parse_dims, per_layer
         from vecsim.stimuli import discover
         from vecsim.store import StoreWriter
@@ -165,8 +166,6 @@ class _Indexer:
                                                       self.writer.layer_dir(layer), device) for layer in cfg.layers}
         else:
             dims = parse_dims(cfg.dim, cfg.layers)
-            from vecsim.index import check_index_spec
-
             # a factory string FAISS cannot build is refused now, not after every stimulus is reduced
             check_index_spec(cfg.index, [dims[layer] for layer in cfg.layers])
             poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
@@ -416,9 +415,8 @@ class _Indexer:
     def _fit_pass(self, items, bar) -> int:
         import torch
 
-        from vecsim import index as vindex
-
         from vecsim.extract import LayerCapture
+        from vecsim.index import check_index_spec
 
         n = len(items)
         held = {layer: torch.empty(n, r.dim_in, dtype=torch.float32) for layer, r in self.reducers.items()}
@@ -461,7 +459,7 @@ class _Indexer:
             written = {}
             for layer, reducer in self.reducers.items():
                 report = reducer.fit(held[layer][:count])
-                vindex.check_index_spec(self.config.index, [reducer.dim])  # the fitted width (a rank can lower it)
+                check_index_spec(self.config.index, [reducer.dim])  # the fitted width (a rank can lower it)
                 reducer.drop_zero_units()
                 spectra = (np.asarray(report.spectrum, dtype=np.float64),
                            np.asarray(report.spectrum_centred, dtype=np.float64))

@@ -34,7 +34,7 @@ class StimulusLookup:
         self.identity = np.array([f"input:{d}" if d else f"file:{s}" for d, s in zip(inputs, self.sha256.tolist())],
                                  dtype=object)
         self._by_path = {p: int(i) for p, i in zip(self.paths, self.ids)}
-        self._by_sha: dict[str, list[int]] | None = None
+        self._by_identity: dict[str, list[int]] | None = None
         self._by_nfc: dict[str, list[int]] | None = None
 
     def position(self, ids: np.ndarray) -> np.ndarray:
@@ -49,18 +49,18 @@ class StimulusLookup:
                              "changed while this ran (run it again) or is damaged (run `vecsim verify`)")
         return pos
 
-    def _sha_groups(self) -> dict[str, list[int]]:
-        if self._by_sha is None:
-            self._by_sha = {}
+    def _identity_groups(self) -> dict[str, list[int]]:
+        if self._by_identity is None:
+            self._by_identity = {}
             for stim_id, key in zip(self.ids.tolist(), self.identity.tolist()):
-                self._by_sha.setdefault(key, []).append(stim_id)  # ids are sorted, so each list is too
-        return self._by_sha
+                self._by_identity.setdefault(key, []).append(stim_id)  # ids are sorted, so each list is too
+        return self._by_identity
 
     def same_input(self, file_sha256: str, input_sha256: str | None = None) -> np.ndarray:
         """Ids of the stimuli identical to an image with this file sha256 and model-input digest
         (:meth:`vecsim.models.Preprocessing.prepare`): the same model input, or for stimuli
         stored without a digest the same file bytes; sorted."""
-        groups = self._sha_groups()
+        groups = self._identity_groups()
         found = set(groups.get(f"file:{file_sha256}", []))
         if input_sha256:
             found.update(groups.get(f"input:{input_sha256}", []))
@@ -68,12 +68,12 @@ class StimulusLookup:
 
     def twins_of(self, stim_id: int) -> np.ndarray:
         """Ids of the stimuli identical to this stored one (itself included), sorted."""
-        return np.array(self._sha_groups()[self.identity[self.position(np.array([stim_id]))[0]]], dtype=np.int64)
+        return np.array(self._identity_groups()[self.identity[self.position(np.array([stim_id]))[0]]], dtype=np.int64)
 
     def identical_groups(self) -> list[np.ndarray]:
         """Sorted id arrays of the stimuli that give the model the same input as another (rare:
         copies of a file, or the same picture saved in another format or with other metadata)."""
-        return [np.array(g, dtype=np.int64) for g in self._sha_groups().values() if len(g) > 1]
+        return [np.array(g, dtype=np.int64) for g in self._identity_groups().values() if len(g) > 1]
 
     def check_id(self, stim_id: int) -> None:
         pos = np.searchsorted(self.ids, stim_id)
@@ -120,7 +120,7 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 # -- query -------------------------------------------------------------------------------
 
 def image_vectors(store, image: str | os.PathLike, layers: list[str],
-                  device: str = "auto") -> tuple[dict[str, np.ndarray], str]:
+                  device: str = "auto") -> tuple[dict[str, np.ndarray], str, str]:
     """A new image through the store's model, preprocessing and fitted reducers: one vector per
     layer (as stored: norm at most 1), the file's sha256 (hashed while decoding) and the model
     input's digest (:meth:`vecsim.models.Preprocessing.prepare`)."""
@@ -237,18 +237,19 @@ def search_index(index, queries: np.ndarray, k: int, allowed: np.ndarray | None,
     if allowed is not None and len(cand) < min(k, len(allowed)):  # the filtered search came back short
         return _exact_over(store, layer, queries[0], allowed, k)
     if allowed is None and len(cand) < k:  # a graph or list search finds fewer than k: scan them all
-        ids, vecs = store.vectors(layer)
-        scores = vecs @ queries[0]
-        top = np.argsort(-scores, kind="stable")[:k]
-        return scores[top][None, :].astype(np.float32), ids[top][None, :]
+        return _exact_over(store, layer, queries[0], None, k)
     return _exact_over(store, layer, queries[0], cand, k)
 
 
-def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray, k: int):
-    """The k best of ``ids`` by exact inner product with their stored vectors, (1, k) arrays."""
-    if len(ids) > FILTER_EXACT_MAX:  # a scan of every stored vector, the others masked out
+def _exact_over(store, layer: str, query: np.ndarray, ids: np.ndarray | None, k: int):
+    """The k best of ``ids`` (None: every stimulus) by exact inner product with their stored
+    vectors, (1, k) arrays; beyond FILTER_EXACT_MAX ids every stored vector is scanned, the
+    others masked out."""
+    if ids is None or len(ids) > FILTER_EXACT_MAX:
         all_ids, vecs = store.vectors(layer)
-        scores = np.where(np.isin(all_ids, ids), vecs @ query, -np.inf).astype(np.float32)
+        scores = (vecs @ query).astype(np.float32)
+        if ids is not None:
+            scores[~np.isin(all_ids, ids)] = -np.inf
         top = np.argsort(-scores, kind="stable")[:k]
         top_ids = np.where(np.isfinite(scores[top]), all_ids[top], -1)
         return scores[top][None, :], top_ids[None, :]

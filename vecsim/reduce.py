@@ -243,7 +243,7 @@ class LayerReducer:
         norms = row_norms(x)
         return norms, torch.isfinite(norms)
 
-    def reduce_pooled(self, x, finite):
+    def reduce_pooled(self, x, finite, norms=None):
         """Raw vectors (B, units) → (z (B, dim_in), share): z is the input of the projection,
         always a new tensor (``x`` may be a view of the layer's output and is never modified).
 
@@ -251,7 +251,8 @@ class LayerReducer:
         is None, or once --drop-zero-units has dropped units, each row's norm on the kept
         units over its whole norm (B,): :meth:`project` scales the unit-normalised z by it, so
         a stimulus is normalised by its whole norm (as the training stimuli, zero on the
-        dropped units, are) and its cosine with a training stimulus is the raw one.
+        dropped units, are) and its cosine with a training stimulus is the raw one. ``norms``:
+        the rows' L2 norms where the caller has them (:meth:`prepare`), else computed here.
         """
         import torch
 
@@ -262,7 +263,7 @@ class LayerReducer:
                 seen = (x != 0).any(dim=0)
                 self.nonzero = seen if self.nonzero is None else self.nonzero | seen
             else:
-                whole = row_norms(x)
+                whole = row_norms(x) if norms is None else norms
                 x, fresh = x.index_select(1, self.kept), True
                 kept = row_norms(x)
                 share = torch.where(whole > 0, kept / whole.clamp(min=1e-30), torch.zeros_like(whole))
@@ -316,7 +317,7 @@ class LayerReducer:
         if self.config.similarity == "correlation":  # a stable reduction, no centred copy
             norms = torch.sqrt(torch.var(x, dim=1, correction=0) * x.shape[1])
         norms = norms.masked_fill(~finite, 0.0)
-        z, share = self.reduce_pooled(x, finite)
+        z, share = self.reduce_pooled(x, finite, norms)
         return z, norms, finite, share
 
     def project(self, z, share=None):

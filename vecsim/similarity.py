@@ -920,7 +920,7 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     Nothing maps the whole file for long: pages of such a map, once touched,
     would count towards the process's RSS, and the file can be far larger than RAM.
     ``flush_tiles=False`` skips the per-tile flush (a scratch file that is read back and
-    deleted, see :func:`_write_parquet`).
+    deleted, see :func:`_write_parquet_full`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1015,11 +1015,8 @@ def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, 
         return _write_parquet_full(tmp, mats=mats, zeros=zeros, n=n, dt=dt, limit=limit, device=device,
                                    tick=tick, ids=ids, distance=distance, same=same, schema=schema,
                                    layer_dict=layer_dict, idx_np=idx_np)
-    # f32 block + (value + i + j + id_i + id_j + layer index) arrays, twice for the
-    # encoder's copy; capped at pyarrow's largest row group.
-    per_entry = 4 + 2 * (dt.itemsize + 4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize)
-    tile_rows = _tile_rows_for(n, per_entry, limit)
-    tile_rows = max(1, min(tile_rows, (64 * 1024 * 1024) // n))
+    # f32 block + (value + i + j + id_i + id_j + layer index) arrays, twice for the encoder's copy
+    tile_rows = _parquet_tile_rows(n, 4 + 2 * (dt.itemsize + 4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize), limit)
 
     with pq.ParquetWriter(str(tmp), schema) as writer:
         for li, (V, zero) in enumerate(zip(mats, zeros)):
@@ -1044,6 +1041,11 @@ def _write_parquet(tmp, *, mats, zeros, n, dt, limit, device, tick, names, ids, 
                 _write_pairs(writer, schema, layer_dict, li, idx_np, ids, i_col, j_col, vals)
                 tick(R)
     return tile_rows
+
+
+def _parquet_tile_rows(n: int, bytes_per_entry: float, limit: int) -> int:
+    """Rows per Parquet tile: within the memory limit, capped at pyarrow's largest row group."""
+    return max(1, min(_tile_rows_for(n, bytes_per_entry, limit), (64 * 1024 * 1024) // n))
 
 
 def _write_pairs(writer, schema, layer_dict, li, idx_np, ids, i_col, j_col, vals) -> None:
@@ -1074,9 +1076,8 @@ def _write_parquet_full(tmp, *, mats, zeros, n, dt, limit, device, tick, ids, di
     soon as the layer is written; :func:`estimate_export_bytes` counts it."""
     import pyarrow.parquet as pq
 
-    per_entry = 2 * dt.itemsize + 2 * (4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize)  # read buffer + columns
-    tile_rows = _tile_rows_for(n, per_entry, limit)
-    tile_rows = max(1, min(tile_rows, (64 * 1024 * 1024) // n))
+    # the read buffer + (value + i + j + id_i + id_j + layer index) arrays, twice for the encoder's copy
+    tile_rows = _parquet_tile_rows(n, 2 * dt.itemsize + 2 * (4 + 4 + 8 + 8 + np.dtype(idx_np).itemsize), limit)
     scratch = Path(str(tmp) + ".square")
     all_j = np.arange(n, dtype=np.int32)
     buf = np.empty(tile_rows * n, dtype=dt)

@@ -742,6 +742,14 @@ class StoreWriter:
             ids = batch.column("id").to_numpy()
             yield ids, vector_matrix(batch.column("vector"))
 
+    def all_vectors(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (n, dim) float32 vectors) of every row of the layer's vectors table, table order."""
+        parts = list(self._vector_batches(layer))
+        if not parts:
+            dim = int(self.db.open_table(self.manifest["layers"][layer]["table"]).schema.field("vector").type.list_size)
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     def build_index(self, layer: str, dim: int, kind: str = "auto", device: str = "cpu", seed: int = 0) -> dict:
         """Build the layer's FAISS index from its vectors table and save it atomically.
 
@@ -758,10 +766,7 @@ class StoreWriter:
         exact = vindex.is_exact(index)
         ids = vecs = train_ids = None
         if not exact:
-            parts = list(self._vector_batches(layer))
-            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            vecs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
-            del parts
+            ids, vecs = self.all_vectors(layer)
         if vindex.needs_training(index):
             size = min(len(ids), vindex.training_size(index))
             pick = np.sort(np.random.default_rng([seed, 3]).choice(len(ids), size=size, replace=False))

@@ -88,11 +88,13 @@ def both_orders(x, train: np.ndarray, dim: int, layer: str):
     reducer = LayerReducer(layer, (x.shape[1],), ReducerConfig(dim=dim))
     z, _, _, _ = reducer.prepare(x)
     reducer.fit(z[train].clone())
-    y = reducer.project(z).double()
+    y = reducer.project(z)
+    y[train] = reducer.project_training(z[train])  # as stored: the training vectors shrunk in-sample
+    y = y.double()
     ours = (y @ y.T).numpy()
-    evals, basis, _ = _top_directions(z[train].clone())  # unnormalised rows: the old order
+    evals, directions, _ = _top_directions(z[train].clone())  # unnormalised rows: the old order
     k = reducer.dim
-    old = z @ basis[:, :k]
+    old = z @ directions(k).T
     old = old / old.norm(dim=1, keepdim=True).clamp(min=1e-30)
     old = old.double()
     return ours, (old @ old.T).numpy(), reducer

@@ -1,4 +1,5 @@
-"""Would a projection fitted to the off-diagonal cosines only beat vecsim's (uncentred PCA)?
+"""Would a projection fitted to the off-diagonal cosines only beat vecsim's (uncentred PCA,
+training vectors shrunk in-sample)?
 
 vecsim never uses a stimulus's similarity with itself (the export writes 1, a query skips
 it), so a rank-k fit of the training sample's cosine matrix could leave its diagonal free
@@ -19,7 +20,10 @@ Spearman / max |Δcos| against the exact cosines for training-training (tt),
 held-out-training (ht) and held-out-held-out (hh) pairs. Both maps are linear in the
 stimulus's cosines with the training stimuli:
 
-* PCA (vecsim): y = Λ_k^{-1/2} U_kᵀ c_x, with (Λ, U) the eigenpairs of the training cosines;
+* PCA: y = Λ_k^{-1/2} U_kᵀ c_x, with (Λ, U) the eigenpairs of the training cosines;
+* PCA (vecsim): the same, with the training stimuli's rows shrunk in-sample by
+  D = (1 − δ/Λ_k)^½ (vecsim.reduce.in_sample_noise: δ fitted to the training cosines off
+  the diagonal, one number per layer and dim), every other stimulus's row as it is;
 * off-diagonal fit: y = Yᵀ C⁻¹ c_x, with Y (n × k) the factor of the rank-k PSD matrix that
   matches the training cosines off the diagonal (its diagonal iterated, 100 rounds).
 """
@@ -100,6 +104,8 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="npz of exact cosines: read if present, else written")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    from vecsim.reduce import in_sample_noise, in_sample_scale
+
     cosines = exact_cosines(args.n, args.size, args.cache)
     n = args.n
     settings = [(n * 2 // 3, n * 2 // 3 * 64 // 100), (n * 2 // 3, n * 2 // 3 * 9 // 10), (n * 5 // 6, n * 2 // 3),
@@ -115,8 +121,13 @@ def main() -> None:
             train, held = perm[:n_train], perm[n_train:]
             C_tt, C_xt = C[np.ix_(train, train)], C[:, train]
             w, U = eig_desc(C_tt)
+            pca = C_xt @ U[:, :k] / np.sqrt(w[:k])
+            shrunk = pca.copy()  # vecsim: the training stimuli's rows shrunk in-sample, the others as they are
+            noise = in_sample_noise(pca[train], w[:k], w.sum())[-1]
+            shrunk[train] *= in_sample_scale(w[:k], noise)
             maps = {
-                "PCA (vecsim)": C_xt @ U[:, :k] / np.sqrt(w[:k]),
+                "PCA": pca,
+                "PCA (vecsim)": shrunk,
                 "off-diagonal": C_xt @ np.linalg.solve(C_tt, offdiagonal_factor(C_tt, k)),
             }
             for name, Y in maps.items():

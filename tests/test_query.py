@@ -92,6 +92,41 @@ def test_query_by_a_stimulus_file_finds_that_stimulus_first(store, shared_image_
         assert first["path"] == "owl/img_03.jpg" and first["cosine"] >= 0.999
 
 
+def test_a_query_by_the_file_of_a_training_stimulus_equals_the_query_by_its_id(store, shared_image_set):
+    """The store was fitted on 10 stimuli at dim 8, so their vectors are shrunk in-sample; the
+    same model input as a stored stimulus is that stimulus: its stored vector is the query."""
+    stim = store.stimuli()
+    training = store.training_ids()
+    assert len(training) == 10 and all(store.in_sample_noise(layer)[-1] > 0 for layer in LAYERS)
+    path = dict(zip(stim.column("id").to_pylist(), stim.column("path").to_pylist()))[int(training[3])]
+    by_image = store.query(image=str(shared_image_set / path), k=6, device="cpu")
+    by_id = store.query(id=int(training[3]), k=6)
+    assert [(h["layer"], h["id"]) for h in by_image] == [(h["layer"], h["id"]) for h in by_id]
+    assert [h["cosine"] for h in by_image] == pytest.approx([h["cosine"] for h in by_id], abs=1e-6)
+
+
+def test_training_vectors_are_stored_shrunk_in_sample_and_the_rest_as_projected(store, shared_image_set):
+    """Against the raw activations of a plain hook: a training stimulus is stored as
+    D · P x̂ (D from the recorded δ and spectrum), every other one as P x̂, what a new image gets."""
+    import torch
+
+    from conftest import raw_features
+    from vecsim.reduce import in_sample_scale
+
+    training = store.training_ids()
+    for layer in LAYERS:
+        ids, vecs = store.vectors(layer)
+        paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
+        raw = raw_features("digits-cnn", shared_image_set, [paths[int(i)] for i in ids], layer, weights="DEFAULT")
+        projected = store.reducer(layer).project(torch.tensor(raw, dtype=torch.float32)).numpy()
+        scale = in_sample_scale(store.spectrum(layer)[: store.dim(layer)], store.in_sample_noise(layer)[-1])
+        assert scale.min() < 0.99
+        in_training = np.isin(ids, training)
+        assert 0 < in_training.sum() < len(ids)
+        np.testing.assert_allclose(vecs[in_training], projected[in_training] * scale, atol=2e-5)
+        np.testing.assert_allclose(vecs[~in_training], projected[~in_training], atol=2e-5)
+
+
 def test_a_where_is_one_condition(store):
     with pytest.raises(QueryError, match="one SQL condition"):
         store.query(id=0, layer=LAYERS[0], k=2, where="label = 'cat'; DROP TABLE stimuli")

@@ -237,3 +237,67 @@ def test_row_norms_stay_accurate_on_millions_of_units():
     bad = x[:, :20000].clone()
     bad[1, 17000] = float("nan")
     assert torch.isfinite(row_norms(bad)).tolist() == [True, False]
+
+
+def _spiked(n=150, d=4000, seed=5):
+    """A common direction, 40 shared directions of falling weight, and a large part unique to
+    each stimulus (in 4,000 dims nearly orthogonal to the others'): the shape of a wide CNN
+    layer's activations on one stimulus set."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=(n, 40)) * np.linspace(2.0, 0.3, 40) @ rng.normal(size=(40, d))
+    x = 6 * rng.normal(size=d) + shared + 1.5 * rng.normal(size=(n, d)) * np.sqrt(d / 40)
+    return torch.tensor(x / np.sqrt(d), dtype=torch.float32)
+
+
+def test_in_sample_noise_is_the_off_diagonal_least_squares_delta():
+    """δ_d from per-stimulus terms equals the minimiser of Σ_{i≠j} (T − δΠ)ᵢⱼ² computed on the
+    n×n matrices, at every d; 0 once d reaches the sample's rank."""
+    from vecsim.reduce import in_sample_noise
+
+    x = _spiked(n=60, d=800)
+    cos = cosine_matrix(x.double().numpy())
+    evals, vecs = np.linalg.eigh(cos)
+    evals, vecs = evals[::-1], vecs[:, ::-1]
+    by_dim = in_sample_noise(vecs * np.sqrt(np.clip(evals, 0, None)), evals, evals.sum())
+    off = ~np.eye(60, dtype=bool)
+    for d in (1, 5, 30, 59):
+        u = vecs[:, :d]
+        t, pi = cos - (u * evals[:d]) @ u.T, np.eye(60) - u @ u.T
+        want = (t[off] @ pi[off]) / (pi[off] @ pi[off])
+        assert by_dim[d - 1] == pytest.approx(min(max(want, 0), evals[d - 1]), rel=1e-9, abs=1e-12)
+    assert by_dim[-1] == 0
+
+
+def test_training_vectors_shrunk_in_sample_keep_the_training_cosines_better():
+    """When dim < the training sample's rank, the training stimuli's projections carry their
+    own unique part inside the kept directions; shrinking them (``project_training``) brings
+    the stored training cosines closer to the raw ones off the diagonal, in least squares (by
+    construction) and in rank order. Other stimuli go through ``project`` unchanged."""
+    from scipy.stats import spearmanr
+
+    x = _spiked()
+    reducer = _fit(x[:120], dim=64)
+    assert not reducer.report.exact and reducer.report.in_sample_noise > 0
+    z = reducer.prepare(x)[0]
+    plain, shrunk = reducer.project(z[:120]).double().numpy(), reducer.project_training(z[:120]).double().numpy()
+    scale = shrunk / np.where(plain == 0, 1, plain)
+    np.testing.assert_allclose(scale, np.broadcast_to(reducer.in_sample.double().numpy(), scale.shape), rtol=1e-5)
+    assert np.all(np.diff(reducer.in_sample.numpy()) <= 1e-7)  # the smaller a kept direction, the more it shrinks
+    exact = cosine_matrix(x.double().numpy())
+    iu = np.triu_indices(120, 1)
+    err_plain, err_shrunk = (plain @ plain.T - exact[:120, :120])[iu], (shrunk @ shrunk.T - exact[:120, :120])[iu]
+    assert np.sqrt(np.mean(err_shrunk**2)) < 0.5 * np.sqrt(np.mean(err_plain**2))
+    rho = {name: spearmanr(exact[:120, :120][iu], (v @ v.T)[iu]).statistic for name, v in (("plain", plain), ("shrunk", shrunk))}
+    assert rho["shrunk"] > rho["plain"] + 0.01
+    # a new stimulus is projected as before: the training-side scale is the only change
+    np.testing.assert_array_equal(reducer(x[120:])[0].numpy(), reducer.project(z[120:]).numpy())
+
+
+def test_exact_and_centred_fits_do_not_shrink():
+    x = _spiked(n=40, d=500)
+    exact = _fit(x, dim=64)
+    centred = _fit(x, dim=8, center=True)
+    for reducer in (exact, centred):
+        assert reducer.in_sample is None and reducer.report.in_sample_noise == 0
+        z = reducer.prepare(x)[0]
+        np.testing.assert_array_equal(reducer.project_training(z).numpy(), reducer.project(z).numpy())

@@ -442,6 +442,7 @@ class _Indexer:
         from concurrent.futures import ThreadPoolExecutor
 
         from vecsim.stimuli import file_sha256
+        from vecsim.store import TRAINING_IDS
         from vecsim._io import save_array
 
         def save(reducer, spectra, layer_dir: Path) -> str:
@@ -467,12 +468,15 @@ class _Indexer:
                 self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
                 self.writer.create_vector_table(layer, reducer.dim)
             ids = np.array([r["id"] for r in rows], dtype=np.int64)
+            # which stored vectors are in-sample (the fidelity report rescales them per compression level)
+            save_array(self.writer.path / TRAINING_IDS, ids)
             for start in range(0, count, self.config.chunk_size):
                 stop = min(start + self.config.chunk_size, count)
                 pending = {}
                 for layer, reducer in self.reducers.items():
                     z = reducer.restrict_prepared(held[layer][start:stop].to(self.device))
-                    pending[layer] = [(ids[start:stop], reducer.project(z).cpu().numpy(), norms[layer][start:stop].numpy())]
+                    projected = reducer.project_training(z)
+                    pending[layer] = [(ids[start:stop], projected.cpu().numpy(), norms[layer][start:stop].numpy())]
                 self._commit(rows[start:stop], pending)
             del held
             for layer, done in written.items():

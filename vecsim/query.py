@@ -168,6 +168,8 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
         queries, digest, input_digest = image_vectors(store, image, layers, device)
         selves = lookup.same_input(digest, input_digest)
         excluded = selves if exclude_self else selves[:0]
+        if len(selves):  # the model input of a stored stimulus: its stored vector (a training one's is shrunk in-sample)
+            queries = {name: store.vector_of(name, int(selves[0])) for name in layers}
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)

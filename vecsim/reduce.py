@@ -162,6 +162,8 @@ class FitReport:
     # eigenvalues of the training sample's covariance (rows unit length, then centred), beside
     # the spectrum of an uncentred fit; empty for a centred fit, whose spectrum is that already
     spectrum_centred: list[float] = field(default_factory=list)
+    # δ of the training stimuli's in-sample shrinkage (see the module docstring); 0: none
+    in_sample_noise: float = 0.0
 
     def to_manifest(self) -> dict:
         d = asdict(self)
@@ -182,6 +184,8 @@ class LayerReducer:
         self.dim_in = sketch_dim or self.units
         self.matrix = None  # (k, dim_in) float32 torch tensor once fitted
         self.bias = None  # (k,) for centred PCA
+        self.in_sample = None  # (k,) scale of the training stimuli's projections, when shrunk
+        self.in_sample_by_dim = None  # (k,) δ_d per kept dim d (in_sample_noise), when shrunk
         self.report: FitReport | None = None
         self.kept = None  # unit indices kept by --drop-zero-units, once fitted
         self.nonzero = None  # units seen non-zero in the training sample (while fitting)
@@ -209,6 +213,8 @@ class LayerReducer:
         if self.matrix is not None:
             self.matrix = self.matrix.to(device)
             self.bias = None if self.bias is None else self.bias.to(device)
+        if self.in_sample is not None:
+            self.in_sample = self.in_sample.to(device)
         return self
 
     # -- the hook side ---------------------------------------------------------
@@ -331,6 +337,12 @@ class LayerReducer:
             y += self.bias
         return normalise_rows(y) if self.config.renormalises else y
 
+    def project_training(self, z):
+        """:meth:`project` for stimuli of the training sample the projection was fitted on:
+        scaled per direction by ``in_sample`` where the fit shrinks them (module docstring)."""
+        y = self.project(z)
+        return y if self.in_sample is None else y.mul_(self.in_sample)
+
     def __call__(self, output, tap=None, project: bool = True):
         """The hook's work: (projected vectors, or the prepared z with ``project=False``, raw
         norms, finite mask); ``tap`` as in :meth:`prepare`."""
@@ -363,18 +375,26 @@ class LayerReducer:
         mean = z.mean(dim=0) if self.config.center else None
         if mean is not None:
             z = z - mean
-        evals, basis, centred_evals = _top_directions(z, centred_spectrum=mean is None)
+        evals, directions, centred_evals = _top_directions(z, centred_spectrum=mean is None)
         rank = int((evals > evals[0] * 1e-9).sum()) if evals.numel() and evals[0] > 0 else 0
         k = self._choose_dim(evals, max(rank, 1))
         total = float(evals.clamp(min=0).sum())
         kept = float(evals[:k].clamp(min=0).sum()) / total if total > 0 else 1.0
-        self.matrix = basis[:, :k].T.contiguous().to(torch.float32)
+        self.matrix = directions(k)
         self.bias = None if mean is None else -(self.matrix @ mean)
+        noise, self.in_sample, self.in_sample_by_dim = 0.0, None, None
+        if mean is None and k < rank:  # an uncentred fit that leaves training directions out
+            by_dim = in_sample_noise((z @ self.matrix.T).numpy(), evals[:k].numpy(), total)
+            noise = float(by_dim[-1])
+            if noise > 0:
+                self.in_sample = torch.from_numpy(in_sample_scale(evals[:k].numpy(), noise))
+                self.in_sample_by_dim = by_dim
         self.to(self.device)
         self.report = FitReport(
             n_train=n, dim_in=d, dim=k, rank=rank, energy_kept=kept,
             exact=k >= rank, lossless=k >= d, spectrum=[float(v) for v in evals.clamp(min=0).tolist()],
             spectrum_centred=[] if centred_evals is None else [float(v) for v in centred_evals.clamp(min=0).tolist()],
+            in_sample_noise=noise,
         )
         return self.report
 
@@ -406,6 +426,8 @@ class LayerReducer:
         transform.is_trained = True
         if self.kept is not None:
             save_array(directory / "kept_units.npy", self.kept.cpu().numpy().astype(np.int64))
+        if self.in_sample_by_dim is not None:
+            save_array(directory / "in_sample_noise.npy", self.in_sample_by_dim)
         target = directory / "transform.faiss"
         tmp = target.with_suffix(".faiss.tmp")
         faiss.write_VectorTransform(transform, str(tmp))
@@ -472,6 +494,46 @@ class LayerReducer:
         if fit:
             reducer.report = FitReport(**fit, spectrum=[])
         return reducer.to(device)
+
+
+def in_sample_noise(scores, evals, total: float):
+    """δ_d for d = 1..k (float64, (k,)): the least-squares in-sample inflation of the first d
+    kept eigenvalues (module docstring) when the projection keeps d directions; δ_k is the
+    stored dim's. The fidelity report uses the smaller d's for its compression levels.
+
+    ``scores`` (n, k): the training sample's projections ``P x̂ᵢ`` (unit or all-zero rows
+    x̂ᵢ); ``evals``: the k kept eigenvalues of its second moment; ``total``: the sum of all
+    of them (the trace). With C the training cosine matrix, U the first d eigenvectors
+    (``scores[:, :d] = U Λ^½``), T = C − UΛUᵀ and Π = I − UUᵀ, minimising Σ_{i≠j} (T − δΠ)ᵢⱼ²
+    gives δ = (tr T − Σᵢ TᵢᵢΠᵢᵢ) / (tr Π − Σᵢ Πᵢᵢ²), from per-stimulus terms only (no n×n
+    matrix). Clamped to [0, λ_d]; 0 where nothing is left out (d ≥ n).
+    """
+    import numpy as np
+
+    y = np.asarray(scores, dtype=np.float64)
+    n, k = y.shape
+    lam = np.asarray(evals, dtype=np.float64)[:k]
+    noise = np.zeros(k)
+    if k == 0 or lam.size < k:
+        return noise
+    squares = y * y
+    kept = np.cumsum(squares, axis=1)  # (n, d): energy of each row in the first d directions
+    nonzero = (kept[:, -1] > 0).astype(np.float64)[:, None]  # a unit row; an all-zero one has no energy
+    pi_diag = 1.0 - np.cumsum(squares / np.maximum(lam, 1e-300), axis=1)
+    d = np.arange(1, k + 1)
+    numerator = (float(total) - np.cumsum(lam)) - np.einsum("id,id->d", nonzero - kept, pi_diag)
+    denominator = (n - d) - np.einsum("id,id->d", pi_diag, pi_diag)
+    ok = (d < n) & (lam > 0) & (denominator > 1e-9 * n) & (numerator > 0)
+    noise[ok] = np.minimum(numerator[ok] / denominator[ok], lam[ok])
+    return noise
+
+
+def in_sample_scale(evals, noise: float):
+    """The per-direction scale ``D = (1 − δ/λ)^½`` (float32) of the training stimuli's projections."""
+    import numpy as np
+
+    lam = np.asarray(evals, dtype=np.float64)
+    return np.sqrt(np.clip(1.0 - noise / np.maximum(lam, 1e-300), 0.0, 1.0)).astype(np.float32)
 
 
 def zero_rows(x, keep, on_device: bool = False):
@@ -552,12 +614,15 @@ def mirror_upper(out) -> None:
 
 
 def _top_directions(z, centred_spectrum: bool = False):
-    """Eigenvalues (descending) of zᵀz, its eigenvectors as (dim_in, r) columns, and with
-    ``centred_spectrum`` the eigenvalues of (z − z̄)ᵀ(z − z̄) (else None), from the same matrix.
+    """Eigenvalues (descending) of zᵀz, a function ``k → (k, dim_in)`` float32 matrix whose rows
+    are the top k eigenvectors, and with ``centred_spectrum`` the eigenvalues of
+    (z − z̄)ᵀ(z − z̄) (else None), from the same matrix.
 
     With fewer rows than columns the n×n Gram matrix is decomposed instead of the d×d
     second-moment matrix (the cost that makes FAISS PCAMatrix impractical on huge
-    layers); both are accumulated in float64.
+    layers); both are accumulated in float64. The rows are built for the k asked for only,
+    block by block: no (d, n) basis is ever held (on a 131,072-dim sketch of 1,000 stimuli
+    that would be 0.5 GB).
     """
     import torch
 
@@ -577,11 +642,15 @@ def _top_directions(z, centred_spectrum: bool = False):
         positive = evals > 0
         scale = torch.zeros_like(evals)
         scale[positive] = evals[positive].rsqrt()
-        basis = torch.zeros(d, n, dtype=torch.float32)
-        weights = (evecs * scale).to(torch.float32)
-        for start in range(0, d, GRAM_BLOCK):
-            basis[start : start + GRAM_BLOCK] = z[:, start : start + GRAM_BLOCK].T @ weights
-        return evals, basis, centred
+
+        def directions(k: int):
+            weights = (evecs[:, :k] * scale[:k]).T.to(torch.float32).contiguous()  # (k, n)
+            out = torch.empty(k, d, dtype=torch.float32)
+            for start in range(0, d, GRAM_BLOCK):
+                out[:, start : start + GRAM_BLOCK] = weights @ z[:, start : start + GRAM_BLOCK].to(torch.float32)
+            return out
+
+        return evals, directions, centred
     second = torch.zeros(d, d, dtype=torch.float64)
     for start in range(0, n, GRAM_BLOCK):
         add_gram(second, z[start : start + GRAM_BLOCK].to(torch.float64).T)
@@ -591,7 +660,7 @@ def _top_directions(z, centred_spectrum: bool = False):
         centred = torch.linalg.eigvalsh(second - n * torch.outer(mean, mean)).flip(0)
     evals, evecs = torch.linalg.eigh(second)
     evals, evecs = evals.flip(0), _fix_signs(evecs.flip(1))
-    return evals, evecs.to(torch.float32), centred
+    return evals, (lambda k: evecs[:, :k].T.to(torch.float32).contiguous()), centred
 
 
 def _fix_signs(vectors):

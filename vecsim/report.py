@@ -104,13 +104,35 @@ def compression_dims(stored_dim: int) -> list[int]:
 
 def truncate(vectors: np.ndarray, k: int, renormalise: bool = False) -> np.ndarray:
     """The first k coordinates: what the same chain stores at dim k (the projection's rows are
-    sorted by eigenvalue). ``renormalise`` for a centred store, whose chain renormalises after
+    sorted by eigenvalue; training vectors shrunk in-sample are rescaled apart, see
+    ``_in_sample_levels``). ``renormalise`` for a centred store, whose chain renormalises after
     the projection; an all-zero row stays zero."""
-    head = np.asarray(vectors[:, :k], dtype=np.float64)
+    head = np.array(vectors[:, :k], dtype=np.float64)  # a copy: callers rescale rows in place
     if not renormalise:
         return head
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     return head / np.where(norms > 0, norms, 1.0)
+
+
+def _in_sample_levels(store, layer: str, ids: np.ndarray, stored: int):
+    """None, or where the layer's training vectors are shrunk (vecsim.reduce's module
+    docstring), a function ``(reduced, d)`` that rescales in place the rows of ``ids`` in the
+    training sample from the stored dim's shrinkage to the one the chain applies at dim d."""
+    from vecsim.reduce import in_sample_scale
+
+    noise = store.in_sample_noise(layer)
+    if noise.size != stored or noise[-1] <= 0:
+        return None
+    evals = store.spectrum(layer)[:stored]
+    rows = np.isin(ids, store.training_ids())
+    stored_scale = in_sample_scale(evals, noise[-1]).astype(np.float64)
+
+    def rescale(reduced: np.ndarray, d: int) -> None:
+        if d < stored and rows.any():
+            factor = np.divide(in_sample_scale(evals[:d], noise[d - 1]), stored_scale[:d],
+                               out=np.zeros(d), where=stored_scale[:d] > 0)
+            reduced[rows] *= factor
+    return rescale
 
 
 def _renormalised(store, layer: str) -> bool:
@@ -336,8 +358,11 @@ def fidelity(store, layer: str, dims=None) -> dict:
 
     rows, level_pairs = [], {}
     renormalise, truth = _renormalised(store, layer), neighbours(exact, max(k, 0))
+    in_sample = _in_sample_levels(store, layer, data["ids"], stored)
     for d in dims:
         reduced = truncate(vectors, d, renormalise)
+        if in_sample is not None:
+            in_sample(reduced, d)
         approx = _stored_similarity(reduced, data["twins"])
         level_pairs[d] = approx[iu]
         rows.append({

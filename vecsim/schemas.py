@@ -65,6 +65,9 @@ REDUCER_SCHEMA = {
                         "n_train": _INT, "dim_in": _INT, "dim": _INT, "rank": _INT, "energy_kept": _NUM,
                         "exact": {"type": "boolean", "description": "every direction of the training sample is kept"},
                         "lossless": {"type": "boolean", "description": "the projection keeps the whole input space"},
+                        "in_sample_noise": {**_NUM, "description": "delta of the training vectors' in-sample shrinkage, "
+                                            "D = (1 - delta/eigenvalue)^0.5 per kept direction; 0: not shrunk "
+                                            "(absent in older stores)"},
                     },
                 },
             ]

@@ -5,7 +5,9 @@ Layout::
     STORE/
       vecsim.json            manifest (format version, status, model, layers, reducers, versions)
       lance/                 stimuli, vectors_<layer>, failures, runs
-      layers/<layer>/        transform.faiss, index.faiss, spectrum.npy, spectrum_centred.npy
+      training_ids.npy       ids of the training sample the projections were fitted on
+      layers/<layer>/        transform.faiss, index.faiss, spectrum.npy, spectrum_centred.npy,
+                             in_sample_noise.npy (when the training vectors are shrunk)
 
 The stimuli table is the commit record: a stimulus counts as indexed when its row is
 there, and its vectors are always written before it.
@@ -33,6 +35,7 @@ NORM_SLACK = 1e-3  # a stored vector's norm is at most 1; float32 rounding may a
 VECTORS_FOR_FILTER_MAX = 20_000  # Store.vectors_for: up to this many ids, a filtered read
 FORMAT_VERSION = 2  # 2: vectors normalised before the projection (norm ≤ 1), not renormalised after
 MANIFEST_NAME = "vecsim.json"
+TRAINING_IDS = "training_ids.npy"
 STATUSES = ("fitting", "indexing", "complete")
 
 
@@ -387,6 +390,18 @@ class Store:
             info = self.layer_info(layer)
             self._reducers[key] = LayerReducer.load(layer, info["reducer"], self.layer_dir(layer), device)
         return self._reducers[key]
+
+    def training_ids(self) -> np.ndarray:
+        """Sorted ids (int64) of the training sample the projections were fitted on (empty for a
+        store indexed before they were recorded)."""
+        path = self.path / TRAINING_IDS
+        return np.sort(np.load(path, allow_pickle=False)).astype(np.int64) if path.is_file() else np.zeros(0, np.int64)
+
+    def in_sample_noise(self, layer: str) -> np.ndarray:
+        """δ_d per kept dim d = 1..k of the training vectors' in-sample shrinkage
+        (:func:`vecsim.reduce.in_sample_noise`); empty when they are not shrunk."""
+        path = self.layer_dir(layer) / "in_sample_noise.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else np.zeros(0)
 
     def eval_subset(self, layer: str) -> dict | None:
         """The layer's evaluation subset: ids, exact raw Gram, sums, units[, channels]; None if absent."""

@@ -8,7 +8,7 @@ no disk, so the numbers are the model's and the reducers' alone):
     the pass there);
 (b) the forward with vecsim's hooks (``LayerCapture`` + ``LayerReducer``) at
     ``features.transition{1,2,3}.norm`` (2,560,000 / 1,280,000 / 640,000 units at 400×400):
-    pool → count sketch (16,384) → L2 normalise → uncentred projection, with
+    pool → count sketch (vecsim's automatic size) → L2 normalise → uncentred projection, with
     only the (B, 256) vectors (and the (B,) norms and finite masks) copied to the host per
     layer; the projection is fitted first (``LayerReducer.fit``) on the sketches of the first
     ``--train`` images, which are copied to the host as the pipeline's fit pass does. Images/s,
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--sim-n", type=int, help="vectors for the similarity tiles (d) [cuda 20000, cpu 4000]")
     p.add_argument("--sim-dim", type=int, default=256)
     p.add_argument("--nn-n", type=int, help="vectors for the all-vs-all k-NN (e) [cuda 100000, cpu 10000]")
-    p.add_argument("--sketch-dim", type=int, default=16_384)
+    p.add_argument("--sketch-dim", type=int, default=None, help="count-sketch dims (default: vecsim's automatic choice per layer)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--weights", default="auto", help="auto (ImageNet weights if cached, else none), none, or a weights name")
     p.add_argument("--device", default="auto", help="auto, cuda[:N] or cpu")
@@ -275,8 +275,9 @@ def hooked_forward(model, reducers, images, batch, device):
     return seconds, top, resident, per_image
 
 
-def fidelity(model, reducers, images, device):
-    """Exact cosines of the raw activations (float64 Gram on the device, in the hook) vs sketch and reduced."""
+def fidelity(model, reducers, images, device, training: bool = False):
+    """Exact cosines of the raw activations (float64 Gram on the device, in the hook) vs sketch and
+    reduced (``training``: images of the training sample, whose stored vectors are shrunk in-sample)."""
     import torch
 
     from vecsim.extract import LayerCapture
@@ -290,7 +291,7 @@ def fidelity(model, reducers, images, device):
                 gram += block @ block.T
             norms, finite = reducer.measure(x)
             z, share = reducer.reduce_pooled(x, finite)
-            y = reducer.project(z, share)
+            y = reducer.project_training(z) if training else reducer.project(z, share)
             return gram.cpu(), z.double().cpu(), y.double().cpu()
 
         return function
@@ -479,7 +480,7 @@ def main(argv=None) -> int:
     setup_s = time.perf_counter() - t0
     print(f"  {'model weights':>22}: {weights}")
     print(f"  {'settings':>22}: n={args.n} size={args.size} batch={args.batch} train={args.train} "
-          f"eval_n={args.eval_n} sketch_dim={args.sketch_dim} dim={args.dim} (setup {setup_s:.1f} s)\n", flush=True)
+          f"eval_n={args.eval_n} sketch_dim={args.sketch_dim or 'auto'} dim={args.dim} (setup {setup_s:.1f} s)\n", flush=True)
 
     results: dict = {"versions": info, "weights": weights, "settings": {k: v for k, v in vars(args).items() if k != "json"}}
     runs: list[list] = []
@@ -533,7 +534,7 @@ def main(argv=None) -> int:
         reset_peak(device)
     inside = images[: min(args.eval_n, args.train)]
     fid = {"fresh": fidelity(model, reducers, eval_images, device),
-           "in training sample": fidelity(model, reducers, inside, device)}
+           "in training sample": fidelity(model, reducers, inside, device, training=True)}
     results["fidelity"] = fid
     results["fidelity_peak_bytes"] = peak(device)
     print()
@@ -543,7 +544,7 @@ def main(argv=None) -> int:
                   f"{r['sketch_spearman']:.4f}", f"{r['sketch_max_abs_dcos']:.4f}", f"{r['reduced_spearman']:.4f}",
                   f"{r['reduced_max_abs_dcos']:.4f}", f"{r['reduced_mean_abs_dcos']:.4f}"]
                  for which, rows in fid.items() for layer, r in rows.items()],
-                title=f"(c) Fidelity: exact raw cosines (float64 Gram on the device) vs sketch ({args.sketch_dim:,}) and "
+                title=f"(c) Fidelity: exact raw cosines (float64 Gram on the device) vs sketch ({args.sketch_dim or 'automatic'}) and "
                       f"reduced vectors, on {args.eval_n} fresh images (as a query image or `vecsim add` gets) and on "
                       f"{len(inside)} of the {args.train} training images (as an indexed stimulus set up to the "
                       "training sample's size gets)"

@@ -224,13 +224,13 @@ def test_digits_cnn_hooked_forward_on_cuda_matches_cpu(exact_fp32):
 
 def test_densenet121_transition_hooked_forward_on_cuda_matches_cpu(exact_fp32):
     from vecsim.models import load_model
-    from vecsim.reduce import DEFAULT_SKETCH_DIM, ReducerConfig
+    from vecsim.reduce import SKETCH_MIN, ReducerConfig
 
     model = load_model("densenet121", weights="none").module
     layer = "features.transition1.norm"  # norm → ReLU(inplace=True): the hook must copy
     x = _randn(12, 3, 96, 96, seed=3)  # 256 × 24 × 24 = 147,456 units: sketched by default
     _, reducers = _check_hooked_forward_on_cuda(model, [layer], {layer: ReducerConfig()}, x)
-    assert reducers[layer].sketch is not None and reducers[layer].dim_in == DEFAULT_SKETCH_DIM
+    assert reducers[layer].sketch is not None and reducers[layer].dim_in == SKETCH_MIN
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["half", "bfloat16"])

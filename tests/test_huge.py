@@ -112,7 +112,7 @@ def test_a_million_unit_layer_indexes_with_bounded_memory(tmp_path):
                           "fit": s.layers["conv1"], "fidelity": s.fidelity}}))
     """)
     raw_sample_mb = 300 * 1_048_576 * 4 / 2**20
-    assert report["n"] == 300 and report["fit"]["dim_in"] == 16_384  # sketched automatically
+    assert report["n"] == 300 and report["fit"]["dim_in"] == 65_536  # sketched automatically (2^k ≥ units/20)
     extra = report["rss_mb"] - bare["rss_mb"]
     assert extra < min(1024, raw_sample_mb / 2), (report, bare)  # the raw training sample was never held
     assert report["fidelity"]["conv1"] > 0.95

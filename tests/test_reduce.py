@@ -301,3 +301,22 @@ def test_exact_and_centred_fits_do_not_shrink():
         assert reducer.in_sample is None and reducer.report.in_sample_noise == 0
         z = reducer.prepare(x)[0]
         np.testing.assert_array_equal(reducer.project_training(z).numpy(), reducer.project(z).numpy())
+
+
+def test_a_float16_unit_row_sample_fits_as_its_float32_original():
+    """The pipeline holds a sketched layer's training sample as float16 unit rows (half the
+    memory); the fit reads it block by block and gives the same projection to float16's
+    rounding, far below the sketch's own error (about 1/√m = 0.044 here)."""
+    from vecsim.reduce import held_dtype, normalise_rows
+
+    x = _spiked(n=150, d=6000)
+    config = ReducerConfig(dim=48, sketch_dim=512)
+    full, half = LayerReducer("l", (6000,), config), LayerReducer("l", (6000,), config)
+    assert held_dtype(full) == torch.float16 and held_dtype(_fit(x[:10], dim=4)) == torch.float32
+    z = full.prepare(x)[0]
+    full.fit(z[:120].clone())
+    half.fit(normalise_rows(z[:120]).to(torch.float16))
+    assert half.report.in_sample_noise == pytest.approx(full.report.in_sample_noise, rel=1e-3)
+    for project in ("project", "project_training"):
+        a, b = getattr(full, project)(z).double().numpy(), getattr(half, project)(z).double().numpy()
+        assert np.abs(a @ a.T - b @ b.T).max() < 5e-4  # 1.5e-4 here

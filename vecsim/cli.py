@@ -46,7 +46,7 @@ def index_cmd(
     max_dim: Optional[int] = typer.Option(None, "--max-dim", help="Cap for --dim auto [default: 512]."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="cosine or correlation [default: cosine]."),
     center: Optional[bool] = typer.Option(None, "--center/--no-center", help="Centred PCA instead of the uncentred projection."),
-    sketch_dim: Optional[int] = typer.Option(None, "--sketch-dim", help="Count-sketch dims (0: never) [default: 16384 above 65536 units]."),
+    sketch_dim: Optional[int] = typer.Option(None, "--sketch-dim", help="Count-sketch dims (0: never) [default above 65536 units: a power of two from 16384 to 131072, about units/20]."),
     drop_zero_units: Optional[bool] = typer.Option(None, "--drop-zero-units", help="Drop units zero for every training stimulus (count reported)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K, or per layer 'layer=avg,...'."),
     index: Optional[str] = typer.Option(None, "--index", help="auto, flat, hnsw, ivf-pq, or a FAISS factory string [default: auto]."),

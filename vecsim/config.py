@@ -32,7 +32,7 @@ class IndexConfig:
     energy: float = _opt(0.99, "second-moment energy kept by --dim auto")
     similarity: str = _opt("cosine", "cosine (of raw activations) or correlation (Pearson across units)")
     center: bool = _opt(False, "classic centred PCA instead of the uncentred projection")
-    sketch_dim: int | None = _opt(None, "count-sketch dims before the projection (default: 16384 for layers above 65536 units; 0: never)")
+    sketch_dim: int | None = _opt(None, "count-sketch dims before the projection (default for layers above 65536 units: the power of two from 16384 to 131072 nearest above units/20; 0: never)")
     sketch_seed: int = _opt(0, "seed of the count sketch")
     drop_zero_units: bool = _opt(False, "drop units that are zero for every training stimulus before the sketch (cosine only)")
     pooling: str = _opt("flatten", "flatten, avg, max or grid:K (or per layer 'layer=avg,...')")

@@ -417,9 +417,10 @@ class _Indexer:
 
         from vecsim.extract import LayerCapture
         from vecsim.index import check_index_spec
+        from vecsim.reduce import held_dtype, normalise_rows
 
         n = len(items)
-        held = {layer: torch.empty(n, r.dim_in, dtype=torch.float32) for layer, r in self.reducers.items()}
+        held = {layer: torch.empty(n, r.dim_in, dtype=held_dtype(r)) for layer, r in self.reducers.items()}
         norms = {layer: torch.empty(n, dtype=torch.float32) for layer in self.reducers}
         rows: list[dict] = []
         functions = {layer: self._layer_function(r, project=False) for layer, r in self.reducers.items()}
@@ -430,7 +431,10 @@ class _Indexer:
                     continue
                 at, idx = len(rows), torch.tensor(keep)
                 for layer, (z, raw_norm, _) in results.items():
-                    held[layer][at : at + len(keep)] = z[idx.to(z.device)].cpu()
+                    z = z[idx.to(z.device)]
+                    if held[layer].dtype == torch.float16:  # unit rows: within float16's range whatever the activations
+                        z = normalise_rows(z)
+                    held[layer][at : at + len(keep)] = z.cpu()
                     norms[layer][at : at + len(keep)] = raw_norm[idx.to(z.device)].cpu()
                 rows.extend(self._stimulus_row(batch, pos) for pos in keep)
         count = len(rows)
@@ -457,7 +461,7 @@ class _Indexer:
         # (status 'indexing': from then on a killed run resumes, no refit) once they are on disk.
         # Killed before that, the run starts again (status 'fitting'), committed rows or not.
         with ThreadPoolExecutor(max_workers=1) as writer_thread:
-            written = {}
+            written, projected = {}, {}
             for layer, reducer in self.reducers.items():
                 report = reducer.fit(held[layer][:count])
                 check_index_spec(self.config.index, [reducer.dim])  # the fitted width (a rank can lower it)
@@ -467,18 +471,20 @@ class _Indexer:
                 written[layer] = writer_thread.submit(save, reducer, spectra, self.writer.layer_dir(layer))
                 self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
                 self.writer.create_vector_table(layer, reducer.dim)
+                # the layer's training vectors now (count × dim, small), so its sample is freed before the next fit
+                projected[layer] = np.concatenate([
+                    reducer.project_training(reducer.restrict_prepared(
+                        held[layer][start : start + self.config.chunk_size].to(self.device, torch.float32))).cpu().numpy()
+                    for start in range(0, count, self.config.chunk_size)])
+                del held[layer]
             ids = np.array([r["id"] for r in rows], dtype=np.int64)
             # which stored vectors are in-sample (the fidelity report rescales them per compression level)
             save_array(self.writer.path / TRAINING_IDS, ids)
             for start in range(0, count, self.config.chunk_size):
                 stop = min(start + self.config.chunk_size, count)
-                pending = {}
-                for layer, reducer in self.reducers.items():
-                    z = reducer.restrict_prepared(held[layer][start:stop].to(self.device))
-                    projected = reducer.project_training(z)
-                    pending[layer] = [(ids[start:stop], projected.cpu().numpy(), norms[layer][start:stop].numpy())]
+                pending = {layer: [(ids[start:stop], projected[layer][start:stop], norms[layer][start:stop].numpy())]
+                           for layer in self.reducers}
                 self._commit(rows[start:stop], pending)
-            del held
             for layer, done in written.items():
                 self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()
         self.writer.save_manifest(status="indexing")

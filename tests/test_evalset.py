@@ -58,8 +58,10 @@ def test_held_subset_gram_over_column_chunks_equals_the_exact_one(monkeypatch):
         ev = evalset.LayerEval(size=9, units=500, device="cpu", grid=None, dtype=dtype)
         slots = [4, 0, 7, 1, 8, 2, 6, 3, 5]
         for start in range(0, 9, 4):
+            assert ev.held is not None
             batch = slots[start : start + 4]
             ev.add(batch, torch.tensor(x[batch], dtype=torch.float32), None)
+        assert ev.held is None  # complete: the Gram is computed and the raw rows (the memory budget) freed
         got = ev.result(np.arange(9))
         np.testing.assert_allclose(exact_similarity(got), cosine_matrix(x), atol=2e-3 if dtype == "float16" else 1e-5)
         np.testing.assert_allclose(np.diag(got["gram"]), (x * x).sum(1), rtol=2e-3 if dtype == "float16" else 1e-5)

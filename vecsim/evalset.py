@@ -85,8 +85,8 @@ class LayerEval:
         # ever read, so the buffer is not zero-filled), so the held block is
         # always the view held[:count] and the block products copy nothing; on the
         # model's device, so they run there without transfers. Everything a batch adds
-        # stays on the device until the subset is read (finish): inside the hook nothing
-        # makes the host wait for the device.
+        # stays on the device until the subset is complete (its Gram is then computed and
+        # the raw rows freed, the one time the hook waits for the device) or read (finish).
         dev = self.device
         self.held = torch.empty(self.size, self.units, dtype=getattr(torch, self.dtype), device=dev)
         self.scale = torch.ones(self.size, dtype=torch.float32, device=dev)
@@ -136,6 +136,9 @@ class LayerEval:
             # pooled before picking the rows: no copy of the output (.float() is free for float32)
             pooled = F.adaptive_avg_pool2d(output.detach().float(), self.grid[1:]).flatten(2)
             self.pooled[count : count + b] = pooled.index_select(0, rows.to(pooled.device))
+        if len(self.slots) == self.size:  # complete: its Gram now, and the raw rows (the --eval-memory budget) freed
+            self.compute_gram()
+            self.held = None
 
     def compute_gram(self) -> np.ndarray:
         """The Gram matrix of the held rows, in arrival order (float64; float32 products, over
@@ -150,6 +153,8 @@ class LayerEval:
             return self._gram
         from vecsim.reduce import add_gram, mirror_upper
 
+        if self.held is None:
+            raise RuntimeError("the evaluation subset's raw rows were freed before its Gram was computed")
         held = self.held[:count]
         gram = torch.zeros(count, count, dtype=torch.float32, device=held.device)
         if held.dtype == torch.float32:

@@ -92,7 +92,7 @@ def both_orders(x, train: np.ndarray, dim: int, layer: str):
     y[train] = reducer.project_training(z[train])  # as stored: the training vectors shrunk in-sample
     y = y.double()
     ours = (y @ y.T).numpy()
-    evals, directions, _ = _top_directions(z[train].clone())  # unnormalised rows: the old order
+    evals, directions, _, _ = _top_directions(z[train].clone())  # unnormalised rows: the old order
     k = reducer.dim
     old = z @ directions(k).T
     old = old / old.norm(dim=1, keepdim=True).clamp(min=1e-30)

@@ -134,13 +134,14 @@ def projected_exact(cos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     best rank-k approximation of the cosine matrix, diagonal included — the unit raw vectors
     projected on their top k directions — and the same with the training vectors shrunk
     in-sample as vecsim stores them)."""
-    from vecsim.reduce import in_sample_noise, in_sample_scale
+    from vecsim.reduce import in_sample_shrinkage
 
     w, v = np.linalg.eigh(cos)
     top = np.argsort(w)[::-1][:k]
     w, v = w[top], v[:, top]
     scores = v * np.sqrt(np.clip(w, 0, None))
-    shrunk = scores * in_sample_scale(w, in_sample_noise(scores, w, np.trace(cos))[-1])
+    _, scale = in_sample_shrinkage(scores, w, np.trace(cos))
+    shrunk = scores if scale is None else scores * scale
     return scores @ scores.T, shrunk @ shrunk.T
 
 

@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="npz of exact cosines: read if present, else written")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    from vecsim.reduce import in_sample_noise, in_sample_scale
+    from vecsim.reduce import in_sample_shrinkage
 
     cosines = exact_cosines(args.n, args.size, args.cache)
     n = args.n
@@ -123,8 +123,9 @@ def main() -> None:
             w, U = eig_desc(C_tt)
             pca = C_xt @ U[:, :k] / np.sqrt(w[:k])
             shrunk = pca.copy()  # vecsim: the training stimuli's rows shrunk in-sample, the others as they are
-            noise = in_sample_noise(pca[train], w[:k], w.sum())[-1]
-            shrunk[train] *= in_sample_scale(w[:k], noise)
+            _, scale = in_sample_shrinkage(pca[train], w[:k], w.sum())
+            if scale is not None:
+                shrunk[train] *= scale
             maps = {
                 "PCA": pca,
                 "PCA (vecsim)": shrunk,

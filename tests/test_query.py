@@ -127,6 +127,25 @@ def test_training_vectors_are_stored_shrunk_in_sample_and_the_rest_as_projected(
         np.testing.assert_allclose(vecs[~in_training], projected[~in_training], atol=2e-5)
 
 
+def test_an_image_goes_through_the_chain_a_stored_stimulus_went_through(store, shared_image_set):
+    """image_vectors (the forward pass behind `query --image`) of a stimulus's own file gives
+    its stored vector when it was outside the training sample, and its stored vector without
+    the in-sample shrinkage (÷ D) when it was in it."""
+    from vecsim.query import image_vectors
+    from vecsim.reduce import in_sample_scale
+
+    training = store.training_ids()
+    paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
+    outside = next(i for i in sorted(paths) if i not in set(training.tolist()))
+    for stim_id in (outside, int(training[0])):
+        got, _, _ = image_vectors(store, shared_image_set / paths[stim_id], LAYERS, device="cpu")
+        for layer in LAYERS:
+            want = store.vector_of(layer, stim_id)
+            if stim_id != outside:
+                want = want / in_sample_scale(store.spectrum(layer)[: store.dim(layer)], store.in_sample_noise(layer)[-1])
+            np.testing.assert_allclose(got[layer], want, atol=2e-5)
+
+
 def test_a_where_is_one_condition(store):
     with pytest.raises(QueryError, match="one SQL condition"):
         store.query(id=0, layer=LAYERS[0], k=2, where="label = 'cat'; DROP TABLE stimuli")

@@ -417,7 +417,7 @@ class _Indexer:
 
         from vecsim.extract import LayerCapture
         from vecsim.index import check_index_spec
-        from vecsim.reduce import held_dtype, normalise_rows
+        from vecsim.reduce import held_dtype, held_rows
 
         n = len(items)
         held = {layer: torch.empty(n, r.dim_in, dtype=held_dtype(r)) for layer, r in self.reducers.items()}
@@ -431,11 +431,9 @@ class _Indexer:
                     continue
                 at, idx = len(rows), torch.tensor(keep)
                 for layer, (z, raw_norm, _) in results.items():
-                    z = z[idx.to(z.device)]
-                    if held[layer].dtype == torch.float16:  # unit rows: within float16's range whatever the activations
-                        z = normalise_rows(z)
-                    held[layer][at : at + len(keep)] = z.cpu()
-                    norms[layer][at : at + len(keep)] = raw_norm[idx.to(z.device)].cpu()
+                    rows_at = idx.to(z.device)
+                    held[layer][at : at + len(keep)] = held_rows(self.reducers[layer], z[rows_at]).cpu()
+                    norms[layer][at : at + len(keep)] = raw_norm[rows_at].cpu()
                 rows.extend(self._stimulus_row(batch, pos) for pos in keep)
         count = len(rows)
         kill_point("fit-pass")

@@ -389,7 +389,7 @@ class LayerReducer:
         A float32 tensor's rows are scaled to unit length in place (the sample can be GBs;
         :meth:`project` gives the same vectors for them either way), except an inference
         tensor's, which is copied first. A float16 tensor (the pipeline holds a sketched
-        layer's sample so, see :func:`held_dtype`) must have unit rows already and is read
+        layer's sample so, see :func:`held_rows`) must have unit rows already and is read
         block by block, never copied whole (except for ``center``).
         """
         import torch
@@ -409,7 +409,7 @@ class LayerReducer:
         mean = z.mean(dim=0) if self.config.center else None
         if mean is not None:
             z = z - mean
-        evals, directions, centred_evals = _top_directions(z, centred_spectrum=mean is None)
+        evals, directions, scores, centred_evals = _top_directions(z, centred_spectrum=mean is None)
         rank = int((evals > evals[0] * 1e-9).sum()) if evals.numel() and evals[0] > 0 else 0
         k = self._choose_dim(evals, max(rank, 1))
         total = float(evals.clamp(min=0).sum())
@@ -418,11 +418,10 @@ class LayerReducer:
         self.bias = None if mean is None else -(self.matrix @ mean)
         noise, self.in_sample, self.in_sample_by_dim = 0.0, None, None
         if mean is None and k < rank:  # an uncentred fit that leaves training directions out
-            by_dim = in_sample_noise(_times_rows(z, self.matrix).numpy(), evals[:k].numpy(), total)
+            by_dim, scale = in_sample_shrinkage(scores(k).numpy(), evals[:k].numpy(), total)
             noise = float(by_dim[-1])
-            if noise > 0:
-                self.in_sample = torch.from_numpy(in_sample_scale(evals[:k].numpy(), noise))
-                self.in_sample_by_dim = by_dim
+            if scale is not None:
+                self.in_sample, self.in_sample_by_dim = torch.from_numpy(scale), by_dim
         self.to(self.device)
         self.report = FitReport(
             n_train=n, dim_in=d, dim=k, rank=rank, energy_kept=kept,
@@ -562,6 +561,14 @@ def in_sample_noise(scores, evals, total: float):
     return noise
 
 
+def in_sample_shrinkage(scores, evals, total: float):
+    """(δ_d per dim, :func:`in_sample_noise`; the scale D of the training vectors at the last
+    dim, :func:`in_sample_scale`, or None where δ is 0): what a fit keeping these directions
+    does to its training sample's ``scores``."""
+    by_dim = in_sample_noise(scores, evals, total)
+    return by_dim, (in_sample_scale(evals, by_dim[-1]) if by_dim.size and by_dim[-1] > 0 else None)
+
+
 def in_sample_scale(evals, noise: float):
     """The per-direction scale ``D = (1 − δ/λ)^½`` (float32) of the training stimuli's projections."""
     import numpy as np
@@ -648,9 +655,11 @@ def mirror_upper(out) -> None:
 
 
 def _top_directions(z, centred_spectrum: bool = False):
-    """Eigenvalues (descending) of zᵀz, a function ``k → (k, dim_in)`` float32 matrix whose rows
-    are the top k eigenvectors, and with ``centred_spectrum`` the eigenvalues of
-    (z − z̄)ᵀ(z − z̄) (else None), from the same matrix.
+    """Eigenvalues (descending) of zᵀz; a function ``k → (k, dim_in)`` float32 matrix whose rows
+    are the top k eigenvectors; a function ``k → (n, k)`` float32 scores of the rows of z on
+    them (``z @ directions(k).T``; from the Gram's eigenpairs, ``U_k Λ_k^½``, with no pass
+    over z when it has fewer rows than columns); and with ``centred_spectrum`` the eigenvalues
+    of (z − z̄)ᵀ(z − z̄) (else None), from the same matrix.
 
     With fewer rows than columns the n×n Gram matrix is decomposed instead of the d×d
     second-moment matrix (the cost that makes FAISS PCAMatrix impractical on huge
@@ -684,7 +693,10 @@ def _top_directions(z, centred_spectrum: bool = False):
                 out[:, start : start + GRAM_BLOCK] = weights @ z[:, start : start + GRAM_BLOCK].to(torch.float32)
             return out
 
-        return evals, directions, centred
+        def scores(k: int):
+            return (evecs[:, :k] * evals[:k].clamp(min=0).sqrt()).to(torch.float32)
+
+        return evals, directions, scores, centred
     second = torch.zeros(d, d, dtype=torch.float64)
     for start in range(0, n, GRAM_BLOCK):
         add_gram(second, z[start : start + GRAM_BLOCK].to(torch.float64).T)
@@ -694,17 +706,15 @@ def _top_directions(z, centred_spectrum: bool = False):
         centred = torch.linalg.eigvalsh(second - n * torch.outer(mean, mean)).flip(0)
     evals, evecs = torch.linalg.eigh(second)
     evals, evecs = evals.flip(0), _fix_signs(evecs.flip(1))
-    return evals, (lambda k: evecs[:, :k].T.to(torch.float32).contiguous()), centred
 
+    def directions(k: int):
+        return evecs[:, :k].T.to(torch.float32).contiguous()
 
-def _times_rows(z, matrix):
-    """``z @ matrix.T`` in float32, ``z`` (n, d) read in column blocks (it may be float16)."""
-    import torch
+    def scores(k: int):  # z read in row blocks (it may be float16)
+        rows = directions(k).T
+        return torch.cat([z[start : start + GRAM_BLOCK].to(torch.float32) @ rows for start in range(0, n, GRAM_BLOCK)])
 
-    out = torch.zeros(z.shape[0], matrix.shape[0], dtype=torch.float32)
-    for start in range(0, z.shape[1], GRAM_BLOCK):
-        out += z[:, start : start + GRAM_BLOCK].to(torch.float32) @ matrix[:, start : start + GRAM_BLOCK].T
-    return out
+    return evals, directions, scores, centred
 
 
 def held_dtype(reducer):
@@ -715,6 +725,15 @@ def held_dtype(reducer):
     import torch
 
     return torch.float16 if reducer.sketch is not None else torch.float32
+
+
+def held_rows(reducer, z):
+    """Prepared vectors ``z`` as the pipeline holds them (:func:`held_dtype`): float16 ones are
+    unit rows (within float16's range whatever the activations; :meth:`LayerReducer.fit`
+    takes them as they are), float32 ones unchanged (the fit normalises them)."""
+    import torch
+
+    return normalise_rows(z).to(torch.float16) if held_dtype(reducer) == torch.float16 else z
 
 
 def _fix_signs(vectors):

@@ -544,6 +544,127 @@ def test_tiles_hold_one_earlier_strip_at_a_time(engine, monkeypatch):
     assert np.array_equal(out, out.T)
 
 
+@pytest.mark.parametrize("path", ["cpu", "device tiles"])
+def test_rows_are_handed_on_in_order_once_final(path, monkeypatch):
+    # the .npy writer starts writing a chunk of rows as soon as _fill_symmetric hands it on:
+    # every row must be final by then, handed on once, in order, tile after tile
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(sim, "_ROW_CHUNK", 4)  # several chunks per tile, a short last one
+    _, V = _unit_vectors(61, 6, seed=5, zero_row=7)
+    n, tile = len(V), 11
+    zero = np.zeros(n, bool)
+    zero[7] = True
+    device = "cpu"
+    if path == "device tiles":
+        real = sim._torch_blocks
+        monkeypatch.setattr(sim, "_require_cuda", lambda device: None)
+        monkeypatch.setattr(sim, "_torch_blocks", lambda V, zero, t, d, **kw: real(V, zero, t, "cpu", **kw))
+        device = "cuda"
+    out = np.full((n, n), np.nan, dtype=np.float32)
+    handed: list = []
+    tiles_done: list = []
+
+    def piece(a0, a1, rows):
+        assert not np.isnan(rows).any() and rows.shape == (a1 - a0, n)
+        handed.append((a0, a1, rows.copy()))
+
+    def done(r0, r1, rows):
+        assert handed[-1][1] == r1
+        tiles_done.append((r0, r1))
+
+    threads = torch.get_num_threads()
+    sim._fill_symmetric(V, zero, tile, device, False, lambda a, b: out[a:b], lambda a, b: out[a:b], done,
+                        piece=piece)
+    assert torch.get_num_threads() == threads
+    assert [(a0, a1) for a0, a1, _ in handed] == [
+        (a0, min(r1, a0 + 4)) for r0, r1 in tiles_done for a0 in range(r0, r1, 4)]
+    assert tiles_done == [(r0, min(n, r0 + tile)) for r0 in range(0, n, tile)]
+    assert np.array_equal(np.concatenate([rows for *_, rows in handed]), out)  # unchanged after hand-on
+    assert np.array_equal(out, out.T)
+    np.testing.assert_allclose(out, sim.similarity_matrix(V), atol=1e-6)
+
+
+def test_a_failing_worker_stops_the_export_cleanly(data, tmp_path, monkeypatch):
+    # an error in a product worker reaches the caller; no file is left behind and torch's
+    # thread count is restored
+    torch = pytest.importorskip("torch")
+    real = sim._cpu_rows
+    calls = []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("simulated")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sim, "_cpu_rows", flaky)
+    threads = torch.get_num_threads()
+    with pytest.raises(MemoryError, match="simulated"):
+        _export(data, tmp_path / "x.npy", memory_limit_bytes=TINY_LIMIT)
+    assert torch.get_num_threads() == threads
+    assert os.listdir(tmp_path) == []
+
+
+def test_npy_writer_flushes_each_tile_and_preallocates(data, tmp_path, monkeypatch):
+    # the writer asks for each piece's writeback and, at each tile's end, waits for the
+    # previous tile's bytes: together they cover the data, in order; the file is preallocated
+    started, waited, reserved = [], [], []
+    real_start, real_wait, real_pre = sim.start_writeback, sim.wait_writeback, sim.preallocate
+    monkeypatch.setattr(sim, "start_writeback", lambda fd, o, b: started.append((o, b)) or real_start(fd, o, b))
+    monkeypatch.setattr(sim, "wait_writeback", lambda fd, o, b: waited.append((o, b)) or real_wait(fd, o, b))
+    monkeypatch.setattr(sim, "preallocate", lambda fd, b: reserved.append(b) or real_pre(fd, b))
+    summary = _export(data, tmp_path / "a.npy", memory_limit_bytes=TINY_LIMIT, dtype="float16")
+    size = (tmp_path / "a.npy").stat().st_size
+    header = size - N * N * 2
+    assert reserved == [size]
+    tile = summary["tile_rows"]
+    last_tile_bytes = (N - (N - 1) // tile * tile) * N * 2
+    # pieces: all the data; waits: every tile but the last, which the final fsync covers
+    for ranges, left in ((started, 0), (waited, last_tile_bytes)):
+        ends = header
+        for offset, nbytes in ranges:
+            assert offset == ends and nbytes > 0
+            ends += nbytes
+        assert size - ends == left
+    assert len(waited) == -(-N // tile) - 1 and len(started) >= -(-N // tile)
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy").astype(np.float64), data.ref, atol=2e-3)
+
+
+def test_npy_writer_without_sync_file_range_or_fallocate(data, tmp_path, monkeypatch):
+    # where the kernel calls are missing the writer fdatasyncs each tile and the file is the same
+    monkeypatch.setattr(sim, "start_writeback", lambda fd, o, b: False)
+    monkeypatch.setattr(sim, "wait_writeback", lambda fd, o, b: False)
+    monkeypatch.setattr(sim, "preallocate", lambda fd, b: False)
+    syncs = []
+    real = getattr(os, "fdatasync", os.fsync)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: syncs.append(fd) or real(fd), raising=False)
+    summary = _export(data, tmp_path / "a.npy", memory_limit_bytes=TINY_LIMIT)
+    assert len(syncs) == -(-N // summary["tile_rows"]) - 1  # each tile's end, for the tile before
+    A = np.load(tmp_path / "a.npy")
+    np.testing.assert_allclose(A.astype(np.float64), data.ref, atol=1e-5)
+    assert np.array_equal(A, A.T)
+
+
+def test_preallocate_and_writeback_calls_on_a_real_file(tmp_path):
+    # the kernel calls the .npy writer uses: contents kept, blocks reserved, ranges flushed
+    from vecsim import _io
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"header")
+    with open(path, "r+b") as fh:
+        fd = fh.fileno()
+        if not _io.preallocate(fd, 1 << 20):
+            pytest.skip("this file system or platform has no fallocate")
+        assert os.fstat(fd).st_size == 1 << 20 and os.fstat(fd).st_blocks * 512 >= 1 << 20
+        assert not _io.preallocate(fd, 0)
+        os.pwrite(fd, b"x" * 8192, 4096)
+        if _io._sync_file_range() is not None:
+            assert _io.start_writeback(fd, 4096, 8192) and _io.wait_writeback(fd, 4096, 8192)
+            assert not _io.wait_writeback(-1, 0, 1)  # a failing call says so
+    data = path.read_bytes()
+    assert data[:6] == b"header" and data[4096:12288] == b"x" * 8192 and len(data) == 1 << 20
+
+
 def test_float16_conversion_is_numpys_bit_for_bit():
     """The CPU tiles are converted by torch's cast: numpy's rounding for every finite float32
     (random bit patterns across the whole range, subnormal results, ties, signed zeros,

@@ -4,6 +4,7 @@ values, byte counts for people, installed package versions. No vecsim state, num
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,6 +35,64 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"  # pragma: no cover
+
+
+# sync_file_range(2) flags (Linux)
+_SYNC_WRITE = 2  # start writeback of the range's dirty pages, do not wait
+_SYNC_WAIT = 1 | 2 | 4  # wait for writeback in flight, start the rest, wait for it all
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _fallocate():
+    """libc's ``fallocate`` (Linux), or None where there is none."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def preallocate(fd: int, nbytes: int) -> bool:
+    """Reserve disk blocks for the first ``nbytes`` of ``fd`` (``fallocate``, mode 0: the
+    file's contents and a larger size are kept). A file of known size written this way
+    cannot run out of space halfway, and the file system maps its blocks once instead of
+    page by page as the writes come. False where the call is missing or the file system
+    does not support it (nothing is emulated: the writes then allocate as usual)."""
+    fn = _fallocate()
+    return fn is not None and nbytes > 0 and fn(fd, 0, 0, nbytes) == 0
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Ask the kernel to start writing a byte range of ``fd`` to disk without waiting for it
+    (``sync_file_range`` with ``SYNC_FILE_RANGE_WRITE``). False where that call is missing or
+    fails: the caller then relies on its own ``fdatasync``."""
+    fn = _sync_file_range()
+    return fn is not None and fn(fd, offset, nbytes, _SYNC_WRITE) == 0
+
+
+def wait_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Wait until a byte range of ``fd`` is written to disk (its data; the file's size and
+    metadata are the final ``fsync``'s job). False where ``sync_file_range`` is missing or fails."""
+    fn = _sync_file_range()
+    return fn is not None and fn(fd, offset, nbytes, _SYNC_WAIT) == 0
 
 
 def fsync_path(path: Path) -> None:

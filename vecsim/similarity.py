@@ -17,11 +17,13 @@ Memory stays bounded by ``memory_limit_bytes``: rows are processed in tiles of
 
 ``.npy``
     ``(N, N)`` for one layer, ``(L, N, N)`` for several (in the given layer
-    order). Created with ``np.lib.format.open_memmap`` and filled one row tile
-    at a time (a writer thread writes tile t while tile t+1 is computed); only
-    the upper triangle is computed, the lower one is read back from the rows
-    already written, so the file is exactly symmetric and the matmul work is
-    halved. Provenance goes to the sidecar ``<out>.json`` (same path + ``.json``).
+    order). Created with ``np.lib.format.open_memmap``, its blocks reserved with
+    ``fallocate`` where the file system has it, and filled one row tile at a time:
+    a writer thread writes rows as soon as they are final while the rest are
+    computed, and asks the kernel to start each piece's writeback; only the upper
+    triangle is computed, the lower one is read back from the rows already
+    written, so the file is exactly symmetric and the matmul work is halved.
+    Provenance goes to the sidecar ``<out>.json`` (same path + ``.json``).
 ``.parquet``
     Long form: ``layer`` (dictionary-encoded string), ``i``, ``j`` (int32 row
     positions), ``id_i``, ``id_j`` (int64 stimulus ids) and ``similarity`` or
@@ -46,6 +48,9 @@ On the CPU the products are computed in blocks of 256 rows x 2048 columns, each 
 and converted to the output dtype while it is in the core's cache, by oneDNN through torch
 (which picks its kernels from the CPU at run time) or, where that op is missing or fails its
 check against numpy, by numpy's BLAS (:func:`cpu_engine`); the two agree to float32 rounding.
+For the full square (``.npy``, Parquet's full form, :func:`similarity_matrix`) one worker
+thread per core computes chunks of 256 rows, each single-threaded: torch's intra-op thread
+count is 1 for the duration of the call and restored afterwards.
 
 With ``device="cuda"`` the tiles are computed on the GPU (:func:`_torch_blocks`): the
 products, the finishing and the conversion to the output dtype run there, and the next tile
@@ -73,7 +78,10 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from vecsim._io import fsync_dir, fsync_path, human_bytes, json_default, package_versions
+from vecsim._io import (
+    fsync_dir, fsync_path, human_bytes, json_default, package_versions, preallocate, start_writeback,
+    wait_writeback,
+)
 from vecsim.errors import (
     ConfigError,
     DeviceError,
@@ -464,6 +472,15 @@ def _finish_torch(S, r0: int, c0: int, zd, distance: bool, same: np.ndarray | No
 _TRIL = {}
 
 
+def _symmetrize_square(sq: np.ndarray) -> None:
+    """Copy the strict upper triangle of the small square ``sq`` onto its lower triangle."""
+    m = sq.shape[0]
+    if m not in _TRIL:
+        _TRIL[m] = np.tril_indices(m, -1)
+    i, j = _TRIL[m]
+    sq[i, j] = sq[j, i]
+
+
 def _symmetrize_diagonal_block(D: np.ndarray) -> None:
     """Copy the strict upper triangle of the square block ``D`` onto its lower triangle
     (chunk by chunk: a transposed copy below each chunk's square, index pairs inside it)."""
@@ -472,12 +489,7 @@ def _symmetrize_diagonal_block(D: np.ndarray) -> None:
     R = D.shape[0]
     for a0 in range(0, R, _ROW_CHUNK):
         a1 = min(R, a0 + _ROW_CHUNK)
-        m = a1 - a0
-        if m not in _TRIL:
-            _TRIL[m] = np.tril_indices(m, -1)
-        i, j = _TRIL[m]
-        sq = D[a0:a1, a0:a1]
-        sq[i, j] = sq[j, i]
+        _symmetrize_square(D[a0:a1, a0:a1])
         if a1 < R:
             torch.from_numpy(D[a1:, a0:a1]).copy_(torch.from_numpy(D[a0:a1, a1:]).T)
 
@@ -493,40 +505,128 @@ def _fill_symmetric(
     done: Callable[[int, int, np.ndarray], None],
     same: np.ndarray | None = None,
     dtype: np.dtype = np.dtype(np.float32),
+    piece: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> None:
     """Fill an (N, N) matrix one row tile at a time, computing only the upper triangle.
 
     For each tile ``target(r0, r1)`` gives a writable ``(r1 - r0, N)`` array (of ``dtype``)
-    for its rows; columns ``r0:`` come from the products, columns ``:r0`` are the
-    transpose of the rows already finished, which ``source(s0, s1)`` returns
-    (one earlier tile at a time, ``s0``/``s1`` on tile boundaries). The result is
-    exactly symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
+    for its rows; columns ``:r0`` are first filled with the transpose of the rows already
+    finished, which ``source(s0, s1)`` returns (one earlier tile at a time, ``s0``/``s1`` on
+    tile boundaries). Then the tile's rows are completed chunk by chunk (_ROW_CHUNK rows):
+    the chunk's columns from its first row on come from the products, the columns between
+    the tile's first row and the chunk's are the transpose of the tile's earlier chunks, and
+    ``piece(a0, a1, rows)`` (when given) is called as soon as rows ``a0:a1`` are final, so a
+    writer can start on them while the rest of the tile is computed. The result is exactly
+    symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
     On the CPU the products are finished and converted straight into the target; on a
     GPU the tiles arrive finished and converted (:func:`_torch_blocks`) and are copied in.
     """
     import torch
 
-    n = V.shape[0]
-    if device.startswith("cuda"):
-        tiles = ((r0, r1, S) for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True,
-                                                             distance=distance, same=same, dtype=dtype))
-    else:
-        tiles = ((r0, min(n, r0 + tile_rows), None) for r0 in range(0, n, tile_rows))
-    for r0, r1, S in tiles:
+    if not device.startswith("cuda"):
+        _fill_symmetric_cpu(V, zero, tile_rows, distance, target, source, done, same, piece)
+        return
+    for r0, r1, _c0, S in _blocks(V, zero, tile_rows, device, upper=True, distance=distance, same=same,
+                                  dtype=dtype):
         dst = target(r0, r1)
-        if S is None:
-            _cpu_rows(V, zero, r0, r0, dst[:, r0:], upper=True, distance=distance, same=same)
-        else:
-            torch.from_numpy(dst[:, r0:]).copy_(torch.from_numpy(S))
-        _symmetrize_diagonal_block(dst[:, r0:r1])
         dst_t = torch.from_numpy(dst)
-        for s0 in range(0, r0, tile_rows):
-            s1 = min(r0, s0 + tile_rows)
-            src = source(s0, s1)
-            dst_t[:, s0:s1].copy_(_tensor(src[:, r0:r1]).T)
-            del src  # a file map is unmapped here, keeping RSS to one tile's strip
+        _mirror_earlier_tiles(dst_t, r0, r1, tile_rows, source)
+        for a0 in range(r0, r1, _ROW_CHUNK):
+            a1 = min(r1, a0 + _ROW_CHUNK)
+            torch.from_numpy(dst[a0 - r0 : a1 - r0, a0:]).copy_(torch.from_numpy(S[a0 - r0 : a1 - r0, a0 - r0 :]))
+            _symmetrize_square(dst[a0 - r0 : a1 - r0, a0:a1])
+            _complete_chunk(dst, dst_t, r0, a0, a1, piece)
         done(r0, r1, dst)
         del dst, dst_t
+
+
+def _mirror_earlier_tiles(dst_t, r0: int, r1: int, tile_rows: int, source) -> None:
+    """Columns ``:r0`` of the tile of rows ``r0:r1``: the transpose of the earlier tiles'
+    columns ``r0:r1``, one earlier tile's strip at a time."""
+    for s0 in range(0, r0, tile_rows):
+        s1 = min(r0, s0 + tile_rows)
+        src = source(s0, s1)
+        dst_t[:, s0:s1].copy_(_tensor(src[:, r0:r1]).T)
+        del src  # a file map is unmapped here, keeping RSS to one tile's strip
+
+
+def _complete_chunk(dst, dst_t, r0: int, a0: int, a1: int, piece) -> None:
+    """Rows ``a0:a1`` of the tile starting at ``r0``, whose own columns (``a0:``) are done:
+    columns ``r0:a0`` are the transpose of the tile's earlier chunks; then ``piece``."""
+    if a0 > r0:
+        dst_t[a0 - r0 : a1 - r0, r0:a0].copy_(dst_t[: a0 - r0, a0:a1].T)
+    if piece is not None:
+        piece(a0, a1, dst[a0 - r0 : a1 - r0])
+
+
+def _cpu_workers() -> int:
+    """Threads that compute CPU products: one per core this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _torch_threads(k: int):
+    """torch's intra-op thread count set to ``k`` for the duration, then restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == k:
+        yield
+        return
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fill_symmetric_cpu(V, zero, tile_rows, distance, target, source, done, same, piece) -> None:
+    """:func:`_fill_symmetric` on the CPU. One worker thread per core computes the tile's
+    chunks of rows (products, finishing, conversion into the target, the chunk's own square
+    made symmetric), each single-threaded, while this thread fills the tile's columns from
+    the earlier tiles (their transpose) and completes the chunks in order as they arrive,
+    handing each to ``piece``. Single-threaded workers instead of torch's threads inside one
+    product: a core is never left waiting at the end of a parallel product, or spinning for
+    the next one, while there is conversion, mirroring or writing to do."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = V.shape[0]
+
+    def chunk(rows: np.ndarray, a0: int) -> None:
+        _cpu_rows(V, zero, a0, a0, rows[:, a0:], upper=True, distance=distance, same=same)
+        _symmetrize_square(rows[:, a0 : a0 + len(rows)])
+
+    tiles = [(r0, min(n, r0 + tile_rows)) for r0 in range(0, n, tile_rows)]
+    launched: list = []
+
+    def launch(r0: int, r1: int) -> None:
+        dst = target(r0, r1)
+        starts = range(r0, r1, _ROW_CHUNK)
+        launched.append((dst, starts, [pool.submit(chunk, dst[a0 - r0 : min(r1, a0 + _ROW_CHUNK) - r0], a0)
+                                       for a0 in starts]))
+
+    with _torch_threads(1), ThreadPoolExecutor(_cpu_workers(), thread_name_prefix="vecsim-sim") as pool:
+        try:
+            launch(*tiles[0])
+            for k, (r0, r1) in enumerate(tiles):
+                dst, starts, futures = launched.pop(0)
+                dst_t = torch.from_numpy(dst)
+                _mirror_earlier_tiles(dst_t, r0, r1, tile_rows, source)
+                if k + 1 < len(tiles):  # queued behind this tile's chunks: no worker waits at its end
+                    launch(*tiles[k + 1])  # (after the mirror: it may reuse the buffer read there)
+                for a0, fut in zip(starts, futures):
+                    fut.result()
+                    _complete_chunk(dst, dst_t, r0, a0, min(r1, a0 + _ROW_CHUNK), piece)
+                done(r0, r1, dst)
+                del dst, dst_t
+        except BaseException:
+            for _dst, _starts, futures in launched:  # nothing more is computed into targets the caller drops
+                for fut in futures:
+                    fut.cancel()
+            raise
 
 
 # --------------------------------------------------------------------------- #
@@ -906,21 +1006,30 @@ def export_similarity(
 # ---- .npy ------------------------------------------------------------------------
 
 
+# The .npy writer hands rows to its thread in pieces of at least this many bytes (a tile's
+# last piece may be smaller): small enough that the write after the last computed rows is
+# short, large enough that the per-call costs do not matter.
+_WRITE_PIECE_BYTES = 8 * 2**20
+
+
 def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, distance, same=None,
                flush_tiles: bool = True) -> int:
     """Create the .npy with ``open_memmap`` (header, full size) and fill it tile by tile.
 
-    Each finished tile of rows is ``pwrite``-n from one of two reusable buffers by
-    a writer thread while the next tile is computed, so disk and CPU overlap; the
-    writer also flushes each tile to disk (``fdatasync``) as it goes, so the final
-    fsync has little left to wait for. On the CPU the products are finished and
-    converted straight into those buffers (:func:`_cpu_rows`).
-    The lower triangle of a tile is read back from the previous tile's buffer or,
-    for older rows, through a short-lived read-only memory map of just those rows.
-    Nothing maps the whole file for long: pages of such a map, once touched,
-    would count towards the process's RSS, and the file can be far larger than RAM.
-    ``flush_tiles=False`` skips the per-tile flush (a scratch file that is read back and
-    deleted, see :func:`_write_parquet_full`).
+    Rows are ``pwrite``-n by a writer thread from one of two reusable tile buffers as soon as
+    they are final (pieces of about _WRITE_PIECE_BYTES, see :func:`_fill_symmetric`), so the
+    disk and the copy into the page cache overlap the products, and little is left to write
+    once the last rows are computed. The writer asks the kernel to start writing each piece
+    to disk without waiting (``sync_file_range``) and, at the end of tile t, waits until tile
+    t-1 is on disk, so the final fsync has about one tile left to wait for and the dirty
+    pages stay bounded; where ``sync_file_range`` is missing it ``fdatasync``-s each tile.
+    On the CPU the products are finished and converted straight into those buffers
+    (:func:`_cpu_rows`). The lower triangle of a tile is read back from the previous tile's
+    buffer or, for older rows, through a short-lived read-only memory map of just those rows.
+    Nothing maps the whole file for long: pages of such a map, once touched, would count
+    towards the process's RSS, and the file can be far larger than RAM.
+    ``flush_tiles=False`` writes without asking for any flush (a scratch file that is read
+    back and deleted, see :func:`_write_parquet_full`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -933,49 +1042,77 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     # pinned buffer the tiles arrive in; the CPU's float32 blocks are a few MiB whatever N is)
     tile_rows = _tile_rows_for(n, (4 if device.startswith("cuda") else 3) * itemsize, limit)
     bufs = [np.empty(tile_rows * n, dtype=dt), np.empty(tile_rows * n, dtype=dt)]
-    datasync = getattr(os, "fdatasync", os.fsync)
+    piece_rows = max(1, -(-_WRITE_PIECE_BYTES // row_bytes))
 
-    def pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
+    def write_piece(fd: int, arr: np.ndarray, offset: int) -> None:
         view = memoryview(arr).cast("B")
         pos = 0
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], offset + pos)
         if flush_tiles:
-            datasync(fd)
+            start_writeback(fd, offset, len(view))
+
+    def end_tile(fd: int, previous: tuple[int, int] | None) -> None:
+        """At a tile's end: wait for the previous tile's bytes to be on disk."""
+        if flush_tiles and previous is not None and not wait_writeback(fd, *previous):
+            os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
 
     with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as writer:
         fd = fh.fileno()
+        preallocate(fd, data_offset + int(np.prod(shape)) * itemsize)
         for li, (V, zero) in enumerate(zip(mats, zeros)):
             layer_base = data_offset + li * n * row_bytes
-            pending: list = [None, None]  # write future per buffer
-            slot_rows: list = [None, None]  # (r0, r1, array) held by each buffer
-            state = {"slot": 0}
+            # per buffer: its write futures, and the (r0, r1, rows) of the finished tile it holds;
+            # a tile's buffer is (r0 // tile_rows) % 2, and the next tile's target is asked for
+            # while the current one is being completed
+            pending: list = [[], []]
+            held: list = [None, None]
+            span: list = []  # [first row, tile start] of the rows not yet handed to the writer
+            last: list = [None]  # byte range of the previous finished tile
 
             def target(r0: int, r1: int) -> np.ndarray:
                 slot = (r0 // tile_rows) % 2
-                if pending[slot] is not None:  # the write from two tiles ago
-                    pending[slot].result()
-                    pending[slot] = None
-                state["slot"] = slot
+                for fut in pending[slot]:  # the writes from two tiles ago
+                    fut.result()
+                pending[slot] = []
+                held[slot] = None
                 return bufs[slot][: (r1 - r0) * n].reshape(r1 - r0, n)
 
             def source(s0: int, s1: int) -> np.ndarray:
-                held = slot_rows[1 - state["slot"]]
-                if held is not None and held[0] == s0:
-                    return held[2]  # previous tile: still in memory, maybe still being written
+                h = held[(s0 // tile_rows) % 2]
+                if h is not None and h[0] == s0:
+                    return h[2]  # previous tile: still in memory, maybe still being written
                 return np.memmap(fh, dtype=dt, mode="r", offset=layer_base + s0 * row_bytes, shape=(s1 - s0, n))
 
+            def submit(upto: int) -> None:
+                if not span:
+                    return
+                a0, r0 = span
+                slot = (r0 // tile_rows) % 2
+                rows = bufs[slot][(a0 - r0) * n : (upto - r0) * n]
+                pending[slot].append(writer.submit(write_piece, fd, rows, layer_base + a0 * row_bytes))
+                span.clear()
+
+            def piece(a0: int, a1: int, rows: np.ndarray) -> None:
+                if not span:
+                    span.extend((a0, a0 - a0 % tile_rows))
+                if a1 - span[0] >= piece_rows:
+                    submit(a1)
+
             def done(r0: int, r1: int, rows: np.ndarray) -> None:
-                slot = state["slot"]
-                slot_rows[slot] = (r0, r1, rows)
-                pending[slot] = writer.submit(pwrite_all, fd, rows, layer_base + r0 * row_bytes)
+                submit(r1)
+                slot = (r0 // tile_rows) % 2
+                held[slot] = (r0, r1, rows)
+                pending[slot].append(writer.submit(end_tile, fd, last[0]))
+                last[0] = (layer_base + r0 * row_bytes, (r1 - r0) * row_bytes)
                 tick(r1 - r0)
 
             try:
-                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, dtype=dt)
+                _fill_symmetric(V, zero, tile_rows, device, distance, target, source, done, same, dtype=dt,
+                                piece=piece)
             finally:
-                for fut in pending:
-                    if fut is not None:
+                for futs in pending:
+                    for fut in futs:
                         fut.result()
         fh.flush()
     return tile_rows

@@ -518,8 +518,11 @@ def _fill_symmetric(
     ``piece(a0, a1, rows)`` (when given) is called as soon as rows ``a0:a1`` are final, so a
     writer can start on them while the rest of the tile is computed. The result is exactly
     symmetric. ``done(r0, r1, rows)`` is called once the tile is complete.
-    On the CPU the products are finished and converted straight into the target; on a
-    GPU the tiles arrive finished and converted (:func:`_torch_blocks`) and are copied in.
+    On the CPU the products are finished and converted straight into the target by worker
+    threads (:func:`_fill_symmetric_cpu`), which ask for the next tile's target once the
+    current tile's earlier columns are filled (so a caller with two buffers must not reuse
+    the one read by ``source`` before that); on a GPU the tiles arrive finished and
+    converted (:func:`_torch_blocks`) and are copied in.
     """
     import torch
 
@@ -1055,7 +1058,7 @@ def _write_npy(tmp: Path, *, mats, zeros, n, dt, limit, device, tick, shape, dis
     def end_tile(fd: int, previous: tuple[int, int] | None) -> None:
         """At a tile's end: wait for the previous tile's bytes to be on disk."""
         if flush_tiles and previous is not None and not wait_writeback(fd, *previous):
-            os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+            getattr(os, "fdatasync", os.fsync)(fd)
 
     with open(tmp, "r+b") as fh, ThreadPoolExecutor(max_workers=1) as writer:
         fd = fh.fileno()

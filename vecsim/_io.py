@@ -43,31 +43,28 @@ _SYNC_WAIT = 1 | 2 | 4  # wait for writeback in flight, start the rest, wait for
 
 
 @functools.lru_cache(maxsize=None)
+def _libc(name: str, *argtypes: str):
+    """libc's function ``name`` taking ``argtypes`` (names of ctypes types) and returning an
+    int, or None where there is none (not Linux, an old libc)."""
+    try:
+        import ctypes
+
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _sync_file_range():
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    """libc's ``sync_file_range(fd, offset, nbytes, flags)``, or None."""
+    return _libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 
-@functools.lru_cache(maxsize=None)
 def _fallocate():
-    """libc's ``fallocate`` (Linux), or None where there is none."""
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
+    """libc's ``fallocate(fd, mode, offset, len)``, or None."""
+    return _libc("fallocate", "c_int", "c_int", "c_int64", "c_int64")
 
 
 def preallocate(fd: int, nbytes: int) -> bool:

@@ -110,13 +110,18 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)
+    total = len(reference.lookup().ids)
     if before:  # its rate and its runs-table row count what this run did, not what the stopped one had committed
-        assert f"resumed: {before} were committed before, {len(reference.lookup().ids) - before} this run" \
-            in resumed.stdout, resumed.stdout
-        runs = Store.open(out).runs().to_pylist()
-        assert [r["indexed"] for r in runs if r["command"] == "index"] == [len(reference.lookup().ids) - before]
+        assert f"resumed: {before} were committed before, {total - before} this run" in resumed.stdout, resumed.stdout
     else:
         assert "resumed:" not in resumed.stdout
+    # the stopped run has its own row (finished empty, what it committed), the resumption the rest
+    runs = [(r["run"], r["indexed"], r["finished"] is None, r["seconds"] is None)
+            for r in Store.open(out).runs().to_pylist()]
+    if stopped is not None and stopped.manifest["status"] == "indexing":
+        assert runs == [(1, before, True, True), (2, total - before, False, False)]
+    else:  # started again from scratch: one run
+        assert runs == [(1, total, False, False)]
 
 
 def test_resume_by_store_path_and_a_different_configuration_is_refused(images, reference, tmp_path):
@@ -127,7 +132,30 @@ def test_resume_by_store_path_and_a_different_configuration_is_refused(images, r
     resumed = run([sys.executable, "-m", "vecsim", "index", "--resume", str(out), "-q"])
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(Store.open(out), reference)
-    assert Store.open(out).runs().num_rows == 1
+    assert Store.open(out).runs().num_rows == 1  # stopped while fitting: started again, one run
+
+
+def test_every_stopped_run_keeps_its_row(images, reference, tmp_path):
+    # stopped after the fit, resumed and stopped again (once right after recording the first
+    # stop), then finished: one row per run, in order, the indexed counts adding up to the store
+    out = tmp_path / "store"
+    assert run(index_cmd(images, out, "--chunk-size", "8"), kill_at="chunk:3").returncode == -signal.SIGKILL
+    assert Store.open(out).manifest["status"] == "indexing"  # (chunks 1-2 are the fit's: a stop there restarts)
+    first = len(Store.open(out).lookup().ids)
+    again = run(index_cmd(images, out, "--chunk-size", "8"), kill_at="stopped-run-recorded")
+    assert again.returncode == -signal.SIGKILL
+    assert run(index_cmd(images, out, "--chunk-size", "8"), kill_at="chunk:1").returncode == -signal.SIGKILL
+    second = len(Store.open(out).lookup().ids) - first
+    finished = run(index_cmd(images, out, "--chunk-size", "8"))
+    assert finished.returncode == 0, finished.stderr
+    assert_same_store(Store.open(out), reference)
+    total = len(reference.lookup().ids)
+    runs = Store.open(out).runs().to_pylist()
+    assert [(r["run"], r["command"], r["indexed"], r["finished"] is None) for r in runs] == [
+        (1, "index", first, True), (2, "index", second, True), (3, "index", total - first - second, False)]
+    assert first > 0 and second > 0
+    info = run([sys.executable, "-m", "vecsim", "info", str(out)])
+    assert info.returncode == 0 and info.stdout.count("stopped before finishing") == 2, info.stdout
 
 
 def test_a_second_writer_is_refused_while_one_holds_the_lock(reference, tmp_path):

@@ -184,6 +184,19 @@ def format_index(index: dict) -> str:
 _EXACT_SHORT = {"all": "all", "training": "train", "none": "no"}
 
 
+def format_runs(runs: list[dict], show: int = 10) -> list[str]:
+    """One line per run of the runs table (the last ``show``): what it indexed or added itself,
+    its failures and time; a stopped index run says so."""
+    lines = []
+    for r in runs[-show:]:
+        took = f", {r['seconds']:.1f} s" if r["finished"] else ", stopped before finishing"
+        lines.append(f"#{r['run']} {r['command']:<6} started {r['started']}: {r['indexed']:,} stimuli, "
+                     f"{r['failed']:,} failed{took}")
+    if len(runs) > show:
+        lines.insert(0, f"({len(runs) - show} earlier runs: Store.runs())")
+    return [("runs        " if i == 0 else " " * 12) + line for i, line in enumerate(lines)]
+
+
 def format_info(info: dict) -> str:
     from vecsim._io import human_bytes
 
@@ -196,6 +209,7 @@ def format_info(info: dict) -> str:
                                            f"weights={model['weights']}" if model.get("weights") else
                                            f"weights=none (random init, seed {model.get('init_seed', 0)})"),
         f"stimuli     {info['counts']['stimuli']:,} indexed, {info['counts']['failures']:,} failures",
+        *format_runs(info.get("runs", [])),
         "",
         f"{'layer':<28} {'shape':<14} {'units':>11} {'sketch':>7} {'dim':>5} {'projection':<11} {'energy':>7} {'exact':>5}  index",
     ]

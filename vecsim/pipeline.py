@@ -120,6 +120,11 @@ def _check_grid(layer: str, shape: tuple[int, ...], pooling: str, spec: str) -> 
                           f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. --pooling {fixed}")
 
 
+def _utc(seconds: float) -> str:
+    """A ``time.time()`` as the runs table writes it (UTC, ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
+
+
 class _Indexer:
     def __init__(self, config: IndexConfig, progress: bool):
         self.config = config
@@ -138,7 +143,7 @@ class _Indexer:
         from vecsim.store import StoreWriter
 
         cfg = self.config
-        started = time.time()
+        started = self.started = time.time()
         _import_lancedb_in_background()  # about a second of imports, overlapped with model loading and decoding
         out = Path(cfg.out)
         previous, replace = self._previous_run(out)
@@ -250,9 +255,28 @@ class _Indexer:
                 f"the stimulus set changed since the interrupted run ({len(moved)} ids now name other files); "
                 "restore it or pass --overwrite to start again"
             )
+        self._record_stopped_run(len(committed))
         self.writer.drop_uncommitted(committed)
         self.run_id = self.writer.next_run_id()
+        self.writer.save_manifest(index_run={"run": self.run_id, "started": _utc(self.started)})
         return committed
+
+    def _record_stopped_run(self, committed: int) -> None:
+        """The runs-table row of the index run this one resumes: ``finished`` empty, the
+        stimuli it committed, the failures it had met (this run meets them again). Written
+        once: a resumption stopped before it saved its own run number finds the row there."""
+        manifest = self.writer.manifest
+        stopped = manifest.get("index_run") or {"run": 1, "started": manifest.get("created", "")}
+        rows = self.writer.runs_rows()
+        if any(r["run"] == stopped["run"] for r in rows):
+            return
+        earlier = sum(r["indexed"] for r in rows if r["command"] == "index")  # runs stopped before it
+        self.writer.add_run({
+            "run": stopped["run"], "command": "index", "started": stopped["started"], "finished": None,
+            "indexed": committed - earlier, "failed": self.writer.failures_of_run(stopped["run"]), "seconds": None,
+            "config": json.dumps(manifest.get("config", {})), "versions": json.dumps(manifest.get("versions", {})),
+        })
+        kill_point("stopped-run-recorded")
 
     def _resume_all(self, committed: set[int]) -> tuple[int, int]:
         from tqdm import tqdm
@@ -321,6 +345,7 @@ class _Indexer:
             },
             "counts": {"stimuli": 0, "failures": 0},
             "versions": package_versions(),
+            "index_run": {"run": self.run_id, "started": _utc(self.started)},
         }
 
     # -- the two passes ------------------------------------------------------------
@@ -553,8 +578,7 @@ class _Indexer:
                 entry = self.writer.manifest["layers"][layer]
                 entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer), training)
         self.writer.add_run({
-            "run": self.run_id, "command": "index",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),
+            "run": self.run_id, "command": "index", "started": _utc(started),
             "finished": now(), "indexed": indexed - resumed_from, "failed": failed, "seconds": seconds,
             "config": json.dumps(self.config.to_dict()), "versions": json.dumps(package_versions()),
         })

@@ -164,6 +164,13 @@ MANIFEST_SCHEMA = {
             "description": "vecsim add runs: stimuli added through the fitted transforms after the fit",
             "items": {"type": "object", "required": ["run", "added", "skipped_duplicates", "failed", "note"]},
         },
+        "index_run": {
+            "type": "object",
+            "description": "the index run that wrote the store last (its runs-table row comes when it finishes; "
+                           "a run that resumes a stopped one first adds the stopped run's row, finished empty)",
+            "required": ["run", "started"],
+            "properties": {"run": _INT, "started": _STR},
+        },
         "pending_add": {
             "type": "object",
             "description": "a vecsim add in progress (or stopped midway): rows from first_id on are rolled back "

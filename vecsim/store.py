@@ -282,6 +282,8 @@ class Store:
         return self._read("failures")
 
     def runs(self):
+        """The runs table (Arrow), by run number: one row per index or add run, a stopped
+        index run's with ``finished`` and ``seconds`` empty."""
         return self._read("runs").sort_by("run")
 
     def vectors(self, layer: str, as_arrow: bool = False, committed_only: bool = True):
@@ -506,6 +508,13 @@ class Store:
                 "eval_size": entry.get("eval", {}).get("size", 0),
                 "index": entry.get("index", {}),
             }
+        try:
+            runs = [{k: r[k] for k in ("run", "command", "started", "finished", "indexed", "failed", "seconds")}
+                    for r in self.runs().to_pylist()]
+        except StoreError:
+            if self.complete:
+                raise
+            runs = []  # an unfinished store creates its tables with its first chunk
         total = _size(self.path)
         transforms = sum(v["transform_bytes"] for v in layers.values())
         evals = sum(v["eval_bytes"] for v in layers.values())
@@ -517,6 +526,7 @@ class Store:
             "model": self.manifest["model"],
             "source": self.manifest["source"],
             "counts": counts,
+            "runs": runs,
             "layers": layers,
             "bytes": {
                 "store": total,
@@ -656,6 +666,12 @@ class StoreWriter:
 
     def count_stimuli(self) -> int:
         return self.db.open_table("stimuli").count_rows()
+
+    def runs_rows(self) -> list[dict]:
+        return read_table(self.db.open_table("runs")).to_pylist()
+
+    def failures_of_run(self, run: int) -> int:
+        return sum(1 for r in self._column("failures", "run") if r == run)
 
     def next_run_id(self) -> int:
         runs, failures = self._column("runs", "run"), self._column("failures", "run")

@@ -25,6 +25,30 @@ def test_automatic_choice_by_size():
     assert factory_string("ivf-pq", 1_000_000, 256) == "OPQ32_256,IVF4000,PQ32"
 
 
+def test_pq_layout_splits_every_dim_into_short_sub_vectors():
+    from vecsim.index import _pq_layout
+
+    for dim in range(8, 2100):
+        d2, m = _pq_layout(dim)
+        assert d2 % m == 0 and dim - 16 <= d2 <= dim and m <= 64 and d2 // m >= 8
+        if dim <= 1024:  # sub-vectors of 8-16 dims, rotating a few dims away where dim has no such split
+            assert d2 // m <= 16, (dim, d2, m)
+    assert _pq_layout(256) == (256, 32) and _pq_layout(100) == (100, 10) and _pq_layout(257) == (256, 32)
+    assert factory_string("ivf-pq", 4_000_000, 257) == "OPQ32_256,IVF8000,PQ32"
+
+
+def test_ivf_pq_of_a_prime_dim_finds_more_than_one_sub_quantizer_would(tmp_path):
+    # 67 dims (prime): rotated into 66 and split into 6 sub-vectors, not one 67-dim sub-quantizer
+    vecs = unit(2000, 67)
+    labels = [f"c{i % 4}" for i in range(2000)]
+    auto = store_from_vectors(tmp_path / "a", {"v": vecs}, labels=labels, index="ivf-pq").layer_info("v")["index"]
+    nlist = auto["factory"].split(",")[1]
+    single = store_from_vectors(tmp_path / "b", {"v": vecs}, labels=labels,
+                                index=f"OPQ1_67,{nlist},PQ1").layer_info("v")["index"]
+    assert auto["factory"].startswith("OPQ6_66,IVF") and auto["factory"].endswith(",PQ6")
+    assert auto["recall_at_10"] >= single["recall_at_10"] + 0.1, (auto["recall_at_10"], single["recall_at_10"])
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-pq", "IVF16,Flat"])
 def test_approximate_indexes_report_recall_and_queries_work(tmp_path, kind):
     vecs = unit(2000, 32)

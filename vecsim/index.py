@@ -133,19 +133,26 @@ def factory_string(kind: str, n: int, dim: int) -> str:
     if kind == "hnsw":
         return "HNSW32"
     if kind == "ivf-pq":
-        m = _pq_subquantizers(dim)
+        d2, m = _pq_layout(dim)
         nlist = max(16, min(65_536, int(4 * np.sqrt(max(n, 1)))))
-        return f"OPQ{m}_{dim},IVF{nlist},PQ{m}"
+        return f"OPQ{m}_{d2},IVF{nlist},PQ{m}"
     return kind
 
 
-def _pq_subquantizers(dim: int) -> int:
-    """PQ sub-quantizers of about 8 dims each (at most 64): short enough codes to be worth
-    it, long enough sub-vectors for k-means to train quickly."""
-    for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
-        if dim % m == 0 and dim // m >= 8:
-            return m
-    return 1
+def _pq_layout(dim: int) -> tuple[int, int]:
+    """(dims out of the OPQ rotation, PQ sub-quantizers): sub-vectors of 8 to 16 dims (up to
+    64 of them; above 1,024 dims up to twice dim / 64), short enough codes to be worth it, long enough
+    sub-vectors for k-means to train quickly. A dim with no such split (a prime, say) is
+    rotated into the nearest dim below it that has one (at most 16 fewer): the rotation drops
+    a few of its trained directions, which costs far less recall than sub-vectors of the
+    whole dim (one sub-quantizer for a prime). Candidates are rescored with the stored
+    vectors, so the cosines returned are exact either way."""
+    for d in range(dim, max(7, dim - 17), -1):
+        widest = 16 if d <= 1024 else 2 * -(-d // 64)
+        m = next((m for m in range(min(64, d // 8), 0, -1) if d % m == 0 and d // m <= widest), None)
+        if m is not None:
+            return d, m
+    return dim, next((m for m in range(min(64, dim // 8), 0, -1) if dim % m == 0), 1)
 
 
 def faiss_reason(exc: BaseException) -> str:

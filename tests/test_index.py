@@ -240,6 +240,27 @@ def test_compact_scan_returns_exactly_the_float32_result(shrink):
     assert answered > 0
 
 
+@pytest.mark.parametrize("n", [500, 30_000])  # the float32 FAISS scan; the compact scan copy
+def test_equal_cosines_come_in_id_order_up_to_k(tmp_path, n):
+    # six stimuli with the same stored vector: a query among them, and the k-NN graph, list
+    # the others in id order, cutting at k where a scan in id order would
+    vecs = unit(n, 32, seed=11)
+    same = [10, 3, 40, 77, 120, 300]
+    vecs[same] = vecs[10]
+    store = store_from_vectors(tmp_path / "s", {"v": vecs})
+    scores = vecs @ vecs[10]
+    want = [int(i) for i in np.argsort(-scores, kind="stable") if i != 10][:4]
+    assert want == [3, 40, 77, 120]
+    hits = store.query(id=10, layer="v", k=4, exclude_self=True)
+    assert [h["id"] for h in hits] == want and all(h["cosine"] == hits[0]["cosine"] for h in hits)
+    assert [h["id"] for h in store.query(id=300, layer="v", k=3, exclude_self=True)] == [3, 10, 40]
+    store.neighbors("v", 4, tmp_path / "nn.parquet", progress=False)
+    import pyarrow.parquet as pq
+
+    rows = [r for r in pq.read_table(tmp_path / "nn.parquet").to_pylist() if r["id"] == 10]
+    assert [r["neighbor_id"] for r in rows] == want
+
+
 def test_compact_scan_falls_back_to_float16_then_declines(monkeypatch):
     """Near-ties too close for int8's bound go to the float16 copy; ties no copy can
     separate give None (the caller's float32 scan answers)."""

@@ -506,7 +506,7 @@ def exact_search_one(index, query: np.ndarray, k: int):
         if cand[-1] < 0:  # fewer rows than candidates (not reached above SCAN_COPY_MIN)
             return None
         exact = copy.xb[cand] @ q
-        order = np.argsort(-exact, kind="stable")[:k]
+        order = np.lexsort((copy.ids[cand], -exact))[:k]  # equal scores by id, as a scan in id order keeps them
         if exact[order[-1]] > approx[-1] + bound:  # beats the best any non-candidate could really score
             return exact[order].reshape(1, -1).astype(np.float32), copy.ids[cand[order]].reshape(1, -1)
     return None

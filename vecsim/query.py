@@ -197,7 +197,7 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
 
 def _rank_with_twins(scores, found, drop, first, k: int) -> list[tuple[float, int]]:
     """(cosine, id) hits: the search results without the ids in ``drop``, after the ids in
-    ``first`` with cosine exactly 1.0, k at most.
+    ``first`` with cosine exactly 1.0, k at most; equal cosines in id order.
 
     A stimulus and any file with the same bytes have cosine exactly 1; the stored vectors
     estimate it as the share of the activation the projection keeps, which is less. So the
@@ -207,6 +207,7 @@ def _rank_with_twins(scores, found, drop, first, k: int) -> list[tuple[float, in
     ranked = [(min(1.0, max(-1.0, score)), stim_id)
               for score, stim_id in zip(np.asarray(scores, dtype=np.float64).tolist(), np.asarray(found).tolist())
               if stim_id >= 0 and stim_id not in drop]
+    ranked.sort(key=lambda hit: (-hit[0], hit[1]))  # equal cosines by id, whichever search found them
     return ([(1.0, int(i)) for i in first] + ranked)[:k]
 
 

@@ -19,6 +19,11 @@ _INT = {"type": "integer"}
 _STR = {"type": "string"}
 _NULLABLE_STR = {"type": ["string", "null"]}
 
+
+def _record(description: str, **properties: dict) -> dict:
+    """An object whose listed properties are all required."""
+    return {"type": "object", "description": description, "required": list(properties), "properties": properties}
+
 REDUCER_SCHEMA = {
     "type": "object",
     "required": ["shape", "units", "config", "sketch", "dim_in", "dropped_zero_units", "fit"],
@@ -164,20 +169,15 @@ MANIFEST_SCHEMA = {
             "description": "vecsim add runs: stimuli added through the fitted transforms after the fit",
             "items": {"type": "object", "required": ["run", "added", "skipped_duplicates", "failed", "note"]},
         },
-        "index_run": {
-            "type": "object",
-            "description": "the index run that wrote the store last (its runs-table row comes when it finishes; "
-                           "a run that resumes a stopped one first adds the stopped run's row, finished empty)",
-            "required": ["run", "started"],
-            "properties": {"run": _INT, "started": _STR},
-        },
-        "pending_add": {
-            "type": "object",
-            "description": "a vecsim add in progress (or stopped midway): rows from first_id on are rolled back "
-                           "by the next add",
-            "required": ["run", "first_id"],
-            "properties": {"run": _INT, "first_id": _INT},
-        },
+        "index_run": _record(
+            "the index run that wrote the store last (its runs-table row comes when it finishes; "
+            "a run that resumes a stopped one first adds the stopped run's row, finished empty)",
+            run=_INT, started=_STR,
+        ),
+        "pending_add": _record(
+            "a vecsim add in progress (or stopped midway): rows from first_id on are rolled back by the next add",
+            run=_INT, first_id=_INT,
+        ),
     },
 }
 

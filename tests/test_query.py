@@ -146,6 +146,30 @@ def test_an_image_goes_through_the_chain_a_stored_stimulus_went_through(store, s
             np.testing.assert_allclose(got[layer], want, atol=2e-5)
 
 
+def test_a_stored_stimulus_image_needs_no_forward_pass(store, shared_image_set, monkeypatch, tmp_path):
+    # query --image of a stimulus's own file answers from its stored vectors: the model is
+    # loaded (the checkpoint check) but never run; a new image does run it
+    from vecsim import extract
+
+    calls = []
+    real = extract.LayerCapture.run
+    monkeypatch.setattr(extract.LayerCapture, "run", lambda self, batch: calls.append(len(batch)) or real(self, batch))
+    loads = []
+    real_load = type(store).load_model
+    monkeypatch.setattr(type(store), "load_model", lambda self, device: loads.append(device) or real_load(self, device))
+    paths = dict(zip(store.stimuli().column("id").to_pylist(), store.stimuli().column("path").to_pylist()))
+    stim_id = sorted(paths)[3]
+    by_image = store.query(image=str(shared_image_set / paths[stim_id]), layer=LAYERS[0], k=4, device="cpu")
+    assert calls == [] and len(loads) == 1
+    assert [h["id"] for h in by_image] == [h["id"] for h in store.query(id=stim_id, layer=LAYERS[0], k=4)]
+    from PIL import Image
+
+    new = tmp_path / "new.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(new)
+    store.query(image=str(new), layer=LAYERS[0], k=2, device="cpu")
+    assert calls == [1]
+
+
 def test_a_where_is_one_condition(store):
     with pytest.raises(QueryError, match="one SQL condition"):
         store.query(id=0, layer=LAYERS[0], k=2, where="label = 'cat'; DROP TABLE stimuli")

@@ -119,11 +119,16 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 
 # -- query -------------------------------------------------------------------------------
 
-def image_vectors(store, image: str | os.PathLike, layers: list[str],
-                  device: str = "auto") -> tuple[dict[str, np.ndarray], str, str]:
+def image_vectors(store, image: str | os.PathLike, layers: list[str], device: str = "auto",
+                  known=None) -> tuple[dict[str, np.ndarray], str, str]:
     """A new image through the store's model, preprocessing and fitted reducers: one vector per
     layer (as stored: norm at most 1), the file's sha256 (hashed while decoding) and the model
-    input's digest (:meth:`vecsim.models.Preprocessing.prepare`)."""
+    input's digest (:meth:`vecsim.models.Preprocessing.prepare`).
+
+    With ``known`` (the store's :class:`StimulusLookup`), an image whose model input is a
+    stored stimulus's gets that stimulus's stored vectors, without a forward pass (a training
+    stimulus's are shrunk in-sample, so they differ from a forward pass's); the model is
+    still loaded first, which checks that its checkpoint is the one the store was built with."""
     from vecsim.extract import LayerCapture, resolve_device
     from vecsim.stimuli import decode_image
 
@@ -131,6 +136,9 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str],
     decoded = decode_image(Path(image), store.manifest["config"].get("max_pixels") or 0)
     model, preprocessing = store.load_model(device)
     tensor, input_digest = preprocessing.prepare(decoded.image)
+    selves = known.same_input(decoded.sha256, input_digest) if known is not None else ()
+    if len(selves):
+        return {layer: store.vector_of(layer, int(selves[0])) for layer in layers}, decoded.sha256, input_digest
     batch = tensor.unsqueeze(0).to(device)
     reducers = {layer: store.reducer(layer, device) for layer in layers}
     with LayerCapture(model, layers, reducers) as capture:
@@ -165,11 +173,10 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     # their cosine with it is exactly 1. --exclude-self leaves out the query stimulus (for an
     # --image, every stored copy of that file); other copies stay, first, at 1.0.
     if image is not None:
-        queries, digest, input_digest = image_vectors(store, image, layers, device)
+        # the model input of a stored stimulus comes back as its stored vectors
+        queries, digest, input_digest = image_vectors(store, image, layers, device, known=lookup)
         selves = lookup.same_input(digest, input_digest)
         excluded = selves if exclude_self else selves[:0]
-        if len(selves):  # the model input of a stored stimulus: its stored vector (a training one's is shrunk in-sample)
-            queries = {name: store.vector_of(name, int(selves[0])) for name in layers}
     else:
         self_id = int(id) if id is not None else lookup.id_of_path(path)
         lookup.check_id(self_id)

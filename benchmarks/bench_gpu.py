@@ -284,15 +284,18 @@ def fidelity(model, reducers, images, device, training: bool = False):
 
     def function_for(reducer):
         def function(output):
-            x = reducer.pool(output)  # (M, units) float32 copy, dropped when the hook returns
-            gram = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
-            for start in range(0, x.shape[1], GRAM_COLUMNS):
-                block = x[:, start : start + GRAM_COLUMNS].to(torch.float64)
-                gram += block @ block.T
-            norms, finite = reducer.measure(x)
-            z, share = reducer.reduce_pooled(x, finite)
+            grams = []
+
+            def tap(x, _output, _finite):  # the pooled raw vectors, where the evaluation subset taps them
+                gram = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+                for start in range(0, x.shape[1], GRAM_COLUMNS):
+                    block = x[:, start : start + GRAM_COLUMNS].to(torch.float64)
+                    gram += block @ block.T
+                grams.append(gram)
+
+            z, _norms, _finite, share = reducer.prepare(output, tap)  # vecsim's own chain up to the sketch
             y = reducer.project_training(z) if training else reducer.project(z, share)
-            return gram.cpu(), z.double().cpu(), y.double().cpu()
+            return grams[0].cpu(), z.double().cpu(), y.double().cpu()
 
         return function
 

@@ -147,8 +147,8 @@ def test_an_image_goes_through_the_chain_a_stored_stimulus_went_through(store, s
 
 
 def test_a_stored_stimulus_image_needs_no_forward_pass(store, shared_image_set, monkeypatch, tmp_path):
-    # query --image of a stimulus's own file answers from its stored vectors: the model is
-    # loaded (the checkpoint check) but never run; a new image does run it
+    # query --image of a stimulus's own file answers from its stored vectors: the model and
+    # the transforms are loaded (the checkpoint and file checks) but never run; a new image runs
     from vecsim import extract
 
     calls = []

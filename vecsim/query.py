@@ -127,8 +127,9 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str], device: st
 
     With ``known`` (the store's :class:`StimulusLookup`), an image whose model input is a
     stored stimulus's gets that stimulus's stored vectors, without a forward pass (a training
-    stimulus's are shrunk in-sample, so they differ from a forward pass's); the model is
-    still loaded first, which checks that its checkpoint is the one the store was built with."""
+    stimulus's are shrunk in-sample, so they differ from a forward pass's); the model and the
+    fitted reducers are still loaded first, which checks the checkpoint is the one the store
+    was built with and that the transform files are sound."""
     from vecsim.extract import LayerCapture, resolve_device
     from vecsim.stimuli import decode_image
 
@@ -136,11 +137,11 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str], device: st
     decoded = decode_image(Path(image), store.manifest["config"].get("max_pixels") or 0)
     model, preprocessing = store.load_model(device)
     tensor, input_digest = preprocessing.prepare(decoded.image)
+    reducers = {layer: store.reducer(layer, device) for layer in layers}
     selves = known.same_input(decoded.sha256, input_digest) if known is not None else ()
     if len(selves):
         return {layer: store.vector_of(layer, int(selves[0])) for layer in layers}, decoded.sha256, input_digest
     batch = tensor.unsqueeze(0).to(device)
-    reducers = {layer: store.reducer(layer, device) for layer in layers}
     with LayerCapture(model, layers, reducers) as capture:
         results = capture.run(batch)
     out = {}

@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # vecsim from this checkout, in the parent and in every child
 CHUNK = 8 * 2**20
 
 
@@ -70,7 +71,6 @@ def child_main(args: argparse.Namespace) -> None:
     each of the last two once untimed and once timed."""
     import numpy as np
 
-    sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
     import torch  # noqa: F401  (Store.similarity and the CLI import it first, to look for a GPU)
 
@@ -161,7 +161,6 @@ def run_child(mode: str, n: int, args: argparse.Namespace, out: Path | None = No
 def plain_write(path: Path, nbytes: int, preallocated: bool = False) -> float:
     """Seconds to write nbytes of zeros in 8 MiB chunks and fsync (with ``preallocated``,
     the file's blocks are reserved first with fallocate, as the export does, inside the clock)."""
-    sys.path.insert(0, str(REPO))
     from vecsim._io import preallocate
 
     chunk = bytes(CHUNK)

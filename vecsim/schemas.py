@@ -24,6 +24,7 @@ def _record(description: str, **properties: dict) -> dict:
     """An object whose listed properties are all required."""
     return {"type": "object", "description": description, "required": list(properties), "properties": properties}
 
+
 REDUCER_SCHEMA = {
     "type": "object",
     "required": ["shape", "units", "config", "sketch", "dim_in", "dropped_zero_units", "fit"],

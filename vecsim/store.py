@@ -464,13 +464,18 @@ class Store:
     # sizes
     def info(self) -> dict:
         """What ``vecsim info`` prints: manifest facts, counts, sizes on disk vs raw."""
-        def rows(table: str) -> int:
+        def unless_unfinished(read, empty):
+            """``read()``, or ``empty`` where an unfinished store has no tables yet (it creates
+            them with its first chunk)."""
             try:
-                return self.table(table).count_rows()
+                return read()
             except StoreError:
                 if self.complete:
                     raise
-                return 0  # an unfinished store creates its tables with its first chunk
+                return empty
+
+        def rows(table: str) -> int:
+            return unless_unfinished(lambda: self.table(table).count_rows(), 0)
 
         counts = {"stimuli": rows("stimuli"), "failures": rows("failures")}
         layers = {}
@@ -508,13 +513,8 @@ class Store:
                 "eval_size": entry.get("eval", {}).get("size", 0),
                 "index": entry.get("index", {}),
             }
-        try:
-            runs = [{k: r[k] for k in ("run", "command", "started", "finished", "indexed", "failed", "seconds")}
-                    for r in self.runs().to_pylist()]
-        except StoreError:
-            if self.complete:
-                raise
-            runs = []  # an unfinished store creates its tables with its first chunk
+        columns = ["run", "command", "started", "finished", "indexed", "failed", "seconds"]
+        runs = unless_unfinished(lambda: self.runs().select(columns).to_pylist(), [])
         total = _size(self.path)
         transforms = sum(v["transform_bytes"] for v in layers.values())
         evals = sum(v["eval_bytes"] for v in layers.values())

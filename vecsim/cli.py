@@ -516,6 +516,24 @@ def add_cmd(
                f"{result['failed']} failed); the store now holds {result['stimuli']} in {result['seconds']:.1f} s")
 
 
+# -- serve ---------------------------------------------------------------------------
+
+@app.command("serve")
+def serve_cmd(
+    stores: list[str] = typer.Argument(..., help="Store folder(s); two stores of the same stimuli are shown side by side."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than 127.0.0.1 is reachable from other machines)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on."),
+    source: Optional[str] = typer.Option(None, "--source", help="The first store's stimulus folder, when it has moved since indexing."),
+    token: Optional[str] = typer.Option(None, "--token", help="Require this secret on every request (the printed URL carries it)."),
+    max_upload_mb: float = typer.Option(16, "--max-upload-mb", help="Largest image an upload may send, in MB."),
+) -> None:
+    """A local, read-only web app: browse stimuli and their nearest images layer by layer."""
+    from vecsim.serve import serve
+
+    serve(stores, host=host, port=port, source=source, token=token, max_upload_mb=max_upload_mb,
+          echo=typer.echo, warn=_echo_err)
+
+
 # -- entry point ---------------------------------------------------------------------
 
 def _click_exceptions() -> tuple:

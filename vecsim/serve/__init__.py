@@ -19,12 +19,20 @@ def require_extra() -> None:
     """The serve extra's libraries, or one line naming the extra to install."""
     from vecsim.errors import ConfigError
 
-    missing = []
-    for module in ("fastapi", "uvicorn", "multipart", "jinja2"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append({"multipart": "python-multipart"}.get(module, module))
+    import importlib.util
+
+    def found(*modules: str) -> bool:
+        for module in modules:
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    return True
+            except (ImportError, ValueError):  # a module set to None (blocked) or half-installed
+                pass
+        return False
+
+    missing = [dist for dist, modules in (("fastapi", ("fastapi",)), ("uvicorn", ("uvicorn",)),
+                                          ("python-multipart", ("python_multipart", "multipart")),
+                                          ("jinja2", ("jinja2",))) if not found(*modules)]
     if missing:
         raise ConfigError(f"vecsim serve needs {', '.join(missing)}: pip install 'vecsim[serve]'")
 

@@ -251,7 +251,11 @@ def _layer_matrices(served: ServedStore, layer: str) -> dict:
             for i in range(len(data["ids"]))]
     order = np.array(sorted(range(len(keys)), key=lambda i: keys[i]), dtype=np.int64)
     exact = data["exact"][np.ix_(order, order)]
-    stored = _stored_similarity(np.asarray(data["vectors"], dtype=np.float64), data["twins"])[np.ix_(order, order)]
+    vectors = np.asarray(data["vectors"], dtype=np.float64)
+    stored = _stored_similarity(vectors, data["twins"])
+    # a stimulus with itself: exactly 1, as a query reports it (an all-zero vector: 0 with everything)
+    stored[np.diag_indices(len(stored))] = np.where(np.any(vectors != 0, axis=1), 1.0, 0.0)
+    stored = stored[np.ix_(order, order)]
     ordered_labels = [keys[i][0] or None for i in order]
     groups = []
     for i, lab in enumerate(ordered_labels):

@@ -311,8 +311,7 @@ def _add_pages(app: FastAPI) -> None:
         if kind not in ("exact", "stored"):
             raise HTTPException(400, "kind must be exact or stored")
         data = views.layer_matrices(_served(request, store), layer)
-        lo = float(min(data["exact"].min(), data["stored"].min()))
-        return Response(views.heatmap_png(data[kind], data["groups"], lo, 1.0), media_type="image/png")
+        return Response(views.heatmap_png(data[kind], data["groups"], data["vmin"], 1.0), media_type="image/png")
 
     @app.get("/api/docs", response_class=HTMLResponse, include_in_schema=False)
     def api_docs(request: Request):

@@ -263,7 +263,8 @@ def _layer_matrices(served: ServedStore, layer: str) -> dict:
             groups.append({"label": lab, "start": i, "count": 0})
         groups[-1]["count"] += 1
     return {"layer": layer, "ids": data["ids"][order].tolist(), "labels": ordered_labels, "groups": groups,
-            "exact": exact, "stored": stored, "fidelity": served.fidelity(layer)}
+            "exact": exact, "stored": stored, "vmin": float(min(exact.min(), stored.min())),
+            "fidelity": served.fidelity(layer)}
 
 
 def heatmap_png(matrix: np.ndarray, groups: list[dict], vmin: float, vmax: float, side: int = 520) -> bytes:

@@ -6,11 +6,12 @@ Run with:
 A store of N random unit vectors of dim 256 (one layer, written through vecsim's
 StoreWriter: the real FAISS index and id → metadata lookup; see bench_query_export.py) is
 served by `python -m vecsim serve` in a child process on 127.0.0.1. Clients (threads, one
-keep-alive httpx connection each) send `GET /api/stores/0/query?id=..&layer=..&k=10` for
+keep-alive http.client connection each) send `GET /api/stores/0/query?id=..&layer=..&k=10` for
 random ids, a bounded number of requests per setting, after a warm-up. Every answer is
 checked against `Store.query` in this process: an error is a non-200 status, a failed
 connection or a different answer. The baseline is `Store.query(id=.., layer=.., k=10)` in
-process, timed per call over the same ids. Prints p50/p99 latency and requests/s per
+process, timed per call over the same ids, each call right before the 1-client request
+for the same id (paired, so both see the same load on a shared machine). Prints p50/p99 latency and requests/s per
 setting and the ratios to the baseline.
 
 Target: p50 at 1 client <= 2 x the in-process p50 + 2 ms; no error at 32 clients.
@@ -58,31 +59,45 @@ def start_server(store: Path, port: int) -> tuple[subprocess.Popen, float]:
     return proc, time.perf_counter() - t0
 
 
-def run_clients(url: str, layer: str, ids: np.ndarray, clients: int, expected: dict) -> dict:
-    """``clients`` threads, each with its own keep-alive connection (opened and used once
-    before the clock starts), share the ids; latencies (ms), errors, wall time."""
-    import httpx
+def run_clients(port: int, layer: str, ids: np.ndarray, clients: int, expected: dict, baseline=None) -> dict:
+    """``clients`` threads, each with its own keep-alive connection (the standard library's
+    http.client: the lightest Python client, so the figures are the server's; opened and used
+    once before the clock starts), share the ids; latencies (ms), errors, wall time. With
+    ``baseline(id)`` (one client), each request is preceded by the in-process query of the
+    same id, timed too: both see the same load on a shared machine."""
+    import http.client
+    import json
 
     errors: list[str] = []
-    lat = np.zeros(len(ids))
-    conns = [httpx.Client(base_url=url, timeout=60) for _ in range(clients)]
+    lat, lat_in = np.zeros(len(ids)), np.zeros(len(ids))
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(clients)]
+
+    def get(conn, path: str) -> tuple[int, bytes]:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+
     for c in conns:
-        c.get("/api/stores")
+        get(c, "/api/stores")
     go = threading.Barrier(clients + 1)
 
     def worker(w: int) -> None:
         go.wait()
         for j in range(w, len(ids), clients):
             stim_id = int(ids[j])
+            if baseline is not None:
+                t = time.perf_counter()
+                baseline(stim_id)
+                lat_in[j] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
             try:
-                answer = conns[w].get("/api/stores/0/query", params={"id": stim_id, "layer": layer, "k": 10})
+                status, body = get(conns[w], f"/api/stores/0/query?id={stim_id}&layer={layer}&k=10")
                 lat[j] = (time.perf_counter() - t) * 1e3
-                if answer.status_code != 200:
-                    errors.append(f"{answer.status_code}: {answer.text[:100]}")
-                elif [(h["id"], round(h["cosine"], 5)) for h in answer.json()] != expected[stim_id]:
+                if status != 200:
+                    errors.append(f"{status}: {body[:100]!r}")
+                elif [(h["id"], round(h["cosine"], 5)) for h in json.loads(body)] != expected[stim_id]:
                     errors.append(f"id {stim_id}: another answer than Store.query")
-            except httpx.HTTPError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 lat[j] = (time.perf_counter() - t) * 1e3
                 errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -96,7 +111,13 @@ def run_clients(url: str, layer: str, ids: np.ndarray, clients: int, expected: d
     wall = time.perf_counter() - start
     for c in conns:
         c.close()
-    return {"lat": lat, "errors": errors, "wall": wall}
+    return {"lat": lat, "lat_in": lat_in, "errors": errors, "wall": wall}
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t) * 1e3
 
 
 def main() -> None:
@@ -118,30 +139,31 @@ def main() -> None:
         ids = rng.integers(0, args.n, args.requests)
         for i in ids[:20]:  # warm-up
             store.query(id=int(i), layer=layer, k=10)
-        expected, t_in = {}, []
-        for i in ids:
-            t = time.perf_counter()
-            hits = store.query(id=int(i), layer=layer, k=10)
-            t_in.append((time.perf_counter() - t) * 1e3)
-            expected[int(i)] = [(h["id"], round(h["cosine"], 5)) for h in hits]
-        t_in = np.array(t_in)
+        expected = {int(i): [(h["id"], round(h["cosine"], 5)) for h in store.query(id=int(i), layer=layer, k=10)]
+                    for i in ids}
 
         port = free_port()
         proc, ready = start_server(work / "store", port)
-        url = f"http://127.0.0.1:{port}"
-        run_clients(url, layer, ids[:40], 1, expected)  # warm-up: connections, the first requests
-        results = {c: run_clients(url, layer, ids, c, expected) for c in settings}
+        run_clients(port, layer, ids[:40], 1, expected)  # warm-up: the first requests
+
+        def in_process(stim_id: int) -> None:
+            store.query(id=stim_id, layer=layer, k=10)
+
+        results = {c: run_clients(port, layer, ids, c, expected, in_process if c == 1 else None) for c in settings}
+        t_in = results[1]["lat_in"] if 1 in results else np.array(
+            [_timed(in_process, int(i)) for i in ids])
 
         index = store.layer_info(layer)["index"]
         print(f"vecsim serve /api query by id: N={args.n:,} dim={args.dim} k=10, index {index['factory']}, "
               f"{args.requests} requests per setting (store built in {built:.1f} s, server ready in {ready:.1f} s)")
         p50_in = np.percentile(t_in, 50)
         print(f"  in-process Store.query      p50 {p50_in:7.3f} ms   p99 {np.percentile(t_in, 99):7.3f} ms   "
-              f"{1e3 / t_in.mean():8.1f} req/s (one after another)")
+              f"{1e3 / t_in.mean():8.1f} req/s (one after another, each just before the 1-client request)")
         for c, r in results.items():
             lat = r["lat"]
+            rate = len(lat) / r["wall"] if c > 1 else 1e3 / lat.mean()  # one client: its requests alone
             print(f"  HTTP {c:>2} client{'s' if c > 1 else ' '}             p50 {np.percentile(lat, 50):7.3f} ms   "
-                  f"p99 {np.percentile(lat, 99):7.3f} ms   {len(lat) / r['wall']:8.1f} req/s   errors {len(r['errors'])}"
+                  f"p99 {np.percentile(lat, 99):7.3f} ms   {rate:8.1f} req/s   errors {len(r['errors'])}"
                   f"   (p50 {np.percentile(lat, 50) / p50_in:.2f}x in-process)")
             for e in r["errors"][:3]:
                 print(f"    {e}")

@@ -376,14 +376,15 @@ def _add_api(app: FastAPI) -> None:
         return _served(request, store).stimulus(stim_id)
 
     @app.get("/api/stores/{store}/query", tags=["query"])
-    def api_query(request: Request, store: int, id: Optional[int] = None, path: Optional[str] = Query(None, max_length=4096),
-                  layer: Optional[str] = None, k: int = k_param, where: Optional[str] = where_param,
-                  exclude_self: bool = False) -> list[dict]:
+    async def api_query(request: Request, store: int, id: Optional[int] = None,
+                        path: Optional[str] = Query(None, max_length=4096), layer: Optional[str] = None,
+                        k: int = k_param, where: Optional[str] = where_param, exclude_self: bool = False) -> list[dict]:
         """`vecsim query --json`: one hit per layer and rank (layer, rank, id, path, label, cosine)."""
         served = _served(request, store)
-        with served.lock:
-            return served.store.query(id=id, path=path, layer=layer, k=k, where=views.check_where(where),
-                                      exclude_self=exclude_self)
+        where = views.check_where(where)
+        hits = await views.call_locked(served, lambda: served.store.query(id=id, path=path, layer=layer, k=k,
+                                                                          where=where, exclude_self=exclude_self))
+        return JSONResponse(hits)  # plain JSON types already: no model validation on the hot path
 
     @app.post("/api/stores/{store}/query-image", tags=["query"])
     def api_query_image(request: Request, store: int, file: UploadFile = File(..., description="an image file"),
@@ -393,8 +394,9 @@ def _add_api(app: FastAPI) -> None:
         served = _served(request, store)
         data = _read_upload(request, file)
         with served.lock:
-            return served.store.query(image=data, layer=layer, k=k, where=views.check_where(where),
+            hits = served.store.query(image=data, layer=layer, k=k, where=views.check_where(where),
                                       exclude_self=exclude_self, device="cpu", max_pixels=views.upload_max_pixels(served.store))
+        return JSONResponse(hits)
 
     @app.get("/api/stores/{store}/neighbourhood", tags=["query"])
     def api_neighbourhood(request: Request, store: int, id: int, k: int = k_param, where: Optional[str] = where_param,

@@ -46,13 +46,13 @@ def _index(source: Path, out: Path, layers, dim: str):
 
 @pytest.fixture(scope="session")
 def serve_store(serve_stimuli, tmp_path_factory) -> Path:
-    return _index(serve_stimuli, tmp_path_factory.mktemp("serve") / "store", LAYERS, "16")
+    return _index(serve_stimuli, tmp_path_factory.mktemp("serve") / "digits-16d", LAYERS, "16")
 
 
 @pytest.fixture(scope="session")
 def serve_store_small(serve_stimuli, tmp_path_factory) -> Path:
     """The same stimuli, fewer layers and dims (as a pruned or cheaper variant would be)."""
-    return _index(serve_stimuli, tmp_path_factory.mktemp("serve") / "small", LAYERS[1:], "8")
+    return _index(serve_stimuli, tmp_path_factory.mktemp("serve") / "digits-8d", LAYERS[1:], "8")
 
 
 def free_port() -> int:

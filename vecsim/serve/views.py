@@ -33,7 +33,7 @@ class ServedStore:
         self.store = Store.open(path)
         self.lock = threading.RLock()
         self.source = Path(source) if source is not None else None
-        self._fidelity: dict[str, dict | None] = {}
+        self._fidelity: dict[tuple[str, bool], dict | None] = {}
         self._matrices: dict[str, dict] = {}
 
     @property
@@ -82,20 +82,24 @@ class ServedStore:
         return {"id": int(stim_id), "path": str(lookup.paths[pos]), "label": lookup.labels[pos],
                 "twins": [int(t) for t in twins if t != stim_id]}
 
-    def fidelity(self, layer: str) -> dict | None:
+    def fidelity(self, layer: str, every_dim: bool = True) -> dict | None:
         """The layer's fidelity report (``vecsim report``'s numbers), computed once; None
-        without an evaluation subset."""
+        without an evaluation subset. ``every_dim=False``: at the stored dim only (what the
+        overview shows; a sixth of the work on a 256-dim layer)."""
         from vecsim.errors import StoreError
         from vecsim.report import fidelity
 
         with self.lock:
-            self.store.layer_info(layer)
-            if layer not in self._fidelity:
+            dims = None if every_dim else [self.store.dim(layer)]
+            key = (layer, every_dim)
+            if key not in self._fidelity:
+                if not every_dim and (layer, True) in self._fidelity:
+                    return self._fidelity[(layer, True)]
                 try:
-                    self._fidelity[layer] = fidelity(self.store, layer)
+                    self._fidelity[key] = fidelity(self.store, layer, dims)
                 except StoreError:
-                    self._fidelity[layer] = None
-            return self._fidelity[layer]
+                    self._fidelity[key] = None
+            return self._fidelity[key]
 
 
 async def call_locked(served: ServedStore, work):
@@ -149,7 +153,7 @@ def overview(served: ServedStore, failures_shown: int = 20) -> dict:
         failures = served.store.failures().slice(0, failures_shown).to_pylist() if info["counts"]["failures"] else []
     layers = []
     for name in depth:
-        fid = served.fidelity(name)
+        fid = served.fidelity(name, every_dim=False)
         last = fid["rows"][-1] if fid else {}
         layers.append({"name": name, **info["layers"][name],
                        "spearman": last.get("spearman"), "recall_at_k": last.get("recall_at_k"),

@@ -227,6 +227,17 @@ def test_sizes_and_hosts_are_limited(serve_store):
                                                                        "content-type": "image/png"})
     assert huge.status_code == 413
 
+    def streamed():  # no Content-Length (chunked): counted while it arrives
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        for _ in range(100):
+            yield b"x" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    small = TestClient(create_app([str(serve_store)], warm=False, max_upload_bytes=100_000))
+    chunked = small.post("/api/stores/0/query-image", content=streamed(),
+                         headers={"content-type": "multipart/form-data; boundary=b"})
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]
+
 
 def test_many_clients_at_once_get_the_answers_one_client_gets(serve_store):
     from serve_support import LiveServer

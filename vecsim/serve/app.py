@@ -310,7 +310,7 @@ def _add_pages(app: FastAPI) -> None:
     def heatmap(request: Request, store: int, layer: str, kind: str = "exact"):
         if kind not in ("exact", "stored"):
             raise HTTPException(400, "kind must be exact or stored")
-        data = views.layer_matrices(_served(request, store), layer)
+        data = _matrices(_served(request, store), layer)
         return Response(views.heatmap_png(data[kind], data["groups"], data["vmin"], 1.0), media_type="image/png")
 
     @app.get("/api/docs", response_class=HTMLResponse, include_in_schema=False)
@@ -329,6 +329,15 @@ def _panel(served: views.ServedStore, index: int, asked: int, stim_id: int, path
     except UnknownStimulusError as exc:
         panel["error"] = _one_line(str(exc))
     return panel
+
+
+def _matrices(served: views.ServedStore, layer: str) -> dict:
+    """The layer's matrices; a layer without an evaluation subset is a 404 that says why."""
+    served.store.layer_info(layer)
+    try:
+        return views.layer_matrices(served, layer)
+    except StoreError as exc:
+        raise HTTPException(404, _one_line(str(exc))) from None
 
 
 def _read_upload(request: Request, file: UploadFile) -> bytes:
@@ -420,6 +429,6 @@ def _add_api(app: FastAPI) -> None:
         """The evaluation subset's exact and stored similarity matrices, ordered by label."""
         from vecsim._io import json_safe
 
-        data = views.layer_matrices(_served(request, store), layer)
+        data = _matrices(_served(request, store), layer)
         return json_safe({k: v for k, v in data.items() if k != "fidelity"})
 

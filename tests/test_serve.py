@@ -381,3 +381,13 @@ def test_the_cli_help_does_not_import_the_web_stack():
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch', 'lancedb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_cli_reports_a_missing_store_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "vecsim", "serve", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no store at")

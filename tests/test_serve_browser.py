@@ -22,9 +22,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 from serve_support import LAYERS, LiveServer, serve_stimuli, serve_store, serve_store_small  # noqa: E402,F401
 from vecsim.store import Store  # noqa: E402
 
-pytestmark = pytest.mark.browser
-
 INSTALL = "apt-get update && apt-get install -y --no-install-recommends chromium-headless-shell"
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def chromium() -> str | None:
@@ -36,21 +35,28 @@ def chromium() -> str | None:
         None)
 
 
+def missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    return None if chromium() else f"no headless Chromium found; install it with: {INSTALL}"
+
+
+MISSING = missing()
+# decided before any fixture is set up: a skip costs no store build; under CI a missing browser fails
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None and not IN_CI, reason=str(MISSING))]
+
+
 @pytest.fixture(scope="module")
 def browser():
-    exe = chromium()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        exe, why = None, "playwright is not installed (pip install playwright)"
-    else:
-        why = f"no headless Chromium found; install it with: {INSTALL}"
-    if exe is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {why}")
-        pytest.skip(why)
+    if MISSING is not None:
+        pytest.fail(f"CI=true and {MISSING}")
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=exe)  # Playwright passes --no-sandbox (root in CI)
+        launched = p.chromium.launch(executable_path=chromium())  # Playwright passes --no-sandbox (root in CI)
         try:
             yield launched
         finally:

@@ -391,3 +391,24 @@ def test_serve_cli_reports_a_missing_store_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no store at")
+
+
+def test_a_query_waits_for_a_busy_store_and_a_filtered_one_equals_the_cli(client, store):
+    served = client.app.state.served[0]
+    held, release = threading.Event(), threading.Event()
+
+    def busy():  # another request holding the store (as an upload's forward pass does)
+        with served.lock:
+            held.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    held.wait(10)
+    threading.Timer(0.3, release.set).start()
+    answer = client.get("/api/stores/0/query", params={"id": 3, "k": 2})  # waits in a worker thread, then answers
+    worker.join()
+    assert answer.status_code == 200 and answer.json() == store.query(id=3, k=2)
+    filtered = client.get("/api/stores/0/query", params={"id": 3, "k": 4, "where": "label = '7'"}).json()
+    assert filtered == store.query(id=3, k=4, where="label = '7'")
+    assert {h["label"] for h in filtered} == {"7"}

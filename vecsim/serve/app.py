@@ -392,7 +392,8 @@ def _add_api(app: FastAPI) -> None:
         served = _served(request, store)
         where = views.check_where(where)
         hits = await views.call_locked(served, lambda: served.store.query(id=id, path=path, layer=layer, k=k,
-                                                                          where=where, exclude_self=exclude_self))
+                                                                          where=where, exclude_self=exclude_self),
+                                       quick=where is None)  # a filter reads the stimuli table: a worker thread
         return JSONResponse(hits)  # plain JSON types already: no model validation on the hot path
 
     @app.post("/api/stores/{store}/query-image", tags=["query"])

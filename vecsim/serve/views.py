@@ -102,13 +102,13 @@ class ServedStore:
             return self._fidelity[key]
 
 
-async def call_locked(served: ServedStore, work):
-    """``work()`` under the store's lock, from an async route. A query by id takes a few
-    milliseconds: when the lock is free it runs right here, saving the two thread switches
-    of a worker thread (most of a loopback request's latency on a busy machine); when another
-    request holds the lock (an upload's forward pass) it waits in a worker thread, never
-    blocking the event loop."""
-    if served.lock.acquire(blocking=False):
+async def call_locked(served: ServedStore, work, quick: bool = True):
+    """``work()`` under the store's lock, from an async route. A ``quick`` call (a query by
+    id: a few milliseconds) runs right here when the lock is free, saving the two thread
+    switches of a worker thread (most of a loopback request's latency on a busy machine);
+    otherwise, or when another request holds the lock (an upload's forward pass), it runs
+    in a worker thread, never blocking the event loop."""
+    if quick and served.lock.acquire(blocking=False):
         try:
             return work()
         finally:

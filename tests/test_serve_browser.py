@@ -171,6 +171,17 @@ def test_upload_a_stimulus_file_and_a_broken_one(page, site, shots, serve_store,
     assert loaded_images(page, "figure.query img")[0] > 0
     page.screenshot(path=str(shots / "upload.png"), full_page=True)
 
+    page.goto(site + "/upload")  # dropped onto the drop zone instead of chosen
+    drop = """bytes => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }"""
+    with page.expect_navigation():
+        page.evaluate(drop, list(own_path.read_bytes()))
+    assert "dropped.png" in page.inner_text("figure.query figcaption")
+    assert all(hits[0] == (own, "1.000") for hits in column_hits(page).values())
+
     page.goto(site + "/upload")
     page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
                                          "buffer": b"\x89PNG\r\n\x1a\n this is not an image"}])

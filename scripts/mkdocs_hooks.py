@@ -39,6 +39,22 @@ def _site_links(markdown: str, source: str) -> str:
     return re.sub(r"(\]\s*)\(([^)\s]+)\)", target, markdown)
 
 
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data):<code>([^<]*)</code>")
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Docstrings use Sphinx roles (``:func:`x` ``); the API page shows them as code, linked
+    when the object is documented on the same page."""
+
+    def code(match: re.Match) -> str:
+        name = match.group(1).lstrip("~.")
+        if f'id="{name}"' in html:
+            return f'<a href="#{name}"><code>{name}</code></a>'
+        return f"<code>{name}</code>"
+
+    return _SPHINX_ROLE.sub(code, html)
+
+
 def on_files(files, config):
     for source, page in PAGES.items():
         text = (ROOT / source).read_text(encoding="utf-8")

@@ -3,6 +3,8 @@ on a store built from builtin:digits, in order, and must exit 0 and print what t
 column for column.
 
 The tour is read from the README, so a command added there is checked without a change here.
+A docs/ page opts its own ```console block in with the line `<!-- tour: checked -->` right
+above it (the commands run after the README's, in the same folder, on the same store).
 What is compared (numbers vary with the machine, the layout must not):
 
 * lines without a number (column headers, `layer features.relu4`, `source builtin:digits`)
@@ -19,23 +21,35 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 TOUR_HEADING = "## A short tour"
+CHECKED = "<!-- tour: checked -->"
 NUMBER = re.compile(r"^[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?[%x×]?$")
 
 
-def tour_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(command line, expected output lines) for every `$ ` line of the tour's console blocks."""
-    assert TOUR_HEADING in text, f"README.md has no '{TOUR_HEADING}' section"
-    section = text.split(TOUR_HEADING, 1)[1].split("\n## ", 1)[0]
+def console_commands(blocks: list[str]) -> list[tuple[str, list[str]]]:
+    """(command line, expected output lines) for every `$ ` line of these console blocks."""
     commands: list[tuple[str, list[str]]] = []
-    for block in re.findall(r"```console\n(.*?)```", section, flags=re.S):
+    for block in blocks:
         for line in block.splitlines():
             if line.startswith("$ "):
                 commands.append((line[2:], []))
             elif commands:
                 commands[-1][1].append(line)
     return commands
+
+
+def tour_commands(text: str) -> list[tuple[str, list[str]]]:
+    """The commands of the README tour's console blocks."""
+    assert TOUR_HEADING in text, f"README.md has no '{TOUR_HEADING}' section"
+    section = text.split(TOUR_HEADING, 1)[1].split("\n## ", 1)[0]
+    return console_commands(re.findall(r"```console\n(.*?)```", section, flags=re.S))
+
+
+def checked_page_commands(text: str) -> list[tuple[str, list[str]]]:
+    """The commands of a page's console blocks marked with the CHECKED line."""
+    return console_commands(re.findall(re.escape(CHECKED) + r"\s*```console\n(.*?)```", text, flags=re.S))
 
 
 def has_number(line: str) -> bool:
@@ -61,6 +75,8 @@ def check_output(command: str, expected: list[str], printed: str) -> None:
 def test_the_tour_parser_reads_commands_and_outputs():
     text = "intro\n" + TOUR_HEADING + "\n\n```console\n$ vecsim info s   # a comment\nlayer  dim\nx 3\n\n$ vecsim query s\nrank\n```\n\n## Next\n```console\n$ vecsim other\n```\n"
     assert tour_commands(text) == [("vecsim info s   # a comment", ["layer  dim", "x 3", ""]), ("vecsim query s", ["rank"])]
+    page = f"```console\n$ vecsim skipped\n```\n{CHECKED}\n\n```console\n$ vecsim layers m\nlayer\n```\n"
+    assert checked_page_commands(page) == [("vecsim layers m", ["layer"])]
     assert has_number("  features.relu1: 16384 → 256 dims") and has_number("store s (format 2, complete)")
     assert not has_number("rank  features.relu1  features.relu2") and not has_number("source: exact-gram, n=500 (every cell)")
     check_output("c", ["layer  dim", "a  1"], "layer dim\nb 2\n")
@@ -77,18 +93,27 @@ def test_every_tour_command_runs_and_prints_the_readme_columns(tmp_path, monkeyp
     from vecsim.cli import main
 
     commands = tour_commands(README.read_text(encoding="utf-8"))
+    tour = {line for line, _ in commands}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        commands += checked_page_commands(page.read_text(encoding="utf-8"))
     programs = {shlex.split(line, comments=True)[0] for line, _ in commands}
     assert programs == {"vecsim"}, f"the tour may only run vecsim commands, not {programs - {'vecsim'}}"
-    assert {shlex.split(line)[1] for line, _ in commands} >= {"index", "info", "query", "similarity", "report", "compare"}
+    assert {shlex.split(line)[1] for line in tour} >= {"index", "info", "query", "similarity", "report", "compare"}
     monkeypatch.chdir(tmp_path)
+    printed: dict[str, str] = {}  # a page repeating a tour command is checked against the tour's run
     for line, expected in commands:
-        argv = shlex.split(line, comments=True)[1:]
-        capsys.readouterr()
-        try:
-            main(argv)
-        except SystemExit as exc:
-            out, err = capsys.readouterr()
-            assert not exc.code, f"`{line}` exited with {exc.code}: {err.strip()[-2000:]}"
-        else:
-            out, err = capsys.readouterr()
-        check_output(line, expected, out)
+        if line not in printed:
+            printed[line] = run_command(line, main, capsys)
+        check_output(line, expected, printed[line])
+
+
+def run_command(line: str, main, capsys) -> str:
+    """Run one `vecsim ...` line in this process; its stdout, after checking it exited 0."""
+    capsys.readouterr()
+    try:
+        main(shlex.split(line, comments=True)[1:])
+    except SystemExit as exc:
+        out, err = capsys.readouterr()
+        assert not exc.code, f"`{line}` exited with {exc.code}: {err.strip()[-2000:]}"
+        return out
+    return capsys.readouterr().out

@@ -73,3 +73,49 @@ def test_site_links_from_the_repository_root_are_rewritten():
         "[a](indexing.md#layers) [b](results.md) [c](https://x.org/docs/y.md) [d](#here) [e](pyproject.toml)")
     assert hooks._site_links("[r](../docs/internals.md) [s](../README.md)", "benchmarks/RESULTS.md") == (
         "[r](internals.md) [s](index.md)")
+
+
+def documented_command_lines(text: str) -> list[str]:
+    """Every `vecsim ...` line of a page's code blocks, with a synopsis's indented
+    continuation lines joined to it."""
+    import re
+
+    lines: list[str] = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            stripped = line.strip().removeprefix("$ ")
+            if stripped.startswith("vecsim "):
+                lines.append(stripped)
+            elif lines and line.startswith(" ") and stripped.startswith(("[", "--", "(")):
+                lines[-1] += " " + stripped
+    return lines
+
+
+def test_documented_commands_and_options_exist():
+    """Hand-written synopses and examples in the README and docs/ name only commands and
+    options the app has (a renamed or removed option fails here; docs/cli.md lists them all)."""
+    import re
+
+    import typer.main
+
+    from vecsim.cli import app
+
+    group = typer.main.get_command(app)
+    known = {name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} for name, cmd in group.commands.items()}
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for line in documented_command_lines(page.read_text(encoding="utf-8")):
+            words = line.split("#", 1)[0].split()
+            command = next((w for w in words[1:] if not w.startswith("-")), None)
+            assert command in known, f"{page.name}: `{line}` names no vecsim command"
+            unknown = {o for o in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line) if o != "--debug"} - known[command]
+            assert not unknown, f"{page.name}: `vecsim {command}` has no option {sorted(unknown)}"
+            checked += 1
+    assert checked > 20
+
+
+def test_documented_command_lines_are_found():
+    text = "```\nvecsim index SOURCE --model NAME\n             [--dim N] [--seed S]\nvecsim info STORE\n```\n```console\n$ vecsim query s --id 5\nrank\n```\n"
+    assert documented_command_lines(text) == ["vecsim index SOURCE --model NAME [--dim N] [--seed S]", "vecsim info STORE",
+                                              "vecsim query s --id 5"]

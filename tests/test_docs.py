@@ -119,3 +119,11 @@ def test_documented_command_lines_are_found():
     text = "```\nvecsim index SOURCE --model NAME\n             [--dim N] [--seed S]\nvecsim info STORE\n```\n```console\n$ vecsim query s --id 5\nrank\n```\n"
     assert documented_command_lines(text) == ["vecsim index SOURCE --model NAME [--dim N] [--seed S]", "vecsim info STORE",
                                               "vecsim query s --id 5"]
+
+
+def test_readme_stays_short_and_links_its_depth():
+    """The README is read in ten minutes: at most 250 lines; the depth is one link away."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250, "README.md is over 250 lines: move the depth to a page in docs/"
+    for page in ("docs/indexing.md", "docs/querying.md", "docs/similarity.md", "docs/cli.md", "benchmarks/RESULTS.md"):
+        assert f"]({page}" in text, f"README.md does not link {page}"

@@ -142,4 +142,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # this checkout's vecsim, installed or not
     sys.exit(main(sys.argv[1:]))

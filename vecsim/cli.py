@@ -521,7 +521,7 @@ def add_cmd(
 @app.command("serve")
 def serve_cmd(
     stores: list[str] = typer.Argument(..., help="Store folder(s); two stores of the same stimuli are shown side by side."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than 127.0.0.1 is reachable from other machines)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any other than 127.0.0.1 is reachable from other machines)."),
     port: int = typer.Option(8765, "--port", help="Port to listen on."),
     source: Optional[str] = typer.Option(None, "--source", help="The first store's stimulus folder, when it has moved since indexing."),
     token: Optional[str] = typer.Option(None, "--token", help="Require this secret on every request (the printed URL carries it)."),

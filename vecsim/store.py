@@ -196,7 +196,6 @@ class Store:
         self._db = None
         self._indexes: dict[str, Any] = {}
         self._reducers: dict[tuple[str, str], Any] = {}
-        self._models: dict[str, Any] = {}
         self._lookup = None
         self._stamp = _manifest_stamp(self.path)
 
@@ -214,7 +213,6 @@ class Store:
             self.manifest = read_manifest(self.path)
             self._indexes.clear()
             self._reducers.clear()
-            self._models.clear()
             self._lookup = None
             self._stamp = stamp
 
@@ -452,17 +450,13 @@ class Store:
         return similarity(self, out, **kwargs)
 
     def load_model(self, device: str = "cpu"):
-        """The store's model on ``device`` and its recorded preprocessing, for new images
-        (loaded once per device and kept, like the indexes, until a writer changes the store)."""
+        """The store's model on ``device`` and its recorded preprocessing, for new images."""
         from vecsim.models import Preprocessing, load_model
 
-        self._fresh()
-        if device not in self._models:
-            info = self.manifest["model"]
-            loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"],
-                                checkpoint_sha256=info.get("checkpoint_sha256"))
-            self._models[device] = loaded.module.to(device)
-        return self._models[device], Preprocessing.from_dict(self.manifest["preprocessing"])
+        info = self.manifest["model"]
+        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"],
+                            checkpoint_sha256=info.get("checkpoint_sha256"))
+        return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
 
     def spectrum(self, layer: str, centred: bool = False) -> np.ndarray:
         """Eigenvalues (descending) of the layer's training sample (rows unit length): of its

@@ -20,7 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from vecsim.errors import (ImageDecodeError, StoreError, UnknownLayerError, UnknownStimulusError, VecsimError)
+from vecsim.errors import (ImageDecodeError, QueryError, StimulusSetError, StoreError, UnknownLayerError,
+                           UnknownStimulusError, VecsimError)
 from vecsim.serve import views
 
 HERE = Path(__file__).resolve().parent
@@ -214,15 +215,13 @@ def render(request: Request, name: str, status: int = 200, **context) -> HTMLRes
     if _ENV is None:
         _ENV = _templates()
     served = request.app.state.served
-    query = dict(request.query_params)
-    query.pop("token", None)
 
     def url(path: str, **params) -> str:
         params = {k: v for k, v in params.items() if v is not None and v != ""}
         return path + ("?" + urlencode(params) if params else "")
 
     html = _ENV.get_template(name).render(stores=served, store_index=context.pop("store_index", 0), url=url,
-                                          request_query=query, **context)
+                                          **context)
     return HTMLResponse(html, status_code=status)
 
 
@@ -253,12 +252,14 @@ def _add_pages(app: FastAPI) -> None:
     @app.get("/stimulus/{stim_id}", response_class=HTMLResponse, include_in_schema=False)
     def stimulus_page(request: Request, stim_id: int, store: int = 0, k: int = Query(10, ge=1, le=views.K_MAX),
                       where: Optional[str] = None, hide_twins: bool = False):
-        first = _served(request, store)
-        query = first.stimulus(stim_id)
-        panels = []
-        for i, served in enumerate(request.app.state.served):
-            panels.append(_panel(served, i, store, stim_id, query["path"],
-                                 lambda s, sid: views.neighbourhood(s, id=sid, k=k, where=where, hide_twins=hide_twins)))
+        query = _served(request, store).stimulus(stim_id)
+
+        def view(served: views.ServedStore, index: int) -> dict:
+            # the stimulus by id in the store it was asked in, by its path in the others
+            sid = stim_id if index == store else views.stimulus_in(served, query["path"])
+            return views.neighbourhood(served, id=sid, k=k, where=where, hide_twins=hide_twins)
+
+        panels = [_panel(served, i, view) for i, served in enumerate(request.app.state.served)]
         return render(request, "stimulus.html", store_index=store, query=query, panels=panels, k=k,
                       where=where or "", hide_twins=hide_twins, upload=False)
 
@@ -270,17 +271,14 @@ def _add_pages(app: FastAPI) -> None:
     def upload_page(request: Request, file: UploadFile = File(...), k: int = Form(10, ge=1, le=views.K_MAX),
                     hide_twins: bool = Form(False)):
         data = _read_upload(request, file)
-        panels = []
         try:
-            for i, served in enumerate(request.app.state.served):
-                panels.append({"index": i, "name": served.name, "error": None, "source_problem": served.source_problem(),
-                               "view": views.neighbourhood(served, image=data, k=k, hide_twins=hide_twins)})
-        except (ImageDecodeError, views.QueryError) as exc:
+            panels = [_panel(served, i, lambda s, _: views.neighbourhood(s, image=data, k=k, hide_twins=hide_twins))
+                      for i, served in enumerate(request.app.state.served)]
+        except (ImageDecodeError, QueryError) as exc:  # said on the form, to try another file
             return render(request, "upload.html", status=status_of(exc), k=k, max_mb=request.app.state.max_upload / 2**20,
                           error=f"{file.filename or 'the file'}: {_one_line(str(exc))}")
         return render(request, "stimulus.html", query_image=views.upload_preview(data, request.app.state.served[0].store),
-                      query={"id": None, "path": file.filename or "upload", "label": None,
-                                                       "twins": []},
+                      query={"id": None, "path": file.filename or "upload", "label": None, "twins": []},
                       panels=panels, k=k, where="", hide_twins=hide_twins, upload=True)
 
     @app.get("/layer", response_class=HTMLResponse, include_in_schema=False)
@@ -291,8 +289,7 @@ def _add_pages(app: FastAPI) -> None:
             data, error = views.layer_matrices(served, layer), None
         except StoreError as exc:  # no evaluation subset: said on the page
             data, error = None, _one_line(str(exc))
-        return render(request, "layer.html", store_index=store, layer=layer, data=data, error=error,
-                      layers=served.store.layers_by_depth())
+        return render(request, "layer.html", store_index=store, layer=layer, data=data, error=error)
 
     @app.get("/thumb/{store}/{stim_id}.png", include_in_schema=False)
     def thumb(request: Request, store: int, stim_id: int, size: int = 128):
@@ -301,7 +298,7 @@ def _add_pages(app: FastAPI) -> None:
         served = _served(request, store)
         try:
             data = request.app.state.thumbs.get(served, store, stim_id, size)
-        except (ImageDecodeError, views.StimulusSetError):  # moved, deleted or damaged: a placeholder
+        except (ImageDecodeError, StimulusSetError):  # moved, deleted or damaged: a placeholder
             return Response(views.placeholder_png(), status_code=404, media_type="image/png",
                             headers={"Cache-Control": "no-store"})
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
@@ -318,14 +315,12 @@ def _add_pages(app: FastAPI) -> None:
         return render(request, "api.html", spec=request.app.openapi())
 
 
-def _panel(served: views.ServedStore, index: int, asked: int, stim_id: int, path: str, view) -> dict:
-    """One store's column set for a stimulus page: the stimulus found by id in the store it
-    was asked in, by its path in the others."""
+def _panel(served: views.ServedStore, index: int, view) -> dict:
+    """One store's set of columns on a stimulus or upload page: ``view(served, index)``, or
+    why this store has none (the stimulus is not in it)."""
     panel = {"index": index, "name": served.name, "error": None, "view": None, "source_problem": served.source_problem()}
     try:
-        sid = stim_id if index == asked else views.stimulus_in(served, path)
-        panel["id"] = sid
-        panel["view"] = view(served, sid)
+        panel["view"] = view(served, index)
     except UnknownStimulusError as exc:
         panel["error"] = _one_line(str(exc))
     return panel

@@ -412,3 +412,16 @@ def test_a_query_waits_for_a_busy_store_and_a_filtered_one_equals_the_cli(client
     filtered = client.get("/api/stores/0/query", params={"id": 3, "k": 4, "where": "label = '7'"}).json()
     assert filtered == store.query(id=3, k=4, where="label = '7'")
     assert {h["label"] for h in filtered} == {"7"}
+
+
+def test_an_upload_with_hidden_twins_leaves_out_its_stored_copies(client, store, serve_stimuli):
+    from vecsim.serve import views
+
+    path = serve_stimuli / TWIN  # stored twice: the twin and its original
+    copies = set(store.lookup().twins_of(store.lookup().id_of_path(TWIN)).tolist())
+    served = client.app.state.served[0]
+    shown = views.neighbourhood(served, image=path.read_bytes(), k=3)
+    hidden = views.neighbourhood(served, image=path.read_bytes(), k=3, hide_twins=True)
+    for col, col_hidden in zip(shown["layers"], hidden["layers"]):
+        assert {h["id"] for h in col["hits"][:2]} == copies and all(h["twin"] for h in col["hits"][:2])
+        assert not copies & {h["id"] for h in col_hidden["hits"]} and len(col_hidden["hits"]) == 3

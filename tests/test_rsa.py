@@ -351,8 +351,14 @@ def test_cli_writes_tables_figures_and_the_report_shows_them(world, h5_result, t
     table = pq.read_table(out / "rsa.parquet")
     assert table.num_rows == len(LAYERS) * 2
     assert {"value", "ci_low", "ci_high", "noise_lower", "noise_upper", "p_best_corrected"} <= set(table.column_names)
-    again = run_cli("compare", world["store"], "--rdm", path, "--out", out, "--bootstraps", 20)
+    before = (out / "rsa.json").read_bytes()
+    again = run_cli("compare", world["store"], "--rdm", path, "--out", out, "--bootstraps", 20, "--seed", 5)
     assert again.returncode != 0 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (out / "rsa.json").read_bytes() == before
+    quiet = run_cli("compare", world["store"], "--rdm", path, "--out", out, "--bootstraps", 20, "--overwrite", "-q",
+                    "--json")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert json.loads(quiet.stdout)["settings"]["n_bootstraps"] == 20
     bad = run_cli("compare", world["store"], world["store"], "--rdm", path)
     assert bad.returncode != 0 and "give no second store" in bad.stderr
     report = tmp_path / "report"
@@ -362,3 +368,11 @@ def test_cli_writes_tables_figures_and_the_report_shows_them(world, h5_result, t
     assert "brain:V" in md and "figures/rsa_brain_V_corr.png" in md
     assert (report / "figures" / "rsa_heatmap_corr.png").is_file()
     assert json.loads((report / "report.json").read_text())["targets"]["rows"]
+
+
+def test_rsatoolbox_is_imported_only_when_comparing():
+    code = ("import sys\nimport vecsim.rsa\nfrom vecsim.cli import main\nsys.argv=['vecsim','compare','--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', [m for m in ('rsatoolbox', 'torch', 'lancedb') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "HEAVY []" in out and "--rdm" in out and "--comparator" in out

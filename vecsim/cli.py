@@ -240,11 +240,13 @@ def report_cmd(
     out: str = typer.Option(..., "--out", help="Folder for report.html, report.md, report.json and figures/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's numbers as JSON."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="The --out folder of `vecsim compare STORE "
+                                          "--rdm FILE`: include its layer-against-target figures."),
 ) -> None:
     """Fidelity report: how much the reduction lost, layer by layer, with plots."""
     from vecsim.report import build_report
 
-    report = build_report(store, out, overwrite=overwrite)
+    report = build_report(store, out, overwrite=overwrite, targets=targets)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -267,6 +269,9 @@ def format_report(report: dict) -> str:
         row = f"{r['layer']:<{width}} {r['M']:>6,} {r['dim']:>5} {num(r['spearman'], 4):>9} {recall_cell(r):>9}"
         lines.append(row + (f" {num(r['auc_exact'], 4):>8} {num(r['auc'], 4):>8}" if report["labels"] else ""))
     lines += [f"note: {n}" for n in report["notes"]]
+    if "targets" in report:
+        lines.append(f"layers against external RDMs: {len(report['targets']['targets'])} target(s), "
+                     f"{', '.join(report['targets']['comparators'])}")
     return "\n".join(lines)
 
 
@@ -433,6 +438,7 @@ def compare_cmd(
     correction: str = typer.Option("fdr", "--correction", help="With --rdm: fdr, bonferroni or none."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier comparison's files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="With --rdm: no bootstrap progress bars."),
 ) -> None:
     """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two,
     or every layer against external RDMs (--rdm: brain regions, behaviour) with rsatoolbox's statistics."""
@@ -440,16 +446,18 @@ def compare_cmd(
 
     if rdm:
         from vecsim.errors import ConfigError
-        from vecsim.rsa import compare_rdms
+        from vecsim.rsa import check_out, compare_rdms
 
         if store_b is not None or measure is not None or layers_b is not None:
             raise ConfigError("--rdm compares STORE's layers with the RDM files: give no second store, --measure "
                               "or --layers-b (use --comparator)")
+        if out:
+            check_out(out, overwrite)
         result = compare_rdms(store_a, rdm, layers=layers_a, comparators=comparator, stimuli=stimuli,
                               similarities=similarities, match_by=match_by, pattern_descriptor=pattern_descriptor,
                               target_by=target_by, subject_by=subject_by, source=source, bootstrap=bootstrap,
                               n_bootstraps=bootstraps, seed=seed, test=test, correction=correction,
-                              progress=not as_json)
+                              progress=not (as_json or quiet))
     else:
         from vecsim.compare import compare_stores
 

@@ -40,7 +40,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from vecsim.errors import ConfigError, MissingExtraError, StimulusSetError, StoreError, close_matches
+from vecsim.errors import (
+    ConfigError, MissingExtraError, OutputExistsError, StimulusSetError, StoreError, close_matches,
+)
 
 COMPARATORS: dict[str, str] = {
     "corr": "Pearson correlation of the dissimilarities",
@@ -929,6 +931,20 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an ``out`` folder that already holds a comparison's tables, before the bootstraps
+    run rather than after (:meth:`RDMComparison.save` checks every file again)."""
+    from vecsim.compare import _out_dir
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        _out_dir(out, [], overwrite, "compare --rdm")  # the one-line "is a file" error
+    clash = [name for name in RESULT_FILES if (path / name).exists()]
+    if clash and not overwrite:
+        raise OutputExistsError(f"{path} already holds {clash[0]} from an earlier `vecsim compare --rdm`; pass "
+                                "--overwrite to replace it or choose another --out")
 
 
 def load_result(folder: str | os.PathLike) -> dict:

@@ -332,8 +332,9 @@ def test_missing_rsatoolbox_names_the_extra(world, monkeypatch, tmp_path):
 def test_targets_split_by_descriptors(world, tmp_path):
     path = _write_h5(tmp_path / "two.h5", world, np.arange(30))
     targets = read_targets(world["store"], [path])
-    assert [(t.name, t.n_subjects, t.dissimilarities.shape) for t in targets] == \
-        [("two:V", 6, (6, 30, 30)), ("two:IT", 6, (6, 30, 30))]
+    assert [(t.name, t.n_subjects, t.vectors.shape) for t in targets] == \
+        [("two:V", 6, (6, 435)), ("two:IT", 6, (6, 435))]
+    np.testing.assert_allclose(targets[0].vectors, _vec(world["subjects"]["V"]), atol=1e-12)
     one = read_targets(world["store"], [path], target_by="subject", subject_by="region")
     assert [t.name for t in one] == [f"two:s{s}" for s in range(6)] and one[0].n_subjects == 2
 

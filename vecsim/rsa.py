@@ -91,40 +91,65 @@ def _rsatoolbox():
 
 @dataclass
 class RDMFile:
-    """The RDMs of one file as read: dissimilarities (R, n, n) over the file's n stimuli, each
-    stimulus's name (path, id or sha256) and per-RDM descriptors (subject, region, ...)."""
+    """The RDMs of one file as read: condensed dissimilarities (R, n(n−1)/2, the upper triangle
+    row by row, as rsatoolbox keeps them) over the file's n stimuli, each stimulus's name (path,
+    id or sha256) and per-RDM descriptors (subject, region, ...)."""
 
     path: str
     names: list[str]
-    dissimilarities: np.ndarray
+    vectors: np.ndarray
     descriptors: dict[str, list[str]]
     form: str  # hdf5, npy, csv, parquet
 
     @property
     def n_rdm(self) -> int:
-        return int(self.dissimilarities.shape[0])
+        return int(self.vectors.shape[0])
 
 
 def _check_square(D: np.ndarray, where: str) -> np.ndarray:
-    """(R, n, n) float64 dissimilarities, finite and symmetric; a one-line error otherwise."""
-    D = np.asarray(D, dtype=np.float64)
+    """(R, n, n) or (n, n) dissimilarities, checked finite and symmetric one RDM at a time (a
+    one-line error otherwise), as condensed float64 vectors (R, n(n−1)/2)."""
+    D = np.asarray(D)
     if D.ndim == 2:
         D = D[None]
     if D.ndim != 3 or D.shape[1] != D.shape[2]:
         shape = "x".join(map(str, D.shape[-2:] if D.ndim >= 2 else D.shape))
         raise ConfigError(f"{where}: an RDM must be a square matrix, got {shape}")
-    bad = ~np.isfinite(D)
-    if bad.any():
-        r, i, j = (int(x[0]) for x in np.nonzero(bad))
-        raise ConfigError(f"{where}: {int(bad.sum())} NaN or infinite entries (the first at row {i}, column {j}"
-                          f"{f' of RDM {r}' if D.shape[0] > 1 else ''}); fill or drop those stimuli first")
-    scale = max(float(np.abs(D).max()), 1e-300) if D.size else 1.0
-    gap = np.abs(D - D.transpose(0, 2, 1))
-    if D.size and float(gap.max()) > SYMMETRY_TOL * scale:
-        r, i, j = (int(x[0]) for x in np.nonzero(gap == gap.max()))
-        raise ConfigError(f"{where}: not symmetric (entry [{i}, {j}] is {D[r, i, j]:g}, [{j}, {i}] is "
-                          f"{D[r, j, i]:g}); an RDM must be symmetric")
-    return D
+    n = D.shape[1]
+    iu = np.triu_indices(n, 1)
+    out = np.empty((D.shape[0], len(iu[0])))
+    for r, M in enumerate(D):
+        M = np.asarray(M, dtype=np.float64)
+        of = f" of RDM {r}" if D.shape[0] > 1 else ""
+        bad = ~np.isfinite(M)
+        if bad.any():
+            i, j = (int(x[0]) for x in np.nonzero(bad))
+            raise ConfigError(f"{where}: {int(bad.sum())} NaN or infinite entries (the first at row {i}, column {j}"
+                              f"{of}); fill or drop those stimuli first")
+        upper, lower = M[iu], M.T[iu]
+        gap = np.abs(upper - lower)
+        if gap.size and float(gap.max()) > SYMMETRY_TOL * max(float(np.abs(upper).max()), 1e-300):
+            k = int(np.argmax(gap))
+            i, j = int(iu[0][k]), int(iu[1][k])
+            raise ConfigError(f"{where}: not symmetric (entry [{i}, {j}] is {M[i, j]:g}, [{j}, {i}] is "
+                              f"{M[j, i]:g}{of}); an RDM must be symmetric")
+        out[r] = upper
+    return out
+
+
+def _reordered(vectors: np.ndarray, n: int, order: np.ndarray) -> np.ndarray:
+    """Condensed RDMs over n stimuli → over the stimuli ``order`` (positions), one RDM at a time."""
+    if len(order) == n and np.array_equal(order, np.arange(n)):
+        return vectors
+    iu = np.triu_indices(n, 1)
+    sub = np.triu_indices(len(order), 1)
+    out = np.empty((vectors.shape[0], len(sub[0])))
+    M = np.zeros((n, n))
+    for r, v in enumerate(vectors):
+        M[iu] = v
+        M[iu[1], iu[0]] = v
+        out[r] = M[np.ix_(order, order)][sub]
+    return out
 
 
 def _stimulus_list(path: Path) -> list[str]:
@@ -213,9 +238,13 @@ def _read_hdf5(path: Path, pattern_descriptor: str | None, stimuli) -> RDMFile:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{path} is not an rsatoolbox RDMs HDF5 file ({first})") from None
     where = str(path)
-    D = _check_square(rdms.get_matrices(), where)
+    V = np.asarray(rdms.dissimilarities, dtype=np.float64)  # condensed, symmetric by construction
+    bad = ~np.isfinite(V)
+    if bad.any():
+        raise ConfigError(f"{where}: {int(bad.sum())} NaN or infinite dissimilarities (the first in RDM "
+                          f"{int(np.nonzero(bad)[0][0])}); fill or drop those stimuli first")
     if stimuli is not None:
-        names = _matrix_names(path, D.shape[1], stimuli, None)
+        names = _matrix_names(path, int(rdms.n_cond), stimuli, None)
     else:
         pdesc = {k: list(v) for k, v in rdms.pattern_descriptors.items() if k != "index"}
         key = pattern_descriptor or next((k for k in STIMULUS_DESCRIPTORS if k in pdesc), None)
@@ -226,7 +255,7 @@ def _read_hdf5(path: Path, pattern_descriptor: str | None, stimuli) -> RDMFile:
                               "--stimuli FILE in pattern order")
         names = [_name(v) for v in pdesc[key]]
     desc = {k: [_name(v) for v in vals] for k, vals in rdms.rdm_descriptors.items() if k != "index"}
-    return RDMFile(where, names, D, desc, "hdf5")
+    return RDMFile(where, names, V, desc, "hdf5")
 
 
 def _name(value) -> str:
@@ -302,9 +331,8 @@ def _read_parquet(path: Path) -> RDMFile:
         r, i, j = (int(x[0]) for x in np.nonzero(missing))
         raise ConfigError(f"{path}: {int(missing.sum())} pairs have no value (the first: {names[i]} – {names[j]}"
                           f"{f' of RDM {keys[r]}' if group_cols else ''}); every pair of its stimuli must be given")
-    D = _check_square(D, str(path))
     desc = {c: [k[ci] for k in keys] for ci, c in enumerate(group_cols)}
-    return RDMFile(str(path), names, D, desc, "parquet")
+    return RDMFile(str(path), names, _check_square(D, str(path)), desc, "parquet")
 
 
 def read_rdm_file(path: str | os.PathLike, *, stimuli: str | os.PathLike | None = None, similarities: bool = False,
@@ -334,10 +362,12 @@ def read_rdm_file(path: str | os.PathLike, *, stimuli: str | os.PathLike | None 
                           "(a square matrix) or .parquet (vecsim's long form)")
     if not np.issubdtype(np.asarray(M).dtype, np.number):
         raise ConfigError(f"{path} does not hold numbers")
-    D = _check_square(1.0 - np.asarray(M, dtype=np.float64) if similarities else M, str(path))
-    names = _matrix_names(path, D.shape[1], stimuli, header)
-    desc = {"subject": [str(s) for s in range(D.shape[0])]} if D.shape[0] > 1 else {}
-    return RDMFile(str(path), names, D, desc, suffix[1:])
+    V = _check_square(M, str(path))
+    if similarities:
+        V = 1.0 - V
+    names = _matrix_names(path, np.asarray(M).shape[-1], stimuli, header)
+    desc = {"subject": [str(s) for s in range(V.shape[0])]} if V.shape[0] > 1 else {}
+    return RDMFile(str(path), names, V, desc, suffix[1:])
 
 
 # --------------------------------------------------------------------------- matching stimuli
@@ -433,7 +463,7 @@ class Target:
     name: str
     file: str
     ids: np.ndarray  # matched store ids, ascending
-    dissimilarities: np.ndarray  # (R, m, m)
+    vectors: np.ndarray  # (R, m(m−1)/2): condensed RDMs, the upper triangle row by row
     subjects: list[str]  # per RDM
     n_given: int
     matched_by: str
@@ -443,12 +473,16 @@ class Target:
     def n_subjects(self) -> int:
         return len(set(self.subjects))
 
+    @property
+    def n_rdm(self) -> int:
+        return int(self.vectors.shape[0])
+
     def describe(self) -> str:
         miss = ""
         if self.missing:
             shown = ", ".join(self.missing[:5]) + (", …" if len(self.missing) > 5 else "")
             miss = f"; not in the store: {len(self.missing)} ({shown})"
-        return (f"{self.name} ({Path(self.file).name}): {self.dissimilarities.shape[0]} RDM(s) of "
+        return (f"{self.name} ({Path(self.file).name}): {self.n_rdm} RDM(s) of "
                 f"{self.n_subjects} subject(s); matched {len(self.ids):,} of {self.n_given:,} stimuli by "
                 f"{self.matched_by}{miss}")
 
@@ -481,7 +515,7 @@ def _targets_of(f: RDMFile, stimuli: _StoreStimuli, match_by: str, target_by: st
                                "or sha256 digests")
     order = ok[np.argsort(match.ids[ok], kind="stable")]
     ids = match.ids[order]
-    D = f.dissimilarities[:, order][:, :, order]
+    V = _reordered(f.vectors, len(f.names), order)
     tkey = _pick(f.descriptors, target_by, TARGET_DESCRIPTORS, "target", f.path)
     skey = _pick(f.descriptors, subject_by, SUBJECT_DESCRIPTORS, "subjects", f.path)
     stem = Path(f.path).stem
@@ -491,7 +525,7 @@ def _targets_of(f: RDMFile, stimuli: _StoreStimuli, match_by: str, target_by: st
         rows = [r for r in range(f.n_rdm) if groups[r] == value]
         subjects = [f.descriptors[skey][r] for r in rows] if skey else [str(r) for r in rows]
         name = f"{stem}:{value}" if value else stem
-        out.append(Target(name, f.path, ids, D[rows], subjects, len(f.names), match.by, match.missing))
+        out.append(Target(name, f.path, ids, V[rows], subjects, len(f.names), match.by, match.missing))
     return out
 
 
@@ -609,9 +643,8 @@ def evaluate_target(layer_rdms: dict[str, np.ndarray], target: Target, comparato
     from rsatoolbox.rdm import RDMs
 
     names = list(layer_rdms)
-    m = target.dissimilarities.shape[1]
-    iu = np.triu_indices(m, 1)
-    data = RDMs(target.dissimilarities[:, iu[0], iu[1]], dissimilarity_measure="target",
+    iu = np.triu_indices(len(target.ids), 1)
+    data = RDMs(target.vectors, dissimilarity_measure="target",
                 rdm_descriptors={"subject": list(target.subjects)},
                 pattern_descriptors={"id": target.ids.tolist()})
     models = [ModelFixed(name, RDMs(layer_rdms[name][iu][None], pattern_descriptors={"id": target.ids.tolist()}))
@@ -908,12 +941,12 @@ def compare_rdms(
                     "p_best_corrected": corrected, "best": k == res["best"],
                     "differs_from_best": bool(math.isfinite(corrected) and corrected < ALPHA),
                     "source": built[layer][1], "n": int(len(t.ids)), "n_subjects": t.n_subjects,
-                    "n_rdms": int(t.dissimilarities.shape[0]), "bootstrap": res["bootstrap"],
+                    "n_rdms": t.n_rdm, "bootstrap": res["bootstrap"],
                     "n_bootstraps": res["n_bootstraps"], "seed": int(seed), "test": test, "correction": correction,
                 })
     target_info = [{"name": t.name, "file": t.file, "n_given": t.n_given, "matched": int(len(t.ids)),
                     "matched_by": t.matched_by, "missing": t.missing, "n_subjects": t.n_subjects,
-                    "n_rdms": int(t.dissimilarities.shape[0]), "subjects": sorted(set(t.subjects)),
+                    "n_rdms": t.n_rdm, "subjects": sorted(set(t.subjects)),
                     "describe": t.describe()} for t in targets]
     settings = {"source": source, "bootstrap": bootstrap, "n_bootstraps": int(n_bootstraps), "seed": int(seed),
                 "test": test, "correction": correction, "alpha": ALPHA, "ci": CI_LEVEL, "match_by": match_by,

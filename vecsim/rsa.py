@@ -842,7 +842,7 @@ class RDMComparison:
         cells = sorted((c for c in self.cells if c["target"] == target and c["comparator"] == comparator),
                        key=lambda c: self.layers.index(c["layer"]))
         x = np.arange(len(cells))
-        fig = _figure(max(4.5, 1.0 + 0.6 * len(cells)), 4.2)
+        fig = _figure(max(5.0, 1.0 + 0.6 * len(cells)), 4.6)
         ax = fig.add_subplot(1, 1, 1)
         first = cells[0]
         if math.isfinite(first["noise_lower"]):
@@ -868,9 +868,9 @@ class RDMComparison:
         ax.set_ylabel(f"RDM {comparator}", fontsize=8)
         ax.set_title(f"{target}: {first['n']} stimuli, {first['n_subjects']} subject(s)\n"
                      f"* differs from the best ({first['test']}, {first['correction']}, {ALPHA:g})", fontsize=9)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
         fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")  # the legend sits below the axes, clear of the band
 
 
 def compare_rdms(

@@ -377,3 +377,43 @@ def test_rsatoolbox_is_imported_only_when_comparing():
             "print('HEAVY', [m for m in ('rsatoolbox', 'torch', 'lancedb') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "HEAVY []" in out and "--rdm" in out and "--comparator" in out
+
+
+def test_every_comparator_is_rsatoolbox_compare_on_the_raw_rdms(world, h5_result):
+    path, _ = h5_result
+    got = compare_rdms(world["store"], [path], comparators="all", bootstrap="none")
+    assert got.comparators == ["corr", "spearman", "rho-a", "tau-a", "cosine", "corr_cov", "cosine_cov"]
+    for method in got.comparators:
+        data, _models, values = _direct(world, "IT", method)
+        np.testing.assert_allclose([got.value(layer, "brain:IT", method) for layer in LAYERS], values, atol=1e-6,
+                                   err_msg=method)
+        low, high = boot_noise_ceiling(data, method=method, rdm_descriptor="subject")
+        cell = got.cell("classifier", "brain:IT", method)
+        assert (cell["noise_lower"], cell["noise_upper"]) == pytest.approx((low, high), abs=1e-9)
+
+
+def test_correlation_store_uses_one_minus_pearson_and_the_stimulus_bootstrap_is_rsatoolboxs(world, tmp_path):
+    """A store indexed with --similarity correlation: its layer RDM is rsatoolbox's
+    'correlation' RDM (1 − Pearson across units) of the raw activations."""
+    store = tmp_path / "corr_store"
+    vecsim.index_stimuli(source=str(world["src"]), model="digits-cnn", layers=["features.relu3", "classifier"],
+                         out=str(store), dim="32", batch_size=16, progress=False, similarity="correlation")
+    S = world["subjects"]["V"][:3]  # 3 subjects: auto bootstraps stimuli only
+    np.save(tmp_path / "three.npy", S)
+    (tmp_path / "three.txt").write_text("\n".join(world["paths"]))
+    got = compare_rdms(store, [tmp_path / "three.npy"], n_bootstraps=BOOT, seed=9)
+    data = RDMs(_vec(S), rdm_descriptors={"subject": ["0", "1", "2"]})
+    models = [ModelFixed(layer, RDMs(_vec(1.0 - np.corrcoef(world["raw"][layer]))[None]))
+              for layer in ("features.relu3", "classifier")]
+    np.random.seed(9)
+    direct = eval_bootstrap_pattern(models, data, method="corr", N=BOOT, rdm_descriptor="subject",
+                                    boot_noise_ceil=False)
+    low, high = direct.get_ci(0.95, test_type="t-test")
+    for k, model in enumerate(models):
+        cell = got.cell(model.name, "three", "corr")
+        assert cell["bootstrap"] == "stimuli" and cell["n_subjects"] == 3 and cell["source"] == EXACT
+        expected = np.mean(compare(model.rdm_obj, data, "corr"))
+        assert cell["value"] == pytest.approx(expected, abs=1e-6)
+        assert (cell["ci_low"], cell["ci_high"]) == pytest.approx((low[k], high[k]), abs=1e-6)
+    cosine_rdm = compare(RDMs(_vec(_layer_rdm(world, "features.relu3"))[None]), data, "corr").mean()
+    assert abs(got.value("features.relu3", "three", "corr") - cosine_rdm) > 1e-4  # not the cosine RDM

@@ -243,17 +243,17 @@ def _read_hdf5(path: Path, pattern_descriptor: str | None, stimuli) -> RDMFile:
     if bad.any():
         raise ConfigError(f"{where}: {int(bad.sum())} NaN or infinite dissimilarities (the first in RDM "
                           f"{int(np.nonzero(bad)[0][0])}); fill or drop those stimuli first")
-    if stimuli is not None:
+    pdesc = {k: list(v) for k, v in rdms.pattern_descriptors.items() if k != "index"}
+    key = pattern_descriptor or next((k for k in STIMULUS_DESCRIPTORS if k in pdesc), None)
+    if key in pdesc:
+        names = [_name(v) for v in pdesc[key]]
+    elif stimuli is not None and pattern_descriptor is None:  # patterns without names: the list names them
         names = _matrix_names(path, int(rdms.n_cond), stimuli, None)
     else:
-        pdesc = {k: list(v) for k, v in rdms.pattern_descriptors.items() if k != "index"}
-        key = pattern_descriptor or next((k for k in STIMULUS_DESCRIPTORS if k in pdesc), None)
-        if key is None or key not in pdesc:
-            have = ", ".join(pdesc) or "none besides index"
-            what = f"no pattern descriptor {key!r}" if pattern_descriptor else "no pattern descriptor naming stimuli"
-            raise ConfigError(f"{path} has {what} (it has: {have}); pass --pattern-descriptor NAME or a "
-                              "--stimuli FILE in pattern order")
-        names = [_name(v) for v in pdesc[key]]
+        have = ", ".join(pdesc) or "none besides index"
+        what = f"no pattern descriptor {key!r}" if pattern_descriptor else "no pattern descriptor naming stimuli"
+        raise ConfigError(f"{path} has {what} (it has: {have}); pass --pattern-descriptor NAME or a "
+                          "--stimuli FILE in pattern order")
     desc = {k: [_name(v) for v in vals] for k, vals in rdms.rdm_descriptors.items() if k != "index"}
     return RDMFile(where, names, V, desc, "hdf5")
 

@@ -605,23 +605,30 @@ def _ckpt(model: dict) -> str:
     return f", weights {model.get('weights') or 'none, random init'}"
 
 
-def parse_measures(measures: str | Iterable[str]) -> list[str]:
-    """'cka', 'cka,pwcca', 'all' or a list of names → registered measure names, in order."""
-    items = [m.strip() for m in (measures.split(",") if isinstance(measures, str) else measures)]
+def parse_names(given: str | Iterable[str], registry: Iterable[str], what: str) -> list[str]:
+    """'a', 'a,b', 'all' or a list of names → names of ``registry``, in the order given, each once;
+    an unknown one (named ``what`` in the error) lists the close matches."""
+    known = list(registry)
+    items = [m.strip() for m in (given.split(",") if isinstance(given, str) else given)]
     items = [m for m in items if m]
     if not items:
-        raise ConfigError(f"no measure given; choose from {', '.join(MEASURES)} or all")
+        raise ConfigError(f"no {what} given; choose from {', '.join(known)} or all")
     names: list[str] = []
     for m in items:
         if m == "all":
-            names += [x for x in MEASURES if x not in names]
+            names += [x for x in known if x not in names]
             continue
-        if m not in MEASURES:
-            raise ConfigError(f"unknown measure {m!r}{close_matches(m, MEASURES)}; choose from "
-                              f"{', '.join(MEASURES)} or all")
+        if m not in known:
+            raise ConfigError(f"unknown {what} {m!r}{close_matches(m, known)}; choose from "
+                              f"{', '.join(known)} or all")
         if m not in names:
             names.append(m)
     return names
+
+
+def parse_measures(measures: str | Iterable[str]) -> list[str]:
+    """'cka', 'cka,pwcca', 'all' or a list of names → registered measure names, in order."""
+    return parse_names(measures, MEASURES, "measure")
 
 
 def _layers(store, layers: Sequence[str] | str | None) -> list[str]:

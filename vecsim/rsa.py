@@ -691,19 +691,9 @@ def evaluate_target(layer_rdms: dict[str, np.ndarray], target: Target, comparato
 
 def parse_comparators(comparators: str | Iterable[str]) -> list[str]:
     """'corr', 'corr,spearman' or 'all' → comparator names, in order."""
-    items = [c.strip() for c in (comparators.split(",") if isinstance(comparators, str) else comparators)]
-    items = [c for c in items if c]
-    if not items:
-        raise ConfigError(f"no comparator given; choose from {', '.join(COMPARATORS)} or all")
-    out: list[str] = []
-    for c in items:
-        for name in (COMPARATORS if c == "all" else [c]):
-            if name not in COMPARATORS:
-                raise ConfigError(f"unknown comparator {name!r}{close_matches(name, COMPARATORS)}; choose from "
-                                  f"{', '.join(COMPARATORS)} or all")
-            if name not in out:
-                out.append(name)
-    return out
+    from vecsim.compare import parse_names
+
+    return parse_names(comparators, COMPARATORS, "comparator")
 
 
 # --------------------------------------------------------------------------- the comparison

@@ -417,3 +417,21 @@ def test_correlation_store_uses_one_minus_pearson_and_the_stimulus_bootstrap_is_
         assert (cell["ci_low"], cell["ci_high"]) == pytest.approx((low[k], high[k]), abs=1e-6)
     cosine_rdm = compare(RDMs(_vec(_layer_rdm(world, "features.relu3"))[None]), data, "corr").mean()
     assert abs(got.value("features.relu3", "three", "corr") - cosine_rdm) > 1e-4  # not the cosine RDM
+
+
+def test_subject_bootstrap_is_rsatoolboxs_eval_bootstrap_rdm(world, h5_result):
+    from rsatoolbox.inference import eval_bootstrap_rdm
+
+    path, _ = h5_result
+    got = compare_rdms(world["store"], [path], bootstrap="subjects", n_bootstraps=BOOT, seed=2, correction="bonferroni")
+    data, models, values = _direct(world, "IT", "corr")
+    np.random.seed(2)
+    direct = eval_bootstrap_rdm(models, data, method="corr", N=BOOT, rdm_descriptor="subject", boot_noise_ceil=False)
+    low, high = direct.get_ci(0.95, test_type="t-test")
+    pairwise = direct.test_pairwise(test_type="t-test")
+    for k, layer in enumerate(LAYERS):
+        cell = got.cell(layer, "brain:IT", "corr")
+        assert cell["bootstrap"] == "subjects" and cell["correction"] == "bonferroni"
+        assert (cell["ci_low"], cell["ci_high"]) == pytest.approx((low[k], high[k]), abs=1e-6)
+        if layer != "classifier":
+            assert cell["p_best_corrected"] == pytest.approx(min(1.0, 3 * pairwise[3, k]), rel=1e-5, abs=1e-9)

@@ -240,11 +240,13 @@ def report_cmd(
     out: str = typer.Option(..., "--out", help="Folder for report.html, report.md, report.json and figures/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's numbers as JSON."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="The --out folder of `vecsim compare STORE "
+                                          "--rdm FILE`: include its layer-against-target figures."),
 ) -> None:
     """Fidelity report: how much the reduction lost, layer by layer, with plots."""
     from vecsim.report import build_report
 
-    report = build_report(store, out, overwrite=overwrite)
+    report = build_report(store, out, overwrite=overwrite, targets=targets)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -267,6 +269,9 @@ def format_report(report: dict) -> str:
         row = f"{r['layer']:<{width}} {r['M']:>6,} {r['dim']:>5} {num(r['spearman'], 4):>9} {recall_cell(r):>9}"
         lines.append(row + (f" {num(r['auc_exact'], 4):>8} {num(r['auc'], 4):>8}" if report["labels"] else ""))
     lines += [f"note: {n}" for n in report["notes"]]
+    if "targets" in report:
+        lines.append(f"layers against external RDMs: {len(report['targets']['targets'])} target(s), "
+                     f"{', '.join(report['targets']['comparators'])}")
     return "\n".join(lines)
 
 
@@ -400,21 +405,63 @@ def similarity_cmd(
 def compare_cmd(
     store_a: str = typer.Argument(..., help="Store whose layers are the rows."),
     store_b: Optional[str] = typer.Argument(None, help="Store whose layers are the columns [default: STORE_A]."),
-    measure: str = typer.Option("cka", "--measure", "-m", help="cka, cka_debiased, rsa_spearman, rsa_pearson, "
-                                "rsa_kendall, svcca, pwcca, procrustes, comma-separated, or all."),
-    out: Optional[str] = typer.Option(None, "--out", help="Folder for Parquet/CSV/JSON tables and heatmap PNGs."),
-    layers_a: Optional[str] = typer.Option(None, "--layers-a", help="Comma-separated layers of A [default: all]."),
+    measure: Optional[str] = typer.Option(None, "--measure", "-m", help="cka, cka_debiased, rsa_spearman, "
+                                          "rsa_pearson, rsa_kendall, svcca, pwcca, procrustes, comma-separated, or "
+                                          "all [default: cka]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for Parquet/CSV/JSON tables and PNGs."),
+    layers_a: Optional[str] = typer.Option(None, "--layers-a", help="Comma-separated layers of A (of STORE with "
+                                           "--rdm) [default: all]."),
     layers_b: Optional[str] = typer.Option(None, "--layers-b", help="Comma-separated layers of B [default: all]."),
     pairs: str = typer.Option("grid", "--pairs", help="grid (every A layer × every B layer) or matching (i-th with i-th)."),
     source: str = typer.Option("auto", "--source", help="auto, exact-gram or stored-vectors."),
+    rdm: Optional[list[str]] = typer.Option(None, "--rdm", help="External RDM file (repeatable): rsatoolbox .h5, "
+                                            "square .npy/.csv, or vecsim Parquet long form. Compares every layer "
+                                            "with it instead of with STORE_B."),
+    comparator: str = typer.Option("corr", "--comparator", help="With --rdm: corr, spearman, rho-a, tau-a, cosine, "
+                                   "corr_cov, cosine_cov, comma-separated, or all."),
+    stimuli: Optional[str] = typer.Option(None, "--stimuli", help="With --rdm: the matrices' stimuli, one path "
+                                          "(relative to the stimulus folder), id or sha256 per line, in row order."),
+    similarities: bool = typer.Option(False, "--similarities", help="With --rdm: the .npy/.csv matrices hold "
+                                      "similarities (used as 1 - s)."),
+    match_by: str = typer.Option("auto", "--match-by", help="With --rdm: auto, path, id or sha256."),
+    pattern_descriptor: Optional[str] = typer.Option(None, "--pattern-descriptor", help="With --rdm: the HDF5 "
+                                                     "pattern descriptor naming the stimuli [default: path, "
+                                                     "stimulus, image, ... whichever is there]."),
+    target_by: Optional[str] = typer.Option(None, "--target-by", help="With --rdm: RDM descriptor naming the "
+                                            "target [default: region, roi, area, target or layer]."),
+    subject_by: Optional[str] = typer.Option(None, "--subject-by", help="With --rdm: RDM descriptor naming the "
+                                             "subject [default: subject, subj, participant or sub]."),
+    bootstrap: str = typer.Option("auto", "--bootstrap", help="With --rdm: auto, stimuli, subjects, both or none."),
+    bootstraps: int = typer.Option(1000, "--bootstraps", help="With --rdm: number of bootstrap samples."),
+    seed: int = typer.Option(0, "--seed", help="With --rdm: seed of the bootstrap samples."),
+    test: str = typer.Option("t-test", "--test", help="With --rdm: t-test, bootstrap or ranksum."),
+    correction: str = typer.Option("fdr", "--correction", help="With --rdm: fdr, bonferroni or none."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier comparison's files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="With --rdm: no bootstrap progress bars."),
 ) -> None:
-    """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two."""
-    from vecsim.compare import compare_stores
+    """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two,
+    or every layer against external RDMs (--rdm: brain regions, behaviour) with rsatoolbox's statistics."""
     from vecsim._io import dumps_json
 
-    result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
+    if rdm:
+        from vecsim.errors import ConfigError
+        from vecsim.rsa import check_out, compare_rdms
+
+        if store_b is not None or measure is not None or layers_b is not None:
+            raise ConfigError("--rdm compares STORE's layers with the RDM files: give no second store, --measure "
+                              "or --layers-b (use --comparator)")
+        if out:
+            check_out(out, overwrite)
+        result = compare_rdms(store_a, rdm, layers=layers_a, comparators=comparator, stimuli=stimuli,
+                              similarities=similarities, match_by=match_by, pattern_descriptor=pattern_descriptor,
+                              target_by=target_by, subject_by=subject_by, source=source, bootstrap=bootstrap,
+                              n_bootstraps=bootstraps, seed=seed, test=test, correction=correction,
+                              progress=not (as_json or quiet))
+    else:
+        from vecsim.compare import compare_stores
+
+        result = compare_stores(store_a, store_b, measure or "cka", layers_a, layers_b, pairs=pairs, source=source)
     _emit(result, out, overwrite, as_json, dumps_json,
           lambda written: f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
 

@@ -84,6 +84,7 @@ def config_differences(previous: dict, config: IndexConfig) -> list[str]:
 
 
 SCRATCH_SECONDS = 1.0  # the training pass commits its progress at least this often (and every --chunk-size)
+CPU_SLICE = 8  # on a CPU the training pass forwards a batch in slices of this many images (see _slices)
 
 
 def scratch_seconds() -> float:
@@ -613,18 +614,34 @@ class _Indexer:
         commits = _ScratchCommits(self, held, norms, rows)
         functions = {layer: self._layer_function(r, project=False) for layer, r in self.reducers.items()}
         with LayerCapture(self.model, self.config.layers, functions, calls=self.calls) as capture:
-            for batch in self._batches(items):
-                keep, results = self._forward(capture, batch, bar)
+            for part in (part for batch in self._batches(items) for part in self._slices(batch)):
+                keep, results = self._forward(capture, part, bar)
                 if keep:
                     at, idx = len(rows), torch.tensor(keep)
                     for layer, (z, raw_norm, _) in results.items():
                         rows_at = idx.to(z.device)
                         held[layer][at : at + len(keep)] = held_rows(self.reducers[layer], z[rows_at]).cpu()
                         norms[layer][at : at + len(keep)] = raw_norm[rows_at].cpu()
-                    rows.extend(self._stimulus_row(batch, pos) for pos in keep)
-                commits.forwarded(len(batch.ids) + len(batch.failures))
+                    rows.extend(self._stimulus_row(part, pos) for pos in keep)
+                commits.forwarded(len(part.ids) + len(part.failures))
         commits.commit()
         return held, norms, rows
+
+    def _slices(self, batch):
+        """A decoded batch as the training pass forwards it: on a CPU, where a forward pass of
+        a few images costs per image what a whole batch does, in slices of ``CPU_SLICE``
+        images, so a scratch commit can follow every few seconds of work (a kill loses at most
+        that); elsewhere, or when the batch met a decoding failure (whose position among the
+        batch's items is not kept), whole."""
+        from dataclasses import replace
+
+        if self.device != "cpu" or batch.failures or batch.images is None or len(batch.ids) <= CPU_SLICE:
+            yield batch
+            return
+        for lo in range(0, len(batch.ids), CPU_SLICE):
+            hi = lo + CPU_SLICE
+            yield replace(batch, ids=batch.ids[lo:hi], images=batch.images[lo:hi], sha256=batch.sha256[lo:hi],
+                          sizes=batch.sizes[lo:hi], input_sha256=batch.input_sha256[lo:hi])
 
     def _restore_chunk(self, chunk: dict, held, norms, rows: list[dict]) -> None:
         """Put one committed scratch chunk back where the training pass holds it."""

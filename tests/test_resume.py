@@ -191,6 +191,32 @@ def test_scratch_commits_every_chunk_size_stimuli(images, reference, tmp_path):
     assert_same_store(Store.open(out), reference)
 
 
+def test_a_cpu_batch_is_forwarded_and_committed_in_slices(images, reference, tmp_path):
+    # batches of 16 on the CPU: the training pass forwards (and may commit) 8 images at a time
+    out = tmp_path / "store"
+    cmd = index_cmd(images, out, "--chunk-size", "8", "--batch-size", "16")
+    assert run(cmd, kill_at="scratch-chunk:1").returncode == -signal.SIGKILL
+    progress = Store.open(out).info()["progress"]["training_pass"]
+    assert (progress["kept"], progress["forwarded"], progress["chunks"]) == (8, 8, 1)
+    resumed = run(cmd)
+    assert resumed.returncode == 0 and forwarded(resumed.stdout) == len(reference.lookup().ids) - 8, resumed.stdout
+    assert_same_store(Store.open(out), reference)  # (the reference forwarded batches of 4)
+
+
+def test_a_set_inside_the_training_sample_resumed_after_its_fit_forwards_nothing(images, tmp_path):
+    # every stimulus in the training sample: the evaluation subsets are complete when the fit is
+    # committed and written then, so a run stopped later (building the indexes) resumes without
+    # forwarding any image again
+    whole, out = tmp_path / "whole", tmp_path / "store"
+    assert run(index_cmd(images, whole, "--train-size", "64")).returncode == 0
+    assert run(index_cmd(images, out, "--train-size", "64"), kill_at="transforms-saved").returncode == -signal.SIGKILL
+    assert Store.open(out).manifest["status"] == "indexing"
+    resumed = run(index_cmd(images, out, "--train-size", "64"))
+    assert resumed.returncode == 0 and "resumed: 42 were committed before, 0 this run, 0 images forwarded" in resumed.stdout, \
+        resumed.stdout
+    assert_same_store(Store.open(out), Store.open(whole))
+
+
 def test_resume_inside_the_training_pass_keeps_the_units_seen_non_zero(images, tmp_path):
     # --drop-zero-units gathers which units the training sample ever had non-zero: the scratch keeps it
     uninterrupted, out = tmp_path / "whole", tmp_path / "store"

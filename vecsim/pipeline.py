@@ -255,6 +255,7 @@ class _Indexer:
         self.evalset = self._eval_subset(shapes)
         committed: set[int] = set()
         self.restored: list[dict] = []  # the training pass's committed chunks (resuming it)
+        self.evals_saved: set[str] = set()  # layers whose evaluation subset is written
         self.forwarded = 0
         self.failed = list(self.stim_set.failures)
         self.unsaved_failures = list(self.failed)  # written with the next commit
@@ -265,8 +266,9 @@ class _Indexer:
                 self._check_disk(out, len(self.rest_items))
             elif mode == "training":
                 self.writer = StoreWriter.reopen(out, self._stimuli_schema())
-                self._plan(skip_training=self._prepare_training_resume())
+                self._plan(skip_training=self._read_training_scratch())
                 self._check_disk(out, len(self.stim_set))
+                self._number_after_stopped_training_runs()
             else:
                 self._plan()
                 self._check_disk(out, len(self.stim_set))
@@ -347,6 +349,8 @@ class _Indexer:
                 "restore it or pass --overwrite to start again"
             )
         self._record_stopped_run(len(committed))
+        self.evals_saved = {layer for layer, entry in self.writer.manifest["layers"].items()
+                            if "eval" in entry and (self.writer.layer_dir(layer) / "eval.npz").is_file()}
         self.writer.drop_uncommitted(committed)
         TrainingScratch(self.writer.path).delete()  # left by a run stopped right after its fit was committed
         self.run_id = self.writer.next_run_id()
@@ -370,10 +374,10 @@ class _Indexer:
         })
         kill_point("stopped-run-recorded")
 
-    def _prepare_training_resume(self) -> int:
+    def _read_training_scratch(self) -> int:
         """Read back the training pass's committed chunks (checked against the training
-        items: the stimulus set must be the one the stopped run forwarded) and number this
-        run after the stopped ones; the training items they cover."""
+        items: the stimulus set must be the one the stopped run forwarded); the training
+        items they cover."""
         from vecsim.store import TrainingScratch
 
         self.train_items = self._training_items()
@@ -391,7 +395,11 @@ class _Indexer:
                                        "names other files); restore it or pass --overwrite to start again")
 
         self.restored = TrainingScratch(self.writer.path).read(check)
-        self.train_done = int(self.restored[-1]["stop"]) if self.restored else 0
+        return int(self.restored[-1]["stop"]) if self.restored else 0
+
+    def _number_after_stopped_training_runs(self) -> None:
+        """Record the stopped run in the manifest's ``stopped_runs`` (its runs-table row
+        comes with the fit) and number this run after every stopped one."""
         manifest = self.writer.manifest
         stopped = manifest.get("index_run") or {"run": 1, "started": manifest.get("created", "")}
         runs = list(manifest.get("stopped_runs", []))
@@ -399,7 +407,6 @@ class _Indexer:
             runs.append(stopped)
         self.run_id = max(r["run"] for r in runs) + 1
         self.writer.save_manifest(stopped_runs=runs, index_run={"run": self.run_id, "started": _utc(self.started)})
-        return self.train_done
 
     def _record_stopped_training_runs(self) -> None:
         """The runs-table rows of the runs stopped inside the training pass this run resumed
@@ -507,8 +514,9 @@ class _Indexer:
 
         Resuming the training pass, its first ``skip_training`` items (read back from the
         scratch) are skipped. Resuming after the fit, there is no training pass; the rest is
-        what was not committed, plus the committed stimuli of the evaluation subset,
-        forwarded again only to rebuild it (its raw vectors were never written).
+        what was not committed, plus the committed stimuli of the evaluation subsets not
+        written at the fit (complete only later), forwarded again only to rebuild them
+        (their raw vectors were never written).
         """
         from vecsim.extract import iter_decoded
 
@@ -521,8 +529,10 @@ class _Indexer:
             train_ids = {i for i, _ in self.train_items}
             self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli if s.id not in train_ids]
         else:
-            if self.evalset is not None:
-                self.eval_only = set(self.evalset.slot_of) & committed
+            if self.evalset is not None:  # of the layers whose subset is not written yet
+                size = max((ev.size for layer, ev in self.evalset.layers.items() if layer not in self.evals_saved),
+                           default=0)
+                self.eval_only = {i for i, slot in self.evalset.slot_of.items() if slot < size} & committed
             self.train_items = []
             self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli
                                if s.id not in committed or s.id in self.eval_only]
@@ -734,6 +744,7 @@ class _Indexer:
                 self._commit(rows[start:stop], pending)
             for layer, done in written.items():
                 self.writer.manifest["layers"][layer]["transform_sha256"] = done.result()
+        self._save_evals(complete_only=True)
         self.writer.save_manifest(status="indexing")
         TrainingScratch(self.writer.path).delete()  # the committed store now holds all it had
         kill_point("transforms-saved")
@@ -787,6 +798,21 @@ class _Indexer:
             parts.clear()
         return count
 
+    def _save_evals(self, complete_only: bool) -> None:
+        """Write each layer's evaluation subset (``eval.npz``, named in the manifest): when the
+        fit is committed, those already complete (all of them when the whole set is in the
+        training sample), so a run resumed after the fit need not forward their stimuli
+        again; at the end, the others."""
+        if self.evalset is None:
+            return
+        # the report says how many subset stimuli the projection was fitted on (their pairs are kept better)
+        training = np.fromiter(self._training_ids(), np.int64)
+        for layer, ev in self.evalset.layers.items():
+            if layer in self.evals_saved or (complete_only and len(ev.slots) < ev.size):
+                continue
+            self.writer.manifest["layers"][layer]["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer), training)
+            self.evals_saved.add(layer)
+
     def _finish(self, indexed: int, failed: int, started: float, seconds: float, resumed_from: int = 0) -> None:
         """Indexes, evaluation subsets, this run's row in the runs table (the stimuli it indexed
         itself: a resumed run leaves out those the stopped run committed) and the manifest."""
@@ -795,13 +821,9 @@ class _Indexer:
 
         if self.unsaved_failures:
             self.writer.add_failures(self._take_failures(), self.run_id)
-        # the report says how many subset stimuli the projection was fitted on (their pairs are kept better)
-        training = np.fromiter(self._training_ids(), np.int64) if self.evalset is not None else None
         for layer, reducer in self.reducers.items():
             self.writer.build_index(layer, reducer.dim, self.config.index, self.device, self.config.seed)
-            if self.evalset is not None:
-                entry = self.writer.manifest["layers"][layer]
-                entry["eval"] = self.evalset.save(layer, self.writer.layer_dir(layer), training)
+        self._save_evals(complete_only=False)
         self.writer.add_run({
             "run": self.run_id, "command": "index", "started": _utc(started),
             "finished": now(), "indexed": indexed - resumed_from, "failed": failed, "seconds": seconds,

@@ -167,8 +167,8 @@ class LayerEval:
 
         def put(target, key, start):
             if target is not None and key in part:
-                values = torch.from_numpy(np.ascontiguousarray(part[key])).to(target.device, target.dtype)
-                target[start : start + len(values)] = values
+                values = torch.from_numpy(np.ascontiguousarray(part[key]))
+                target[start : start + len(values)].copy_(values)  # one copy, converted on the way
 
         start = 0 if "gram" in part else len(self.slots)
         if "gram" not in part and self.held is None:

@@ -203,6 +203,7 @@ def test_a_cpu_batch_is_forwarded_and_committed_in_slices(images, reference, tmp
     assert_same_store(Store.open(out), reference)  # (the reference forwarded batches of 4)
 
 
+@pytest.mark.slow
 def test_a_set_inside_the_training_sample_resumed_after_its_fit_forwards_nothing(images, tmp_path):
     # every stimulus in the training sample: the evaluation subsets are complete when the fit is
     # committed and written then, so a run stopped later (building the indexes) resumes without
@@ -217,6 +218,7 @@ def test_a_set_inside_the_training_sample_resumed_after_its_fit_forwards_nothing
     assert_same_store(Store.open(out), Store.open(whole))
 
 
+@pytest.mark.slow
 def test_resume_inside_the_training_pass_keeps_the_units_seen_non_zero(images, tmp_path):
     # --drop-zero-units gathers which units the training sample ever had non-zero: the scratch keeps it
     uninterrupted, out = tmp_path / "whole", tmp_path / "store"
@@ -233,6 +235,7 @@ def test_resume_inside_the_training_pass_keeps_the_units_seen_non_zero(images, t
     assert_same_store(Store.open(out), reference)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_job_is_a_no_op(images, reference, tmp_path):
     out = tmp_path / "store"
     # killed after the store was marked complete, before the process exited (a requeued job)

@@ -260,6 +260,11 @@ def test_rerunning_a_finished_job_is_a_no_op(images, reference, tmp_path):
     replaced = run(index_cmd(images, out, "--dim", "4", "--overwrite"))
     assert replaced.returncode == 0 and "indexed 42 stimuli" in replaced.stdout
     assert Store.open(out).dim(reference.layers[0]) == 4
+    # --resume runs the recorded settings but never a recorded --overwrite: still a no-op
+    before = snapshot()
+    again = run([sys.executable, "-m", "vecsim", "index", "--resume", str(out), "-q"])
+    assert again.returncode == 0 and "complete and up to date" in again.stdout, again.stdout + again.stderr
+    assert snapshot() == before
 
 
 def test_resume_by_store_path_and_a_different_configuration_is_refused(images, reference, tmp_path):

@@ -73,6 +73,7 @@ def resume_options(store: str | Path) -> dict:
         raise StoreError(f"{store} records no index settings to run again")
     options = dict(manifest.get("config", {}))
     options["out"] = str(store)
+    options["overwrite"] = False  # a store started with --overwrite is resumed, not started again
     return options
 
 

@@ -78,8 +78,12 @@ def index_cmd(
         options = {**resume_options(resume), **{k: v for k, v in options.items() if v is not None and k == "device"}}
 
     summary = index_stimuli(config_file=config, progress=not quiet, **options)
+    if summary.up_to_date:
+        typer.echo(f"{summary.store} is complete and up to date ({summary.indexed} stimuli, {summary.failed} failed, "
+                   "the same settings); nothing to do")
+        return
     resumed = (f"; resumed: {summary.resumed_from} were committed before, {summary.indexed - summary.resumed_from} "
-               "this run" if summary.resumed_from else "")
+               f"this run, {summary.forwarded} images forwarded" if summary.resumed_from else "")
     typer.echo(
         f"indexed {summary.indexed} stimuli ({summary.failed} failed) into {summary.store} "
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s{resumed})"
@@ -197,6 +201,23 @@ def format_runs(runs: list[dict], show: int = 10) -> list[str]:
     return [("runs        " if i == 0 else " " * 12) + line for i, line in enumerate(lines)]
 
 
+def format_progress(progress: dict | None) -> list[str]:
+    """An unfinished store's line: how far each pass got, and that the same command resumes it."""
+    if not progress:
+        return []
+    from vecsim._io import human_bytes
+
+    training = progress["training_pass"]
+    if training["fitted"]:
+        done = f"training pass done and fitted; {progress['committed']:,} stimuli committed"
+    elif "forwarded" in training:
+        done = (f"training pass {training['forwarded']:,} of {training['planned']:,} stimuli forwarded "
+                f"({training['kept']:,} kept) in {training['chunks']} scratch chunks, {human_bytes(training['scratch_bytes'])}")
+    else:
+        done = "training pass: nothing committed yet"
+    return [f"progress    {done}; the same `vecsim index` command resumes it"]
+
+
 def format_info(info: dict) -> str:
     from vecsim._io import human_bytes
 
@@ -210,6 +231,7 @@ def format_info(info: dict) -> str:
                                            f"weights=none (random init, seed {model.get('init_seed', 0)})"),
         f"stimuli     {info['counts']['stimuli']:,} indexed, {info['counts']['failures']:,} failures",
         *format_runs(info.get("runs", [])),
+        *format_progress(info.get("progress")),
         "",
         f"{'layer':<28} {'shape':<14} {'units':>11} {'sketch':>7} {'dim':>5} {'projection':<11} {'energy':>7} {'exact':>5}  index",
     ]
@@ -224,7 +246,8 @@ def format_info(info: dict) -> str:
     lines += [
         "",
         f"on disk     {human_bytes(b['store'])}: {human_bytes(b['data'])} per-stimulus data, plus fixed costs "
-        f"{human_bytes(b['transforms'])} fitted transforms and {human_bytes(b['eval_subset'])} evaluation subset",
+        f"{human_bytes(b['transforms'])} fitted transforms and {human_bytes(b['eval_subset'])} evaluation subset"
+        + (f", and {human_bytes(b['scratch'])} training-pass scratch (deleted after the fit)" if b.get("scratch") else ""),
         f"raw         {human_bytes(b['raw_activations'])} of float32 activations for these stimuli and layers",
         f"per stimulus {human_bytes(b['data_per_stimulus'])} stored vs {human_bytes(b['raw_per_stimulus'])} raw "
         f"({b['ratio']:.3%} of raw)",

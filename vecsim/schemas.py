@@ -175,6 +175,12 @@ MANIFEST_SCHEMA = {
             "a run that resumes a stopped one first adds the stopped run's row, finished empty)",
             run=_INT, started=_STR,
         ),
+        "stopped_runs": {
+            "type": "array",
+            "description": "index runs stopped inside the training pass that a later run resumed from the scratch "
+                           "(their runs-table rows are written when the fit creates the tables)",
+            "items": {"type": "object", "required": ["run", "started"], "properties": {"run": _INT, "started": _STR}},
+        },
         "pending_add": _record(
             "a vecsim add in progress (or stopped midway): rows from first_id on are rolled back by the next add",
             run=_INT, first_id=_INT,

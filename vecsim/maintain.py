@@ -60,12 +60,14 @@ def verify(store, rehash: bool = False) -> list[str]:
     if rehash:
         problems += _rehash(store, stimuli)
         model = manifest.get("model", {})
-        if model.get("checkpoint") and model.get("checkpoint_sha256"):
-            path = Path(model["checkpoint"])
+        for what, key in (("checkpoint", "checkpoint"), ("factory file", "file")):
+            if not (model.get(key) and model.get(f"{key}_sha256")):
+                continue
+            path = Path(model[key])
             if not path.is_file():
-                problems.append(f"the model checkpoint {path} is not there (query --image and add need it)")
-            elif file_sha256(path) != model["checkpoint_sha256"]:
-                problems.append(f"the model checkpoint {path} changed since the store was built (its sha256 differs): "
+                problems.append(f"the model {what} {path} is not there (query --image and add need it)")
+            elif file_sha256(path) != model[f"{key}_sha256"]:
+                problems.append(f"the model {what} {path} changed since the store was built (its sha256 differs): "
                                 "new images would not be comparable; restore that file")
     return problems
 

@@ -28,7 +28,7 @@ from vecsim.models.torchvision_zoo import DIGITS_MODEL, _weights_enum, available
 
 __all__ = [
     "DIGITS_MODEL", "IMAGENET_MEAN", "IMAGENET_STD", "INIT_SEED", "LayerInfo", "LoadedModel", "Preprocessing",
-    "available_models", "check_layers", "layer_shapes", "load_model", "model_source", "preprocessing_from",
+    "available_models", "check_layers", "layer_shapes", "load_model", "model_source", "override_preprocessing", "preprocessing_from",
     "read_checkpoint", "reload_model", "seeded_init", "split_layer", "wrap_module", "_weights_enum",
 ]
 

@@ -139,6 +139,25 @@ def _check_grid(layer: str, shape: tuple[int, ...], pooling: str, spec: str) -> 
                           f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. --pooling {fixed}")
 
 
+def _check_token_layers(loaded, shapes: dict, poolings: dict) -> None:
+    """``cls`` and ``mean`` read the model's class/register tokens at the front of its token
+    sequence; a token output of another length (a ViT's patch embedding, before the class token
+    is prepended) does not have them there, and is refused rather than read wrongly."""
+    from vecsim.models import layer_shapes
+
+    asked = [layer for layer, p in poolings.items() if p in ("cls", "mean") and len(shapes[layer]) == 2]
+    if not asked or not loaded.prefix_tokens:
+        return
+    lengths = [i.shape[0] for i in layer_shapes(loaded.module, loaded.preprocessing.crop) if len(i.shape) == 2]
+    sequence = max(lengths, default=0)
+    for layer in asked:
+        if shapes[layer][0] != sequence:
+            raise ConfigError(
+                f"--pooling {poolings[layer]} on {layer}: {layer} gives {shapes[layer][0]} tokens, the model's sequence "
+                f"has {sequence} (with its {loaded.prefix_tokens} class/register token(s) first), so its first tokens "
+                "are not those; use tokens pooling there, or hook a layer of the whole sequence")
+
+
 def _token_layout(loaded, pooling: str) -> tuple[int, bool]:
     """(prefix tokens, class token) of the model for a token pooling that needs them; else the defaults."""
     from vecsim.reduce import TOKEN_POOLINGS
@@ -220,6 +239,7 @@ class _Indexer:
             poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
             for layer in cfg.layers:
                 _check_grid(layer, shapes[layer], poolings[layer], cfg.pooling)
+            _check_token_layers(loaded, shapes, poolings)
             self.reducers = {
                 layer: LayerReducer(
                     layer, shapes[layer],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +126,16 @@ def test_layers_lists_a_vit_with_its_token_shapes():
     rows = {line.split()[0]: line.split()[1:4] for line in lines[2:]}
     assert rows["patch_embed.proj"] == ["Conv2d", "192x2x2", "768"]
     assert rows["blocks.11"] == ["Block", "5x192", "960"]  # 4 patches + the class token
+
+
+def test_prune_takes_a_timm_spec_and_its_checkpoint_loads_back(tmp_path):
+    from vecsim.compare import prune_checkpoint
+
+    report = prune_checkpoint("timm:convnext_atto", tmp_path / "pruned.pt", 0.5, weights="none")
+    assert report["model"]["source"] == "timm" and report["sparsity"] >= 0.5
+    pruned = load_model("timm:convnext_atto", checkpoint=tmp_path / "pruned.pt")
+    weight = pruned.module.stages[1].blocks[0].conv_dw.weight
+    assert 0 < float((weight == 0).float().mean()) < 1
 
 
 # -- layers of any output form, token poolings on a model with register tokens -----------------------
@@ -360,6 +369,12 @@ def test_package_module_factory(tmp_path, monkeypatch):
     assert (loaded.preprocessing.resize, loaded.preprocessing.crop) == (256, 224) and loaded.notes
     with pytest.raises(UnknownModelError, match="cannot import 'labnets.large'"):
         load_model("labnets.large:build")
+    # a factory file imports its helper modules beside it, also from inside the function
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "blocks_of_mine.py").write_text("import torch\ndef make():\n    return torch.nn.ReLU()\n")
+    (tmp_path / "beside" / "net.py").write_text("def build():\n    from blocks_of_mine import make\n    return make()\n")
+    assert type(load_model(f"{tmp_path}/beside/net.py:build").module).__name__ == "ReLU"
+    assert str(tmp_path / "beside") not in sys.path
 
 
 # -- a module handed over in Python --------------------------------------------------------------

@@ -435,7 +435,7 @@ def compare_cmd(
 
 @app.command("prune")
 def prune_cmd(
-    model: str = typer.Option(..., "--model", help="torchvision model name or digits-cnn."),
+    model: str = typer.Option(..., "--model", help="Model spec, as for index (torchvision name, timm:NAME, open_clip:ARCH, file.py:factory, ...)."),
     out: str = typer.Option(..., "--out", help="File for the pruned state dict (e.g. pruned.pt)."),
     amount: float = typer.Option(..., "--amount", help="Fraction of weights to zero, in [0, 1)."),
     scope: str = typer.Option("global", "--scope", help="global (one ranking over all layers) or layerwise."),

@@ -124,6 +124,16 @@ def token_layout(module) -> tuple[int, bool]:
     return 0, False
 
 
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
+def weights_failure(what: str, exc: Exception, remedy: str) -> UnknownWeightsError:
+    """The one-line error of pretrained weights that could not be fetched or read."""
+    return UnknownWeightsError(f"could not load {what} ({type(exc).__name__}: {first_line(exc)}); {remedy}, "
+                               "or pass --checkpoint FILE or --weights none")
+
+
 def library_version(distribution: str) -> dict[str, str]:
     from importlib import metadata
 

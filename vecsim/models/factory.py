@@ -10,6 +10,7 @@ defines it is recorded; a reload refuses a changed file, as it refuses a changed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from vecsim.errors import CheckpointError, UnknownModelError, UnknownWeightsError, VecsimError, close_matches
 from vecsim.models.base import (
-    IMAGENET_MEAN, IMAGENET_STD, LoadedModel, Preprocessing, load_state, read_checkpoint, seeded_init, token_layout,
+    IMAGENET_MEAN, IMAGENET_STD, LoadedModel, Preprocessing, first_line, load_state, read_checkpoint, seeded_init,
+    token_layout,
 )
 
 PYTHON_PREFIX = "python:"  # the recorded name of a module handed over in Python: not loadable again
@@ -33,18 +35,18 @@ def load_factory(spec: str, weights: str | None, checkpoint, expected_sha: str |
     if weights is not None and weights.lower() != "none":
         raise UnknownWeightsError(f"{spec} builds its own weights; pass trained ones as --checkpoint FILE, "
                                   f"not --weights {weights}")
-    namespace, file, file_sha = _import(target, expected_file_sha)
-    factory = namespace.get(function)
-    if not callable(factory):
-        public = [n for n, v in namespace.items() if callable(v) and not n.startswith("_")]
-        raise UnknownModelError(f"{target} has no function {function!r}{close_matches(function, public)}")
-    try:
-        result = seeded_init(factory)
-    except VecsimError:
-        raise
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise UnknownModelError(f"factory {spec} raised {type(exc).__name__}: {first[:200]}") from None
+    with _beside(target):  # the file's own helper modules beside it import, also from inside the function
+        namespace, file, file_sha = _import(target, expected_file_sha)
+        factory = namespace.get(function)
+        if not callable(factory):
+            public = [n for n, v in namespace.items() if callable(v) and not n.startswith("_")]
+            raise UnknownModelError(f"{target} has no function {function!r}{close_matches(function, public)}")
+        try:
+            result = seeded_init(factory)
+        except VecsimError:
+            raise
+        except Exception as exc:
+            raise UnknownModelError(f"factory {spec} raised {type(exc).__name__}: {first_line(exc)}") from None
     module, described = _unpack(result, spec)
     notes: list[str] = []
     pre = preprocessing_from(described, spec, notes)
@@ -71,9 +73,26 @@ def wrap_module(module, preprocessing=None) -> LoadedModel:
                        source="python", reloadable=False, prefix_tokens=prefix, class_token=class_token)
 
 
+def _is_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+@contextlib.contextmanager
+def _beside(target: str):
+    """A factory file's folder first on sys.path while it is imported and called."""
+    folder = str(Path(target).expanduser().resolve().parent) if _is_file(target) else None
+    if folder is not None:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder is not None:
+            sys.path.remove(folder)
+
+
 def _import(target: str, expected_sha: str | None) -> tuple[dict, str | None, str | None]:
     """(the namespace of the factory's module, its file, the file's sha256)."""
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file(target):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise UnknownModelError(f"factory file {path} does not exist")
@@ -82,14 +101,11 @@ def _import(target: str, expected_sha: str | None) -> tuple[dict, str | None, st
         name = f"vecsim_factory_{sha[:16]}"
         module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
         sys.modules[name] = module  # dataclasses and pickling look their module up there
-        sys.path.insert(0, str(path.parent))  # its own helper modules beside it
         try:
             exec(compile(data, str(path), "exec"), module.__dict__)
         except Exception as exc:
             sys.modules.pop(name, None)
             raise UnknownModelError(f"cannot run factory file {path} ({type(exc).__name__}: {exc})") from None
-        finally:
-            sys.path.remove(str(path.parent))
         return module.__dict__, str(path), sha
     try:
         module = importlib.import_module(target)

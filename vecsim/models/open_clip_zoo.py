@@ -15,6 +15,7 @@ import logging
 from vecsim.errors import UnknownModelError, UnknownWeightsError, close_matches
 from vecsim.models.base import (
     LoadedModel, Preprocessing, library_version, load_state, read_checkpoint, require, seeded_init, token_layout,
+    weights_failure,
 )
 
 PREFIX = "open_clip:"
@@ -47,11 +48,7 @@ def load_open_clip(spec: str, weights: str | None, checkpoint, expected_sha: str
         try:
             model = build()
         except Exception as exc:  # download or cache failures surface here
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise UnknownWeightsError(
-                f"could not load OpenCLIP weights {tag} for {arch} ({type(exc).__name__}: {first[:200]}); put them in "
-                "OpenCLIP's cache, or pass --checkpoint FILE or --weights none"
-            ) from None
+            raise weights_failure(f"OpenCLIP weights {tag} for {arch}", exc, "put them in OpenCLIP's cache") from None
     notes: list[str] = []
     pre = _preprocessing(open_clip, model, notes)
     tower = model.visual

@@ -13,7 +13,7 @@ import math
 from vecsim.errors import UnknownModelError, UnknownWeightsError, close_matches
 from vecsim.models.base import (
     LoadedModel, Preprocessing, classes_from_state, library_version, load_state, read_checkpoint, require,
-    seeded_init, token_layout,
+    seeded_init, token_layout, weights_failure,
 )
 
 PREFIX = "timm:"
@@ -50,11 +50,8 @@ def load_timm(spec: str, weights: str | None, checkpoint, expected_sha: str | No
         try:
             module = timm.create_model(full, pretrained=True, **options)
         except Exception as exc:  # download or cache failures surface here
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise UnknownWeightsError(
-                f"could not load timm's pretrained weights for {full} ({type(exc).__name__}: {first[:200]}); put them "
-                "in timm's cache (the Hugging Face hub cache), or pass --checkpoint FILE or --weights none"
-            ) from None
+            raise weights_failure(f"timm's pretrained weights for {full}", exc,
+                                  "put them in timm's cache (the Hugging Face hub cache)") from None
         recorded = f"{arch}.{module.pretrained_cfg.get('tag') or tag}".rstrip(".")
     num_classes = getattr(module, "num_classes", num_classes)
     prefix, class_token = token_layout(module)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vecsim.errors import UnknownModelError, UnknownWeightsError, close_matches
 from vecsim.models.base import (
-    LoadedModel, Preprocessing, classes_from_state, load_state, read_checkpoint, seeded_init,
+    LoadedModel, Preprocessing, classes_from_state, load_state, read_checkpoint, seeded_init, weights_failure,
 )
 
 DIGITS_MODEL = "digits-cnn"
@@ -100,10 +100,7 @@ def load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=No
     try:
         module = builder(weights=enum_value)
     except Exception as exc:  # download or cache failures surface here
-        raise UnknownWeightsError(
-            f"could not load {enum_value} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "put the file in the torch hub cache, or pass --checkpoint FILE or --weights none"
-        ) from None
+        raise weights_failure(str(enum_value), exc, "put the file in the torch hub cache") from None
     transforms = enum_value.transforms()
     pre = Preprocessing(
         int(transforms.resize_size[0]), int(transforms.crop_size[0]),

@@ -139,16 +139,14 @@ def _check_grid(layer: str, shape: tuple[int, ...], pooling: str, spec: str) -> 
                           f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. --pooling {fixed}")
 
 
-def _check_token_layers(loaded, shapes: dict, poolings: dict) -> None:
+def _check_token_layers(loaded, shapes: dict, poolings: dict, lengths: list[int]) -> None:
     """``cls`` and ``mean`` read the model's class/register tokens at the front of its token
-    sequence; a token output of another length (a ViT's patch embedding, before the class token
-    is prepended) does not have them there, and is refused rather than read wrongly."""
-    from vecsim.models import layer_shapes
-
+    sequence (the longest of the token ``lengths`` its modules give); a token output of another
+    length (a ViT's patch embedding, before the class token is prepended) does not have them
+    there, and is refused rather than read wrongly."""
     asked = [layer for layer, p in poolings.items() if p in ("cls", "mean") and len(shapes[layer]) == 2]
     if not asked or not loaded.prefix_tokens:
         return
-    lengths = [i.shape[0] for i in layer_shapes(loaded.module, loaded.preprocessing.crop) if len(i.shape) == 2]
     sequence = max(lengths, default=0)
     for layer in asked:
         if shapes[layer][0] != sequence:
@@ -219,8 +217,13 @@ class _Indexer:
         if len(set(cfg.layers)) != len(cfg.layers):
             raise ConfigError("--layers lists a layer twice")
         # shapes from the model while it is still on the CPU: their meta-device copy then
-        # never doubles the weights on a GPU
-        infos = layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers, strict=True)
+        # never doubles the weights on a GPU. cls/mean pooling also needs the model's token
+        # sequence length: every module is probed in the same pass then
+        poolings = None if previous is not None else per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
+        context = ([n for n, _ in loaded.module.named_modules() if n and n not in cfg.layers]
+                   if poolings and loaded.prefix_tokens and {"cls", "mean"} & set(poolings.values()) else [])
+        probed = layer_shapes(loaded.module, loaded.preprocessing.crop, [*cfg.layers, *context], strict=cfg.layers)
+        infos = [i for i in probed if i.name in set(cfg.layers)]
         shapes = {i.name: i.shape for i in infos}
         self.calls = {i.name: i.calls for i in infos}  # a module run several times is captured at its last call
         self.infos = {i.name: i for i in infos}  # what each captures of a tuple/dict output, batch first or not
@@ -236,10 +239,9 @@ class _Indexer:
             dims = parse_dims(cfg.dim, cfg.layers)
             # a factory string FAISS cannot build is refused now, not after every stimulus is reduced
             check_index_spec(cfg.index, [dims[layer] for layer in cfg.layers])
-            poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
             for layer in cfg.layers:
                 _check_grid(layer, shapes[layer], poolings[layer], cfg.pooling)
-            _check_token_layers(loaded, shapes, poolings)
+            _check_token_layers(loaded, shapes, poolings, [i.shape[0] for i in probed if len(i.shape) == 2])
             self.reducers = {
                 layer: LayerReducer(
                     layer, shapes[layer],

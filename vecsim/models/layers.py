@@ -151,14 +151,15 @@ def batch_dim_of(shape: tuple[int, ...], batch: int) -> int | None:
 
 
 def layer_shapes(module, size: int, names: list[str] | None = None,
-                 input_shape: tuple[int, ...] | None = None, strict: bool = False) -> list[LayerInfo]:
+                 input_shape: tuple[int, ...] | None = None, strict: bool | list[str] = False) -> list[LayerInfo]:
     """Output shape (of the last call) and calls per forward pass of every (or the named)
     layer, for ``size``×``size`` RGB input (or input of ``input_shape``, without the batch).
 
     Every module is listed; one whose output is a tuple, list, dict or dataclass under its
     name with its first tensor, and its other tensors as ``name[key]`` entries. Modules that
     do not run in the forward pass (in eval mode) or return no tensor are left out; with
-    ``strict`` (and ``names``) such a named layer is an UnknownLayerError saying which.
+    ``strict`` (and ``names``) such a named layer is an UnknownLayerError saying which (with a
+    list, only the layers in it: the others are probed for context, e.g. token lengths).
     """
     import torch
 
@@ -250,7 +251,7 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
         fired[0] = 0
         run(module, param.device if param is not None else torch.device("cpu"))
     if strict and names is not None:
-        for name in names:
+        for name in (names if strict is True else strict):
             if name in seen:
                 continue
             if name in problems:

@@ -220,6 +220,13 @@ def test_bad_selectors_and_outputs_without_a_batch_are_refused(shared_image_set,
         def forward(self, x):
             return x.flatten()  # no batch dimension left
 
+    from collections import namedtuple
+
+    from vecsim.models.layers import select
+
+    Out = namedtuple("Out", "hidden pooled")
+    value = Out(torch.zeros(2, 3), torch.ones(2))
+    assert select(value, ("pooled",), "m[pooled]") is value.pooled and select(value, (-2,), "m[-2]") is value.hidden
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), Flat())
     with pytest.raises(UnknownLayerError, match="neither its first nor its second dimension is the batch"):
         layer_shapes(net, 8, ["1"], strict=True)
@@ -339,7 +346,9 @@ def test_factory_file_with_a_checkpoint_reloads_and_refuses_a_changed_file(share
         add(out, [str(new)], progress=False)
 
 
-def test_factory_errors_are_clear(factory_file, tmp_path):
+def test_factory_errors_are_clear(factory_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(factory_file.parent)  # a relative file is recorded by its absolute path
+    assert load_model("mynet.py:build").name == f"{factory_file}:build"
     with pytest.raises(UnknownModelError, match="returned str, not an nn.Module or \\(nn.Module, preprocessing\\)"):
         load_model(f"{factory_file}:not_a_model")
     with pytest.raises(UnknownModelError, match="has no function 'buld'; did you mean: build"):

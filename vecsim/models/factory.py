@@ -55,6 +55,8 @@ def load_factory(spec: str, weights: str | None, checkpoint, expected_sha: str |
         state, sha = read_checkpoint(checkpoint, expected_sha)
         load_state(module, state, checkpoint)
     prefix, class_token = token_layout(module)
+    if _is_file(target):  # recorded with the file's absolute path: a reload from another folder finds it
+        spec = f"{file}:{function}"
     return LoadedModel(module, pre, spec, None, None if checkpoint is None else str(checkpoint), sha, None, notes,
                        source="factory", file=file, file_sha256=file_sha, prefix_tokens=prefix, class_token=class_token)
 

@@ -3,7 +3,7 @@ and which tensor of a module's output is captured.
 
 A layer is a module name (``layer3.1``, ``blocks.5``), optionally followed by a selector
 of one part of a module output that is not a tensor: ``blocks.3[0]`` (a tuple's or list's
-first element), ``encoder[last_hidden_state]`` (a dict key or a dataclass field), chained
+first element), ``encoder[last_hidden_state]`` (a dict key, a dataclass or namedtuple field), chained
 for nested outputs (``attn[0][1]``). A name that is itself a module is always the module,
 so a selector never hides one. Without a selector, a tuple, list, dict or dataclass output
 is captured by its first tensor (depth first), and ``vecsim layers`` says which.
@@ -81,6 +81,8 @@ def select(output, keys: tuple, layer: str):
             key += len(output)
         if key not in found and str(key) in found:  # a dict key that looks like a number
             key = str(key)
+        if isinstance(key, str) and key in getattr(output, "_fields", ()):  # a namedtuple's field
+            key = output._fields.index(key)
         if key not in found:
             where = split_layer(layer)[0] + selector_text(keys[:depth])
             choices = ", ".join(f"[{k}]" for k in found) or "none: it is not a tuple, list, dict or dataclass"

@@ -340,10 +340,11 @@ def test_factory_file_with_a_checkpoint_reloads_and_refuses_a_changed_file(share
     changed = _cli("query", str(out), "--image", str(new), "--layer", "conv")
     assert changed.returncode != 0 and len(changed.stderr.strip().splitlines()) == 1
     assert "changed since the store was built" in changed.stderr and "mynet.py" in changed.stderr
-    from vecsim.maintain import add
+    from vecsim.maintain import add, verify
 
     with pytest.raises(CheckpointError, match="factory file .* changed since the store was built"):
         add(out, [str(new)], progress=False)
+    assert any("factory file" in p and "changed since" in p for p in verify(Store.open(out), rehash=True))
 
 
 def test_factory_errors_are_clear(factory_file, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from vecsim.errors import DeviceError, ImageDecodeError
 from vecsim.models import Preprocessing, check_layers
+from vecsim.models.layers import select, split_layer, tensor_parts
 from vecsim.stimuli import DEFAULT_MAX_PIXELS, Failure, decode_image
 
 
@@ -79,9 +80,8 @@ class LayerCapture:
         # per layer: (selector keys of the captured part of a non-tensor output, batch dim); without
         # them, from the shape probe or (with ``calls``) the selector in the name and batch first
         self._layouts = dict(layouts or {})
-    def __enter__(self) -> "LayerCapture":
-        from vecsim.models import split_layer
 
+    def __enter__(self) -> "LayerCapture":
         modules = dict(self.model.named_modules())
         try:
             for layer in self.layers:
@@ -119,8 +119,6 @@ class LayerCapture:
     def _tensor(self, layer: str, output):
         """The layer's tensor in a module output (the selected part; batch first), a view, no copy."""
         import torch
-
-        from vecsim.models.layers import select, split_layer, tensor_parts
 
         if layer not in self._layouts:  # calls given without layouts: the name's selector, else the first tensor
             keys = split_layer(layer, dict(self.model.named_modules()))[1]

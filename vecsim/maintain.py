@@ -36,7 +36,7 @@ def verify(store, rehash: bool = False) -> list[str]:
     Checks that FAISS ids, Lance rows and stimuli agree per layer, that dims and
     transform hashes match the manifest, that no vector is NaN or off the unit sphere
     (all-zero vectors are allowed), and with ``rehash`` that the stimulus files still
-    have their recorded sha256, and the model checkpoint (if any) too.
+    have their recorded sha256, and the model checkpoint and a factory's file (if any) too.
     """
     problems: list[str] = []
     manifest = store.manifest

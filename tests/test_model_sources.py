@@ -267,6 +267,10 @@ def test_token_poolings_refuse_what_they_cannot_mean(shared_image_set, factory_f
     with pytest.raises(ConfigError, match="patch_embed gives 4 tokens, the model's sequence has 5"):
         _index(shared_image_set, tmp_path / "c", model="timm:vit_tiny_patch16_224", weights="none", size=32,
                layers=["patch_embed"], pooling="mean")  # before the class token is prepended
+    with pytest.raises(ConfigError, match="needs a \\(C, H, W\\) output, the layer gives \\(5, 192\\); for token "
+                                          "outputs use tokens, cls or mean"):
+        _index(shared_image_set, tmp_path / "e", model="timm:vit_tiny_patch16_224", weights="none", size=32,
+               layers=["blocks.0"], pooling="avg")
     with pytest.raises(ConfigError, match="choose flatten, avg, max or grid:K .* tokens, cls or mean"):
         _index(shared_image_set, tmp_path / "d", model="digits-cnn", layers=["features.conv2"], pooling="first")
 

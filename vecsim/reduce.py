@@ -128,7 +128,8 @@ def pooled_units(shape: tuple[int, ...], pooling: str, prefix_tokens: int = 0, c
     if pooling in TOKEN_POOLINGS:
         return _token_units(tuple(shape), pooling, prefix_tokens, class_token)
     if len(shape) != 3:
-        raise ConfigError(f"pooling {pooling!r} needs a (C, H, W) output, the layer gives {tuple(shape)}")
+        raise ConfigError(f"pooling {pooling!r} needs a (C, H, W) output, the layer gives {tuple(shape)}"
+                          + ("; for token outputs use tokens, cls or mean" if len(shape) == 2 else ""))
     grid = pooling_grid(pooling)
     return shape[0] * (grid * grid if grid else 1)
 

@@ -146,7 +146,7 @@ def layers_cmd(
         return
     tokens = (f"; token outputs have {loaded.prefix_tokens} class/register token(s) first"
               if loaded.prefix_tokens else "")
-    typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable layers{tokens}")
+    typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable modules{tokens}")
     width, kinds = max(len(i.name) for i in infos), max(18, *(len(i.kind) for i in infos))
     typer.echo(f"{'layer':<{width}}  {'type':<{kinds}} {'shape':<18} {'units':>12}")
     for i in infos:
@@ -528,6 +528,24 @@ def add_cmd(
     result = add(store, sources, label=label, device=device, batch_size=batch_size, progress=not quiet)
     typer.echo(f"added {result['added']} stimuli ({result['skipped_duplicates']} already present, "
                f"{result['failed']} failed); the store now holds {result['stimuli']} in {result['seconds']:.1f} s")
+
+
+# -- serve ---------------------------------------------------------------------------
+
+@app.command("serve")
+def serve_cmd(
+    stores: list[str] = typer.Argument(..., help="Store folder(s); two stores of the same stimuli are shown side by side."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any other than 127.0.0.1 is reachable from other machines)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on."),
+    source: Optional[str] = typer.Option(None, "--source", help="The first store's stimulus folder, when it has moved since indexing."),
+    token: Optional[str] = typer.Option(None, "--token", help="Require this secret on every request (the printed URL carries it)."),
+    max_upload_mb: float = typer.Option(16, "--max-upload-mb", help="Largest image an upload may send, in MB."),
+) -> None:
+    """A local, read-only web app: browse stimuli and their nearest images layer by layer."""
+    from vecsim.serve import serve
+
+    serve(stores, host=host, port=port, source=source, token=token, max_upload_mb=max_upload_mb,
+          echo=typer.echo, warn=_echo_err)
 
 
 # -- entry point ---------------------------------------------------------------------

@@ -221,6 +221,14 @@ class Store:
     def layers(self) -> list[str]:
         return list(self.manifest.get("layers", {}))
 
+    def layers_by_depth(self) -> list[str]:
+        """The layers in the model's forward-pass order (recorded at indexing); in a store
+        indexed before it was recorded, the order they were listed in."""
+        depth = {layer: self.layer_info(layer).get("depth") for layer in self.layers}
+        if any(d is None for d in depth.values()):
+            return self.layers
+        return sorted(self.layers, key=lambda layer: depth[layer])
+
     @property
     def complete(self) -> bool:
         return self.manifest.get("status") == "complete"

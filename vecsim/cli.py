@@ -37,10 +37,10 @@ def _echo_err(text: str) -> None:
 @app.command("index")
 def index_cmd(
     source: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively) or builtin:digits."),
-    model: Optional[str] = typer.Option(None, "--model", help="torchvision model name or digits-cnn."),
+    model: Optional[str] = typer.Option(None, "--model", help="torchvision name, digits-cnn, timm:NAME, open_clip:ARCH, file.py:factory or package.module:factory."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated module names to hook."),
     out: Optional[str] = typer.Option(None, "--out", help="Store folder to create."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weight enum name, DEFAULT or none."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision: enum name, DEFAULT or none; timm: pretrained, a tag or none; open_clip: a tag or none."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local state dict for the architecture."),
     dim: Optional[str] = typer.Option(None, "--dim", help="N, auto, or per layer 'layer=N,...,N' [default: 256]."),
     max_dim: Optional[int] = typer.Option(None, "--max-dim", help="Cap for --dim auto [default: 512]."),
@@ -48,7 +48,7 @@ def index_cmd(
     center: Optional[bool] = typer.Option(None, "--center/--no-center", help="Centred PCA instead of the uncentred projection."),
     sketch_dim: Optional[int] = typer.Option(None, "--sketch-dim", help="Count-sketch dims (0: never) [default above 65536 units: a power of two from 16384 to 131072, about units/20]."),
     drop_zero_units: Optional[bool] = typer.Option(None, "--drop-zero-units", help="Drop units zero for every training stimulus (count reported)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K, or per layer 'layer=avg,...'."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K (feature maps), tokens, cls, mean (token outputs), or per layer 'layer=avg,...'."),
     index: Optional[str] = typer.Option(None, "--index", help="auto, flat, hnsw, ivf-pq, or a FAISS factory string [default: auto]."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Training sample for the projection [default: 1000]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the training sample [default: 0]."),
@@ -107,6 +107,10 @@ def index_cmd(
             exact += f", {fit['dropped_zero_units']:,} always-zero units dropped"
         if fit.get("calls", 1) > 1:
             exact += f", the last of its {fit['calls']} calls per forward pass"
+        if fit.get("output"):
+            exact += f", {fit['select']} of its {fit['output']} output"
+        if fit.get("batch_dim"):
+            exact += ", a sequence-first output read batch second"
         dims = (f"{fit['units']:,} units → sketch {fit['dim_in']:,} → {fit['dim']}" if fit.get("sketched")
                 else f"{fit['dim_in']} → {fit['dim']}")
         typer.echo(f"  {layer}: {dims} dims, {exact} (n_train={fit['n_train']}){fidelity}")
@@ -128,7 +132,7 @@ def index_cmd(
 
 @app.command("layers")
 def layers_cmd(
-    model: str = typer.Argument(..., help="torchvision model name or digits-cnn."),
+    model: str = typer.Argument(..., help="torchvision name, digits-cnn, timm:NAME, open_clip:ARCH or file.py:factory."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels [default: the model's crop]."),
     weights: str = typer.Option("none", "--weights", help="Weights to build with (shapes do not depend on them)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -141,14 +145,24 @@ def layers_cmd(
     infos = layer_shapes(loaded.module, side)
     if as_json:
         typer.echo(json.dumps([{"name": i.name, "type": i.kind, "shape": list(i.shape), "units": i.units,
-                                "calls": i.calls} for i in infos], indent=2))
+                                "calls": i.calls, "output": i.output, "select": i.select,
+                                "batch_dim": i.batch_dim} for i in infos], indent=2))
         return
-    typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable modules")
-    width = max(len(i.name) for i in infos)
-    typer.echo(f"{'layer':<{width}}  {'type':<18} {'shape':<18} {'units':>12}")
+    tokens = (f"; token outputs have {loaded.prefix_tokens} class/register token(s) first"
+              if loaded.prefix_tokens else "")
+    typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable modules{tokens}")
+    width, kinds = max(len(i.name) for i in infos), max(18, *(len(i.kind) for i in infos))
+    typer.echo(f"{'layer':<{width}}  {'type':<{kinds}} {'shape':<18} {'units':>12}")
     for i in infos:
-        reused = f"  runs {i.calls}x per pass: the last call is captured" if i.calls > 1 else ""
-        typer.echo(f"{i.name:<{width}}  {i.kind:<18} {'x'.join(map(str, i.shape)):<18} {i.units:>12,}{reused}")
+        notes = [f"runs {i.calls}x per pass: the last call is captured"] if i.calls > 1 else []
+        if i.output and i.name.endswith(i.select):
+            notes.append(f"part {i.select} of its {i.output} output")
+        elif i.output:
+            notes.append(f"returns {i.output}: {i.select} captured")
+        if i.batch_dim:
+            notes.append("sequence first: read batch second")
+        typer.echo(f"{i.name:<{width}}  {i.kind:<{kinds}} {'x'.join(map(str, i.shape)):<18} {i.units:>12,}"
+                   + ("  " + "; ".join(notes) if notes else ""))
 
 
 # -- info ----------------------------------------------------------------------------
@@ -491,11 +505,11 @@ def compare_cmd(
 
 @app.command("prune")
 def prune_cmd(
-    model: str = typer.Option(..., "--model", help="torchvision model name or digits-cnn."),
+    model: str = typer.Option(..., "--model", help="Model spec, as for index (torchvision name, timm:NAME, open_clip:ARCH, file.py:factory, ...)."),
     out: str = typer.Option(..., "--out", help="File for the pruned state dict (e.g. pruned.pt)."),
     amount: float = typer.Option(..., "--amount", help="Fraction of weights to zero, in [0, 1)."),
     scope: str = typer.Option("global", "--scope", help="global (one ranking over all layers) or layerwise."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weight enum name, DEFAULT or none."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision: enum name, DEFAULT or none; timm: pretrained, a tag or none; open_clip: a tag or none."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local state dict to prune instead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),

@@ -67,6 +67,10 @@ class CheckpointError(VecsimError, ValueError):
     pass
 
 
+class MissingExtraError(VecsimError, ImportError):
+    """An optional library (an extra of vecsim's) that a requested feature needs is not installed."""
+
+
 class DeviceError(VecsimError, RuntimeError):
     pass
 
@@ -90,7 +94,3 @@ def close_matches(name: str, choices: Iterable[str], n: int = 5) -> str:
     if not found:
         found = [c for c in choices if name.lower() in c.lower()][:n]
     return f"; did you mean: {', '.join(found)}" if found else ""
-
-
-class MissingExtraError(VecsimError, ImportError):
-    """An optional library that a feature needs is not installed; the message names the extra."""

@@ -55,12 +55,31 @@ def index_stimuli(config: IndexConfig | None = None, *, config_file: str | None 
 
     Pass an :class:`IndexConfig`, or its fields as keywords (``source``, ``model``,
     ``layers``, ``out``, ``dim``...), optionally over a config file.
+
+    ``model`` may also be a torch ``nn.Module`` (in a notebook), with ``preprocessing`` a
+    :class:`vecsim.models.Preprocessing` or a dict (``size``, ``mean``, ``std``,
+    ``interpolation``); the store records it as ``python:ClassName``, which ``query --image``
+    and ``add`` cannot load again (they say so).
     """
+    given = None
+    module = config.model if config is not None else options.get("model")
+    preprocessing = options.pop("preprocessing", None)
+    if module is not None and not isinstance(module, str):
+        from vecsim.models import wrap_module
+
+        given = wrap_module(module, preprocessing)
+        if config is None:
+            options["model"] = given.name
+        else:
+            config.model = given.name
+    elif preprocessing is not None:
+        raise ConfigError("preprocessing= goes with model=<nn.Module>; a model spec brings its own "
+                          "(override it with size, mean, std)")
     if config is None:
         config = resolve(options, config_file)
     else:
         config.validate()
-    return _Indexer(config, progress).run()
+    return _Indexer(config, progress, given).run()
 
 
 def resume_options(store: str | Path) -> dict:
@@ -184,15 +203,51 @@ def _check_grid(layer: str, shape: tuple[int, ...], pooling: str, spec: str) -> 
                           f"{grid}x{grid} (cells would be repeated); give it its own pooling, e.g. --pooling {fixed}")
 
 
+def _check_token_layers(loaded, shapes: dict, poolings: dict, lengths: list[int]) -> None:
+    """``cls`` and ``mean`` read the model's class/register tokens at the front of its token
+    sequence (the longest of the token ``lengths`` its modules give); a token output of another
+    length (a ViT's patch embedding, before the class token is prepended) does not have them
+    there, and is refused rather than read wrongly."""
+    asked = [layer for layer, p in poolings.items() if p in ("cls", "mean") and len(shapes[layer]) == 2]
+    if not asked or not loaded.prefix_tokens:
+        return
+    sequence = max(lengths, default=0)
+    for layer in asked:
+        if shapes[layer][0] != sequence:
+            raise ConfigError(
+                f"--pooling {poolings[layer]} on {layer}: {layer} gives {shapes[layer][0]} tokens, the model's sequence "
+                f"has {sequence} (with its {loaded.prefix_tokens} class/register token(s) first), so its first tokens "
+                "are not those; use tokens pooling there, or hook a layer of the whole sequence")
+
+
+def _token_layout(loaded, pooling: str) -> tuple[int, bool]:
+    """(prefix tokens, class token) of the model for a token pooling that needs them; else the defaults."""
+    from vecsim.reduce import TOKEN_POOLINGS
+
+    return (loaded.prefix_tokens, loaded.class_token) if pooling in TOKEN_POOLINGS else (0, False)
+
+
+def _capture_record(info) -> dict:
+    """What the manifest says about the captured output where it is not the module's plain
+    batch-first tensor: the part of a tuple/dict output, a sequence-first output."""
+    record = {}
+    if info.output:
+        record.update(output=info.output, select=info.select)
+    if info.batch_dim:
+        record["batch_dim"] = info.batch_dim
+    return record
+
+
 def _utc(seconds: float) -> str:
     """A ``time.time()`` as the runs table writes it (UTC, ISO 8601)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
 
 
 class _Indexer:
-    def __init__(self, config: IndexConfig, progress: bool):
+    def __init__(self, config: IndexConfig, progress: bool, given=None):
         self.config = config
         self.progress = progress
+        self.given = given  # a LoadedModel of a module handed over in Python (index_stimuli(model=...))
         self.run_id = 1
 
     # -- setup -------------------------------------------------------------------
@@ -207,7 +262,7 @@ class _Indexer:
         import torch
 
         from vecsim.extract import resolve_device
-        from vecsim.models import check_layers, layer_shapes, load_model
+        from vecsim.models import check_layers, layer_shapes, load_model, override_preprocessing
         from vecsim.index import check_index_spec
         from vecsim.reduce import LayerReducer, ReducerConfig, parse_dims, per_layer
         from vecsim.stimuli import discover
@@ -216,18 +271,29 @@ class _Indexer:
         _import_lancedb_in_background()  # about a second of imports, overlapped with model loading and decoding
         device = resolve_device(cfg.device)
         stim_set = discover(cfg.source, cfg.manifest, cfg.labels_from_folders)
-        # resuming: the checkpoint must still be the file the store was started with
-        started_sha = (previous or {}).get("model", {}).get("checkpoint_sha256")
-        loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std,
-                            checkpoint_sha256=started_sha)
+        # resuming: the checkpoint and a factory's file must still be those the store was started with
+        recorded = (previous or {}).get("model", {})
+        if self.given is not None:
+            loaded = self.given
+            loaded.preprocessing = override_preprocessing(loaded.preprocessing, cfg.size, cfg.mean, cfg.std)
+        else:
+            loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std,
+                                checkpoint_sha256=recorded.get("checkpoint_sha256"),
+                                file_sha256=recorded.get("file_sha256"))
         check_layers(loaded.module, cfg.layers)
         if len(set(cfg.layers)) != len(cfg.layers):
             raise ConfigError("--layers lists a layer twice")
         # shapes from the model while it is still on the CPU: their meta-device copy then
-        # never doubles the weights on a GPU
-        infos = layer_shapes(loaded.module, loaded.preprocessing.crop, cfg.layers, strict=True)
+        # never doubles the weights on a GPU. cls/mean pooling also needs the model's token
+        # sequence length: every module is probed in the same pass then
+        poolings = None if previous is not None else per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
+        context = ([n for n, _ in loaded.module.named_modules() if n and n not in cfg.layers]
+                   if poolings and loaded.prefix_tokens and {"cls", "mean"} & set(poolings.values()) else [])
+        probed = layer_shapes(loaded.module, loaded.preprocessing.crop, [*cfg.layers, *context], strict=cfg.layers)
+        infos = [i for i in probed if i.name in set(cfg.layers)]
         shapes = {i.name: i.shape for i in infos}
         self.calls = {i.name: i.calls for i in infos}  # a module run several times is captured at its last call
+        self.infos = {i.name: i for i in infos}  # what each captures of a tuple/dict output, batch first or not
         by_order = sorted(infos, key=lambda i: i.order)
         self.depth = {i.name: d for d, i in enumerate(by_order)}  # 0 = the first hooked output of a forward pass
         model = loaded.module.to(device)
@@ -241,14 +307,15 @@ class _Indexer:
             dims = self.dims
             # a factory string FAISS cannot build is refused now, not after every stimulus is reduced
             check_index_spec(cfg.index, [dims[layer] for layer in cfg.layers])
-            poolings = per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
             for layer in cfg.layers:
                 _check_grid(layer, shapes[layer], poolings[layer], cfg.pooling)
+            _check_token_layers(loaded, shapes, poolings, [i.shape[0] for i in probed if len(i.shape) == 2])
             self.reducers = {
                 layer: LayerReducer(
                     layer, shapes[layer],
                     ReducerConfig(cfg.similarity, cfg.center, dims[layer], cfg.max_dim, cfg.energy,
-                                  cfg.sketch_dim, cfg.sketch_seed, poolings[layer], cfg.drop_zero_units),
+                                  cfg.sketch_dim, cfg.sketch_seed, poolings[layer], cfg.drop_zero_units,
+                                  *_token_layout(loaded, poolings[layer])),
                     device,
                 )
                 for layer in cfg.layers
@@ -288,6 +355,8 @@ class _Indexer:
         described = {layer: r.describe() for layer, r in self.reducers.items()}
         layers = {layer: {**described[layer]["fit"], "dropped_zero_units": described[layer]["dropped_zero_units"],
                           "calls": self.calls.get(layer, 1), "center": bool(r.config.center),
+                          "output": self.infos[layer].output, "select": self.infos[layer].select,
+                          "batch_dim": self.infos[layer].batch_dim,
                           "units": r.units, "sketched": r.sketch is not None,
                           "index": self.writer.manifest["layers"][layer].get("index", {})}
                   for layer, r in self.reducers.items()}
@@ -490,7 +559,7 @@ class _Indexer:
                       "sketch": self.config.sketch_seed, "model_init": self.loaded.describe()["init_seed"] or 0},
             "layers": {
                 layer: {"slug": slugs[layer], "table": f"vectors_{slugs[layer]}", "depth": self.depth[layer],
-                        "reducer": r.describe()}
+                        **_capture_record(self.infos[layer]), "reducer": r.describe()}
                 for layer, r in self.reducers.items()
             },
             "counts": {"stimuli": 0, "failures": 0},
@@ -624,7 +693,8 @@ class _Indexer:
             self._restore_chunk(chunk, held, norms, rows)
         commits = _ScratchCommits(self, held, norms, rows)
         functions = {layer: self._layer_function(r, project=False) for layer, r in self.reducers.items()}
-        with LayerCapture(self.model, self.config.layers, functions, calls=self.calls) as capture:
+        with LayerCapture(self.model, self.config.layers, functions, calls=self.calls,
+                          layouts={layer: info.layout for layer, info in self.infos.items()}) as capture:
             for part in (part for batch in self._batches(items) for part in self._slices(batch)):
                 keep, results = self._forward(capture, part, bar)
                 if keep:
@@ -762,7 +832,8 @@ class _Indexer:
         pending_rows: list[dict] = []
         pending: dict[str, list] = {layer: [] for layer in self.reducers}
         count = 0
-        with LayerCapture(self.model, self.config.layers, functions, calls=self.calls) as capture:
+        with LayerCapture(self.model, self.config.layers, functions, calls=self.calls,
+                          layouts={layer: info.layout for layer, info in self.infos.items()}) as capture:
             for batch in self._batches(items):
                 keep, results = self._forward(capture, batch, bar)
                 keep = [p for p in keep if batch.ids[p] not in self.eval_only]

@@ -454,11 +454,9 @@ class Store:
 
     def load_model(self, device: str = "cpu"):
         """The store's model on ``device`` and its recorded preprocessing, for new images."""
-        from vecsim.models import Preprocessing, load_model
+        from vecsim.models import Preprocessing, reload_model
 
-        info = self.manifest["model"]
-        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"],
-                            checkpoint_sha256=info.get("checkpoint_sha256"))
+        loaded = reload_model(self.manifest["model"])
         return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
 
     def spectrum(self, layer: str, centred: bool = False) -> np.ndarray:

@@ -438,10 +438,15 @@ class _Indexer:
                 "width": width, "height": height, "input_sha256": batch.input_sha256[pos], **stim.extra}
 
     def _fit_pass(self, items, bar) -> int:
+        return self._fit_held(*self._hold_training(items, bar))
+
+    def _hold_training(self, items, bar) -> tuple[dict, dict, list[dict]]:
+        """Forward the training sample: (per layer its prepared vectors (n, dim_in) as
+        :func:`~vecsim.reduce.held_rows` gives them, per layer the raw norms (n,), the
+        stimulus rows), the first ``len(rows)`` rows of each filled, in the order of ``items``."""
         import torch
 
         from vecsim.extract import LayerCapture
-        from vecsim.index import check_index_spec
         from vecsim.reduce import held_dtype, held_rows
 
         n = len(items)
@@ -460,6 +465,15 @@ class _Indexer:
                     held[layer][at : at + len(keep)] = held_rows(self.reducers[layer], z[rows_at]).cpu()
                     norms[layer][at : at + len(keep)] = raw_norm[rows_at].cpu()
                 rows.extend(self._stimulus_row(batch, pos) for pos in keep)
+        return held, norms, rows
+
+    def _fit_held(self, held: dict, norms: dict, rows: list[dict]) -> int:
+        """Fit every layer's projection on the held training sample, save the transforms,
+        commit the projected training vectors; the number of training stimuli."""
+        import torch
+
+        from vecsim.index import check_index_spec
+
         count = len(rows)
         kill_point("fit-pass")
         if count == 0:

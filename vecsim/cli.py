@@ -380,9 +380,10 @@ def neighbors_cmd(
     """The all-vs-all k-NN graph of one layer, written to Parquet."""
     from vecsim.store import Store
 
+    spread = _wants_ray(ray, ray_address, ray_workers)
     opened = Store.open(store)
     _warn_unfinished(opened)
-    if _wants_ray(ray, ray_address, ray_workers):
+    if spread:
         from vecsim import distributed
 
         result = distributed.neighbors(opened, layer, k, out, overwrite=overwrite, progress=not quiet, device=device,

@@ -401,7 +401,7 @@ class IndexActor(_Actor):
 
         ix, items, bar = self._begin(stimuli, fitted=False)
         held, norms, rows = ix._hold_training(items, bar)
-        kill_once("ray-actor")
+        kill_once("ray-prepare")
         count = len(rows)
         nonzero = {}
         for layer, reducer in ix.reducers.items():
@@ -417,7 +417,7 @@ class IndexActor(_Actor):
 
         ix, items, bar = self._begin(stimuli, fitted=True)
         count = ix._stream_pass(items, bar)
-        kill_once("ray-actor")
+        kill_once("ray-reduce")  # its fragments are written, never to be committed
         return {"fragments": ix.writer.take(), **self._done(ix, count, len(stimuli))}
 
     @staticmethod
@@ -530,5 +530,5 @@ class NeighborActor(_Actor):
         tmp = part.with_name(part.name + f".{os.getpid()}.tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, part)  # a retried block replaces the part whole
-        kill_once("ray-actor")
+        kill_once("ray-neighbors")
         return {"part": str(part), "queries": hi - lo, "node": _node_id()}

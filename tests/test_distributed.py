@@ -153,7 +153,7 @@ def test_an_actor_killed_mid_run_has_its_chunk_redone(cluster, job, tmp_path):
 @pytest.mark.slow
 def test_a_killed_driver_is_finished_by_the_same_command(cluster, job, tmp_path):
     out = tmp_path / "store"
-    killed = index_on(cluster, job, out, {"VECSIM_KILL_AT": "chunk:4"}  # the 2nd chunk of pass 2 (2 train chunks))
+    killed = index_on(cluster, job, out, {"VECSIM_KILL_AT": "chunk:4"})  # pass 2's 2nd chunk (pass 1 commits 2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     manifest = json.loads((out / "vecsim.json").read_text())
     assert manifest["status"] == "indexing"

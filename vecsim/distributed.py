@@ -78,8 +78,9 @@ def ray_cluster(address: str | None = None, workers: int | None = None):
         else:
             saved = {name: os.environ.pop(name) for name in DRIVER_ONLY_ENV if name in os.environ}
             try:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                         **common)
+                # "local": a new cluster, not one `ray start` left running on this machine
+                ray.init(address="local", num_cpus=workers or os.cpu_count() or 1,
+                         object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
             finally:
                 os.environ.update(saved)
     except (ConnectionError, RuntimeError, ValueError) as exc:

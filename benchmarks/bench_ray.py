@@ -1,0 +1,134 @@
+"""The same `vecsim index` job in one process and with `--ray` (1 and 2 nodes on this machine).
+
+Run with:
+    python benchmarks/bench_ray.py [--n 96] [--side 96] [--size 64] [--model resnet18]
+           [--layers layer2,layer4] [--repeats 1]
+
+Every run is a fresh `python -m vecsim index` child with the same images and settings, one
+after the other:
+
+* one-process: the baseline;
+* ray-local: `--ray` with no address: vecsim starts a local cluster (every core) and shuts it
+  down, both inside the child's wall time;
+* ray-1-node: `--ray --ray-address` of a cluster started before (one node, every core);
+* ray-2-nodes: the same on a head and a second node (the cores split between them), as
+  `ray.cluster_utils.Cluster` runs them on one machine.
+
+Prints each run's wall time and the run's own "indexed in S s" clock (from model loading to the
+index build; Ray connection and cluster start-up are outside it), and their ratios to the
+one-process run (> 1: slower). On one machine the actors share the cores the one process
+uses, so the ratios measure Ray's overhead, not a speed-up. Each store is checked against the
+one-process store (same ids, vectors to 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(CHECKOUT))
+
+
+def make_images(root: Path, n: int, side: int, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        folder = root / f"class_{i % 8}"
+        folder.mkdir(parents=True, exist_ok=True)
+        f = rng.uniform(1, 12, 3)
+        img = np.stack([np.sin(2 * np.pi * (f[c] * xx + f[(c + 1) % 3] * yy) + rng.uniform(0, 6)) for c in range(3)], -1)
+        img = np.clip(127 + 100 * img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img_{i:05d}.jpg", quality=90)
+
+
+def index(args, images: Path, out: Path, *extra) -> tuple[float, float]:
+    """(wall seconds of the child, the run's own seconds as it prints them)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(CHECKOUT)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "vecsim", "index", str(images), "--model", args.model, "--weights", "none",
+           "--layers", args.layers, "--size", str(args.size), "--dim", "32", "--train-size", str(args.n // 3),
+           "--eval-size", str(args.n // 3), "--chunk-size", str(args.n // 6), "--batch-size", "8",
+           "--out", str(out), "--overwrite", "-q", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    own = float(re.search(r" in ([0-9.]+) s \(", done.stdout).group(1))
+    return wall, own
+
+
+def same_store(path: Path, reference: Path) -> bool:
+    from vecsim.store import Store
+
+    a, b = Store.open(path), Store.open(reference)
+    for layer in b.layers:
+        ids, vecs = a.vectors(layer)
+        ref_ids, ref_vecs = b.vectors(layer)
+        if ids.tolist() != ref_ids.tolist() or not np.allclose(vecs, ref_vecs, atol=1e-5):
+            return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=96)
+    parser.add_argument("--side", type=int, default=96)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--layers", default="layer2,layer4")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    from ray.cluster_utils import Cluster
+
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="vecsim-bench-ray-"))
+    try:
+        images = work / "images"
+        make_images(images, args.n, args.side)
+        print(f"vecsim --ray benchmark: {args.n} images {args.side}px, {args.model} --size {args.size} "
+              f"--layers {args.layers}, {cores} cores, python {sys.version.split()[0]}")
+        results: dict[str, list[tuple[float, float]]] = {}
+        small = {"object_store_memory": 128 * 2**20}
+        for _ in range(args.repeats):
+            results.setdefault("one-process", []).append(index(args, images, work / "one"))
+            results.setdefault("ray-local", []).append(index(args, images, work / "ray-local", "--ray"))
+            for name, split in (("ray-1-node", [cores]), ("ray-2-nodes", [max(1, cores // 2)] * 2)):
+                cluster = Cluster(initialize_head=True,
+                                  head_node_args={"num_cpus": split[0], "include_dashboard": False, **small})
+                try:
+                    for cpus in split[1:]:
+                        cluster.add_node(num_cpus=cpus, **small)
+                    cluster.wait_for_nodes()
+                    results.setdefault(name, []).append(
+                        index(args, images, work / name, "--ray", "--ray-address", cluster.address))
+                finally:
+                    cluster.shutdown()
+        base_wall = min(w for w, _ in results["one-process"])
+        base_own = min(o for _, o in results["one-process"])
+        print(f"{'run':<12} {'wall s':>8} {'own s':>8} {'wall ratio':>11} {'own ratio':>10}  same store")
+        for name, runs in results.items():
+            wall, own = min(w for w, _ in runs), min(o for _, o in runs)
+            same = "-" if name == "one-process" else str(same_store(work / name, work / "one"))
+            print(f"{name:<12} {wall:8.1f} {own:8.1f} {wall / base_wall:11.2f} {own / base_own:10.2f}  {same}")
+        print("wall: the child process from start to exit; own: the run's 'indexed in S s' clock; "
+              "ratio = run / one-process (> 1: slower); best of --repeats")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Run with:
     python benchmarks/bench_ray.py [--n 96] [--side 96] [--size 64] [--model resnet18]
-           [--layers layer2,layer4] [--repeats 1]
+           [--layers layer2,layer4] [--repeats 1] [--faiss-n 50000] [--skip-index]
 
 Every run is a fresh `python -m vecsim index` child with the same images and settings, one
 after the other:
@@ -19,6 +19,11 @@ index build; Ray connection and cluster start-up are outside it), and their rati
 one-process run (> 1: slower). On one machine the actors share the cores the one process
 uses, so the ratios measure Ray's overhead, not a speed-up. Each store is checked against the
 one-process store (same ids, vectors to 1e-5).
+
+With ``--faiss-n N`` it also times the index build of one layer on this machine, as the driver
+runs it (vecsim.index.new_index, train on vecsim's sample size, add N random unit vectors of 256
+dims), per kind: flat, hnsw (HNSW32) and ivf-pq (OPQ + IVF-PQ, its lists sized for N): the
+figures docs/scale.md scales to 1M and 100M stimuli.
 """
 
 from __future__ import annotations
@@ -82,6 +87,31 @@ def same_store(path: Path, reference: Path) -> bool:
     return True
 
 
+def faiss_build(n: int, dim: int = 256) -> None:
+    import faiss
+
+    from vecsim import index as vindex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64)
+    print(f"FAISS index build, N={n:,} dim={dim}, {faiss.omp_get_max_threads()} threads")
+    print(f"{'kind':<8} {'factory':<24} {'train s':>8} {'add s':>8} {'adds/s':>10} {'bytes/vector':>13}")
+    for kind in ("flat", "hnsw", "ivf-pq"):
+        index, spec = vindex.new_index(kind, dim, n)
+        start = time.perf_counter()
+        if vindex.needs_training(index):
+            size = min(n, vindex.training_size(index))
+            index.train(np.ascontiguousarray(vecs[rng.choice(n, size, replace=False)]))
+        trained = time.perf_counter() - start
+        start = time.perf_counter()
+        vindex.add(index, vecs, ids)
+        added = time.perf_counter() - start
+        size = len(faiss.serialize_index(index)) / n
+        print(f"{kind:<8} {spec:<24} {trained:8.2f} {added:8.2f} {n / added:10,.0f} {size:13,.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=96)
@@ -90,7 +120,13 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--layers", default="layer2,layer4")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--faiss-n", type=int, default=0, help="also time the index build on N vectors (0: no)")
+    parser.add_argument("--skip-index", action="store_true", help="only the FAISS section")
     args = parser.parse_args()
+    if args.faiss_n:
+        faiss_build(args.faiss_n)
+    if args.skip_index:
+        return
     os.environ["RAY_AUTH_MODE"] = "disabled"
     from ray.cluster_utils import Cluster
 

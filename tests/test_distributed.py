@@ -188,3 +188,52 @@ def test_neighbors_on_a_local_cluster_write_the_one_process_file(cluster, job, r
     assert raylets() == before
     assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "one.parquet").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "ray.parquet"]  # no parts left
+
+
+def test_a_worker_that_cannot_see_the_store_fails_the_job_in_one_line(tmp_path, monkeypatch):
+    """The shared-file-system check, with Ray's calls run in this process: one actor sees the
+    folders at another path (as a node that does not mount them would)."""
+    from vecsim import distributed
+    from vecsim.errors import StoreError
+
+    class Here:  # an actor handle whose method.remote(...) runs the method here
+        def __init__(self, actor, elsewhere: bool):
+            self.actor, self.elsewhere = actor, elsewhere
+
+        def __getattr__(self, name):
+            method = getattr(self.actor, name)
+            if name == "sees" and self.elsewhere:
+                method = lambda probes, token: self.actor.sees([str(tmp_path / "other" / Path(p).name) for p in probes], token)  # noqa: E731
+            return type("Method", (), {"remote": staticmethod(method)})
+
+    class FakeRay:
+        made = 0
+
+        def cluster_resources(self):
+            return {"CPU": 2.0}
+
+        def remote(self, **options):
+            assert options["max_restarts"] == -1 and options["max_task_retries"] == -1 and options["num_cpus"] == 1
+
+            def wrap(cls):
+                def make(*args):
+                    FakeRay.made += 1
+                    return Here(cls(*args), elsewhere=FakeRay.made == 2)
+                return type("Remote", (), {"remote": staticmethod(make)})
+            return wrap
+
+        def get(self, refs):
+            return refs
+
+        def kill(self, actor, no_restart):
+            pass
+
+    monkeypatch.setattr(distributed, "_node_id", lambda: "0123456789abcdef")
+    store = tmp_path / "store"
+    store.mkdir()
+    pool = distributed.ActorPool(FakeRay(), distributed._Actor, (), 1, [store])  # one actor: it sees the store
+    assert len(pool.actors) == 1
+    with pytest.raises(StoreError, match=r"node 0123456789ab cannot see .* docs/scale\.md") as raised:
+        distributed.ActorPool(FakeRay(), distributed._Actor, (), None, [store])  # two actors (2 CPUs)
+    assert f"cannot see {store}:" in str(raised.value) and "\n" not in str(raised.value)
+    assert list(store.iterdir()) == []  # the probe files are removed

@@ -140,8 +140,8 @@ class ActorPool:
             for probe in probes:
                 Path(probe).unlink(missing_ok=True)
         for node, missing in answers:
-            if missing:
-                raise StoreError(f"a Ray worker on node {node[:12]} cannot see {Path(missing).parent}: the store, the "
+            if missing is not None:
+                raise StoreError(f"a Ray worker on node {node[:12]} cannot see {folders[missing]}: the store, the "
                                  "stimuli and any checkpoint must be on a file system every node mounts at the same "
                                  "path (see docs/scale.md)")
 
@@ -189,15 +189,15 @@ def _node_id() -> str:
 class _Actor:
     """What every vecsim actor can answer."""
 
-    def sees(self, probes: list[str], token: str) -> tuple[str, str | None]:
-        """(this node, the first probe file it cannot read back, or None)."""
-        for probe in probes:
+    def sees(self, probes: list[str], token: str) -> tuple[str, int | None]:
+        """(this node, the position of the first probe file it cannot read back, or None)."""
+        for position, probe in enumerate(probes):
             try:
                 if Path(probe).read_text() == token:
                     continue
             except OSError:
                 pass
-            return _node_id(), probe
+            return _node_id(), position
         return _node_id(), None
 
 

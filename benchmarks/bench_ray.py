@@ -43,19 +43,7 @@ import numpy as np
 CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(CHECKOUT))
 
-
-def make_images(root: Path, n: int, side: int, seed: int = 0) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    for i in range(n):
-        folder = root / f"class_{i % 8}"
-        folder.mkdir(parents=True, exist_ok=True)
-        f = rng.uniform(1, 12, 3)
-        img = np.stack([np.sin(2 * np.pi * (f[c] * xx + f[(c + 1) % 3] * yy) + rng.uniform(0, 6)) for c in range(3)], -1)
-        img = np.clip(127 + 100 * img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"img_{i:05d}.jpg", quality=90)
+from bench_index import make_images  # noqa: E402  (this folder is on the path of a script run from it)
 
 
 def index(args, images: Path, out: Path, *extra) -> tuple[float, float]:

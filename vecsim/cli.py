@@ -34,6 +34,13 @@ def _echo_err(text: str) -> None:
 
 # -- index ---------------------------------------------------------------------------
 
+# shared by index and neighbors
+_RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to use with --ray [default: RAY_ADDRESS, else a "
+                            "local cluster for this run].")
+_RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors with --ray [default: one per GPU of the cluster, "
+                            "else one per CPU].")
+
+
 @app.command("index")
 def index_cmd(
     source: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively) or builtin:digits."),
@@ -70,10 +77,8 @@ def index_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ray: bool = typer.Option(False, "--ray", help="Forward on a Ray cluster (pip install 'vecsim[ray]'); the store "
                              "must be on a file system every node sees."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to use with --ray [default: "
-                                              "RAY_ADDRESS, else a local cluster for this run]."),
-    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors with --ray [default: one per "
-                                              "GPU of the cluster, else one per CPU]."),
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    ray_workers: Optional[int] = _RAY_WORKERS,
 ) -> None:
     """Index a stimulus set: reduce every hooked layer and write a store (rerun to resume)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume", "ray", "ray_address",
@@ -372,10 +377,8 @@ def neighbors_cmd(
                                "(auto: the GPU when torch sees one)."),
     ray: bool = typer.Option(False, "--ray", help="Spread the queries over a Ray cluster (pip install 'vecsim[ray]'); "
                              "the store and --out must be on a file system every node sees."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to use with --ray [default: "
-                                              "RAY_ADDRESS, else a local cluster for this run]."),
-    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors with --ray [default: one per "
-                                              "GPU of the cluster, else one per CPU]."),
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    ray_workers: Optional[int] = _RAY_WORKERS,
 ) -> None:
     """The all-vs-all k-NN graph of one layer, written to Parquet."""
     from vecsim.store import Store

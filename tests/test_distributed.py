@@ -26,7 +26,8 @@ def raylets() -> set[int]:
 
 def run(*args, env_extra: dict | None = None, timeout: int = 300):
     env = {k: v for k, v in os.environ.items() if k not in ("VECSIM_KILL_AT", "VECSIM_RAY_KILL_ONCE", "RAY_ADDRESS")}
-    env.update({"RAY_AUTH_MODE": "disabled", **(env_extra or {})})
+    # VECSIM_RAY_FILL_MIN: IVF indexes of these few vectors are filled by parallel tasks too
+    env.update({"RAY_AUTH_MODE": "disabled", "VECSIM_RAY_FILL_MIN": "4", **(env_extra or {})})
     return subprocess.run([sys.executable, "-m", "vecsim", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
@@ -79,7 +80,7 @@ def job(tmp_path_factory):
     torch.save(torchvision.models.resnet18(weights=None, num_classes=5).state_dict(), checkpoint)
     args = [images, "--model", "resnet18", "--checkpoint", checkpoint, "--layers", LAYERS, "--size", "48",
             "--dim", "8", "--train-size", "12", "--eval-size", "16", "--batch-size", "4", "--chunk-size", "6",
-            "--drop-zero-units", "--labels-from-folders", "-q"]
+            "--drop-zero-units", "--index", "IVF2,Flat", "--labels-from-folders", "-q"]
     reference = root / "one-process"
     done = run("index", *args, "--out", reference)
     assert done.returncode == 0, done.stderr
@@ -88,6 +89,19 @@ def job(tmp_path_factory):
 
 def index_on(cluster, job, out: Path, env_extra: dict | None = None):
     return run("index", *job["args"], "--out", out, "--ray", "--ray-address", cluster.address, env_extra=env_extra)
+
+
+def assert_same_index(index, reference, vecs) -> None:
+    """The same vectors under the same ids in each inverted list (their order within a list
+    follows the order the chunks were committed in)."""
+    import faiss
+
+    ivf, ref_ivf = faiss.extract_index_ivf(index), faiss.extract_index_ivf(reference)
+    assert ivf.ntotal == ref_ivf.ntotal == len(vecs) and ivf.nlist == ref_ivf.nlist
+    for lst in range(ivf.nlist):
+        ids, ref_ids = (faiss.rev_swig_ptr(x.invlists.get_ids(lst), x.invlists.list_size(lst)).copy()
+                        for x in (ivf, ref_ivf))
+        assert sorted(ids.tolist()) == sorted(ref_ids.tolist())
 
 
 def assert_same_store(path: Path, reference_path: Path) -> None:
@@ -107,7 +121,7 @@ def assert_same_store(path: Path, reference_path: Path) -> None:
         transform = (store.layer_dir(layer) / "transform.faiss").read_bytes()
         assert transform == (reference.layer_dir(layer) / "transform.faiss").read_bytes()
         assert store.layer_info(layer)["reducer"] == reference.layer_info(layer)["reducer"]
-        assert store.index(layer).ntotal == len(ids)
+        assert_same_index(store.index(layer), reference.index(layer), vecs)
         ev, ref_ev = store.eval_subset(layer), reference.eval_subset(layer)
         assert ev["ids"].tolist() == ref_ev["ids"].tolist()
         np.testing.assert_allclose(ev["gram"], ref_ev["gram"], rtol=1e-5)
@@ -135,6 +149,8 @@ def test_ray_store_equals_the_one_process_store_and_both_nodes_worked(cluster, j
     # "ray: 2 node(s) forwarded 30 stimuli (...)": the checkpoint was loaded on both nodes
     line = next(line for line in done.stderr.splitlines() if line.startswith("ray:"))
     assert line.startswith("ray: 2 node(s) forwarded 30 stimuli"), done.stderr
+    line, filled = line.split("; ")
+    assert filled == "IVF indexes filled by 2 parallel tasks"
     counts = [int(part.split(": ")[1]) for part in line.split("(", 1)[1].rstrip(")").split(", ")]
     assert len(counts) == 2 and min(counts) > 0
 
@@ -170,6 +186,7 @@ def test_a_killed_driver_is_finished_by_the_same_command(cluster, job, tmp_path)
         assert ids.tolist() == ref_ids.tolist()
         assert sorted(store.vectors(layer, committed_only=False)[0].tolist()) == ref_ids.tolist()
         np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
+        assert_same_index(store.index(layer), reference.index(layer), vecs)
         np.testing.assert_allclose(store.eval_subset(layer)["gram"], reference.eval_subset(layer)["gram"], rtol=1e-5)
 
 

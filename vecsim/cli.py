@@ -94,8 +94,10 @@ def index_cmd(
 
         summary = distributed.index_stimuli(config_file=config, progress=not quiet, ray_address=ray_address,
                                             ray_workers=ray_workers, **options)
+        filled = max(summary.fill_tasks, default=1)
         _echo_err(f"ray: {len(summary.nodes)} node(s) forwarded {sum(summary.nodes.values())} stimuli "
-                  f"({', '.join(f'{node[:8]}: {n}' for node, n in summary.nodes.items())})")
+                  f"({', '.join(f'{node[:8]}: {n}' for node, n in summary.nodes.items())})"
+                  + (f"; IVF indexes filled by {filled} parallel tasks" if filled > 1 else ""))
     else:
         summary = index_stimuli(config_file=config, progress=not quiet, **options)
     resumed = (f"; resumed: {summary.resumed_from} were committed before, {summary.indexed - summary.resumed_from} "

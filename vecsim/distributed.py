@@ -12,7 +12,8 @@ The driver is :class:`vecsim.pipeline._Indexer` with its forward passes handed t
   record, last) and records its failures, so a killed driver resumes from the committed chunks;
 * the evaluation subset (at most ``--eval-size`` stimuli) is forwarded by the driver itself:
   its raw activations never cross the network, and its Gram is the one-process Gram;
-* the FAISS indexes are built by the driver from the committed vectors, as one process does.
+* the FAISS indexes are built by the driver from the committed vectors, as one process does,
+  except that a trained IVF index is filled by parallel tasks and merged (:func:`fill_in_parallel`).
 
 Actors are plain Ray actors (one per GPU, else one per CPU, or ``--ray-workers``) that Ray
 restarts when they die (``max_restarts=-1``), and whose unfinished calls it runs again
@@ -24,6 +25,7 @@ system every node sees; every actor checks that before it works.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import time
@@ -39,6 +41,8 @@ RAY_REQUIREMENT = "ray>=2.51,<2.64"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # a local cluster's object store: chunks of vectors, never images
 IN_FLIGHT_PER_ACTOR = 2  # calls queued on an actor: one running, one ready to start
 PROBE_PREFIX = ".vecsim-ray-probe-"
+# vectors per parallel fill task: below twice this an IVF index is filled by the driver alone
+FILL_MIN_PER_TASK = int(os.environ.get("VECSIM_RAY_FILL_MIN", 50_000))
 # what a driver's environment must not hand to the workers of a local cluster (they inherit it)
 DRIVER_ONLY_ENV = ("VECSIM_KILL_AT",)
 
@@ -48,6 +52,7 @@ class RayIndexSummary(IndexSummary):
     """:class:`IndexSummary` plus the stimuli each Ray node forwarded (node id → stimuli)."""
 
     nodes: dict[str, int] = field(default_factory=dict)
+    fill_tasks: list[int] = field(default_factory=list)  # per IVF index built: the tasks that filled it
 
 
 def _ray():
@@ -218,7 +223,7 @@ def index_stimuli(config=None, *, config_file: str | None = None, progress: bool
     with ray_cluster(ray_address, ray_workers) as ray:
         indexer = _RayIndexer(config, progress, ray, ray_workers)
         summary = indexer.run()
-    return RayIndexSummary(**vars(summary), nodes=dict(indexer.node_work))
+    return RayIndexSummary(**vars(summary), nodes=dict(indexer.node_work), fill_tasks=indexer.fill_tasks)
 
 
 class _RayIndexer(_Indexer):
@@ -229,6 +234,7 @@ class _RayIndexer(_Indexer):
         self.ray, self.workers = ray, workers
         self.pool: ActorPool | None = None
         self.node_work: Counter = Counter()
+        self.fill_tasks: list[int] = []
 
     def run(self) -> IndexSummary:
         try:
@@ -281,16 +287,16 @@ class _RayIndexer(_Indexer):
         self._actors().run("prepare", self._units(items), keep)
         ordered = [results[p] for p in sorted(results)]  # the order of items, as one process holds them
         held = {layer: torch.from_numpy(np.concatenate([r["held"][layer] for r in ordered]))
-                for layer, reducer in self.reducers.items()}
+                for layer in self.reducers}
         norms = {layer: torch.from_numpy(np.concatenate([r["norms"][layer] for r in ordered]))
                  for layer in self.reducers}
         rows = [row for r in ordered for row in r["rows"]]
         return held, norms, rows
 
     def _stream_pass(self, items, bar) -> int:
-        from vecsim._faults import kill_point
-
         from concurrent.futures import ThreadPoolExecutor
+
+        from vecsim._faults import kill_point
 
         items = [item for item in items if item[0] not in self.eval_only]  # committed; forwarded for the subset only
         count = 0
@@ -307,14 +313,21 @@ class _RayIndexer(_Indexer):
         # the driver forwards the evaluation subset meanwhile (its device would idle otherwise)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vecsim-eval") as driver:
             subset = driver.submit(self._forward_eval_subset)
-            self._actors().run("reduce", self._units(items), commit)
+            units = self._units(items)
+            if units:
+                self._actors().run("reduce", units, commit)
             subset.result()
         return count
 
+    def _finish(self, *args, **kwargs) -> None:
+        if self.pool is not None:  # their CPUs or GPUs go to the tasks that fill the indexes
+            self.pool.close()
+            self.pool = None
+        self.writer.fill_index = self._fill_index
+        super()._finish(*args, **kwargs)
+
     def _forward_eval_subset(self) -> None:
         """The evaluation subset's raw activations, forwarded here (they stay on this machine)."""
-        import functools
-
         from vecsim.extract import LayerCapture, iter_decoded
 
         if self.evalset is None:
@@ -329,6 +342,48 @@ class _RayIndexer(_Indexer):
                 if batch.images is not None:
                     self.evalset.begin_batch(batch.ids)
                     capture.run(batch.images.to(self.device, non_blocking=True))
+
+
+    def _fill_index(self, index, vecs, ids) -> None:
+        self.fill_tasks.append(fill_in_parallel(self.ray, self.workers, index, vecs, ids))
+
+
+def fill_in_parallel(ray, workers: int | None, index, vecs, ids) -> int:
+    """Fill a trained, empty IVF ``index`` with ``vecs`` under ``ids``: copies of it are filled
+    with consecutive slices in parallel Ray tasks and merged in slice order, so every inverted list
+    holds its entries in the order one ``add`` gives (the same index). An index without
+    inverted lists is filled here. Returns the number of tasks (1: filled here)."""
+    import faiss
+    import numpy as np
+
+    from vecsim import index as vindex
+
+    ivf = faiss.try_extract_index_ivf(index)
+    count, options = actor_options(ray, workers)
+    if ivf is None or count < 2 or len(ids) < 2 * FILL_MIN_PER_TASK:
+        vindex.add(index, vecs, ids)
+        return 1
+    parts = min(count, len(ids) // FILL_MIN_PER_TASK)
+    empty = ray.put(faiss.serialize_index(index))
+    bounds = np.linspace(0, len(ids), parts + 1).astype(int)
+    task = ray.remote(**{k: v for k, v in options.items() if k.startswith("num_")}, max_retries=-1)(_fill_part)
+    filled = [task.remote(empty, vecs[lo:hi], ids[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    for ref in filled:  # in slice order
+        part = faiss.deserialize_index(_get(ray, ref))
+        ivf.merge_from(faiss.extract_index_ivf(part), 0)
+    index.ntotal = ivf.ntotal
+    return parts
+
+
+def _fill_part(empty, vecs, ids):
+    """A Ray task: a copy of the trained, empty index filled with one slice, serialised."""
+    import faiss
+
+    from vecsim import index as vindex
+
+    part = faiss.deserialize_index(empty)
+    vindex.add(part, vecs, ids)
+    return faiss.serialize_index(part)
 
 
 def _tap_raw(reducer, evalset, output) -> None:

@@ -622,6 +622,8 @@ class StoreWriter:
         self._db = None
         self._stim_schema = None
         self._tables_ready = False
+        # fills a trained approximate index with (vectors, ids) (vecsim.distributed: in parallel tasks)
+        self.fill_index = None
 
     # lifecycle
     @classmethod
@@ -820,6 +822,9 @@ class StoreWriter:
         ids = vecs = train_ids = None
         if not exact:
             ids, vecs = self.all_vectors(layer)
+            if np.any(np.diff(ids) < 0):  # id order: the training sample must not depend on the order chunks were committed in
+                order = np.argsort(ids, kind="stable")
+                ids, vecs = ids[order], vecs[order]
         if vindex.needs_training(index):
             size = min(len(ids), vindex.training_size(index))
             pick = np.sort(np.random.default_rng([seed, 3]).choice(len(ids), size=size, replace=False))
@@ -835,6 +840,8 @@ class StoreWriter:
         if exact:
             for batch_ids, batch_vecs in self._vector_batches(layer):
                 vindex.add(index, batch_vecs, batch_ids)
+        elif self.fill_index is not None and train_ids is not None and device == "cpu":
+            self.fill_index(index, vecs, ids)
         else:
             vindex.add(index, vecs, ids)
         index = vindex.to_cpu(index)  # trained and filled on a GPU where there is one; tuned and saved on the CPU

@@ -3,6 +3,11 @@
 Run with:
     python benchmarks/bench_index.py [--n 256] [--size 224] [--model resnet18]
            [--layers layer1,layer2,layer3] [--batch-size 32] [--repeats 2] [--eval-size 500]
+    python benchmarks/bench_index.py --case vit [--n 128]   # timm's vit_tiny_patch16_224, random init
+
+``--case vit`` is timm:vit_tiny_patch16_224 (weights none) with layers blocks.3,blocks.7,blocks.11
+pooled tokens, mean and cls (unless --model/--layers/--pooling say otherwise); it needs the
+timm extra, imported outside both clocks like torch.
 
 Both sides run in fresh child processes, one after the other, with the same images,
 decoding (vecsim's DataLoader and workers), model, batch size and torch thread count.
@@ -51,9 +56,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+CASES = {
+    "resnet18": {"model": "resnet18", "layers": "layer1,layer2,layer3", "pooling": "flatten"},
+    "vit": {"model": "timm:vit_tiny_patch16_224", "layers": "blocks.3,blocks.7,blocks.11",
+            "pooling": "blocks.3=tokens,blocks.7=mean,blocks.11=cls"},
+}
+
+
+def import_libraries(model: str) -> None:
+    """torch, torchvision and the model's own library: imported before either clock starts."""
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    if model.startswith("timm:"):
+        import timm  # noqa: F401
+
+
 def child_bare(args) -> dict:
     import torch
-    import torchvision  # noqa: F401
+
+    import_libraries(args.model)
 
     from vecsim.extract import iter_decoded
     from vecsim.models import load_model
@@ -72,8 +94,7 @@ def child_bare(args) -> dict:
 
 
 def child_index(args) -> dict:
-    import torch  # noqa: F401  imported before the clock, as in the bare loop
-    import torchvision  # noqa: F401
+    import_libraries(args.model)  # before the clock, as in the bare loop
 
     import vecsim
     from vecsim.store import Store, _lancedb
@@ -85,7 +106,7 @@ def child_index(args) -> dict:
     summary = vecsim.index_stimuli(
         source=args.images, model=args.model, weights="none", size=args.size, layers=args.layers.split(","),
         out=args.out, dim=str(args.dim), batch_size=args.batch_size, workers=args.workers, progress=False,
-        overwrite=True, eval_size=args.eval_size,
+        overwrite=True, eval_size=args.eval_size, pooling=args.pooling,
     )
     seconds = time.perf_counter() - start
     info = Store.open(args.out).info()
@@ -95,7 +116,8 @@ def child_index(args) -> dict:
 
 def run_child(kind: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--images", args.images, "--n", str(args.n), "--size",
-           str(args.size), "--model", args.model, "--layers", args.layers, "--batch-size", str(args.batch_size),
+           str(args.size), "--model", args.model, "--layers", args.layers, "--pooling", args.pooling,
+           "--batch-size", str(args.batch_size),
            "--dim", str(args.dim), "--eval-size", str(args.eval_size), *extra]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
@@ -107,8 +129,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--layers", default="layer1,layer2,layer3")
+    p.add_argument("--case", choices=sorted(CASES), default="resnet18",
+                   help="model, layers and pooling preset (the flags below override it)")
+    p.add_argument("--model")
+    p.add_argument("--layers")
+    p.add_argument("--pooling")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
@@ -119,6 +144,9 @@ def main() -> None:
     p.add_argument("--images")
     p.add_argument("--out")
     args = p.parse_args()
+    for key, value in CASES[args.case].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.child:
         result = child_bare(args) if args.child == "bare" else child_index(args)
         print(json.dumps(result))
@@ -142,6 +170,7 @@ def main() -> None:
         info = best_index["info"]
         b = info["bytes"]
         print(f"vecsim index vs bare decode+forward: {args.model} {args.size}px, {args.n} images, layers {args.layers}, "
+              f"pooling {args.pooling}, "
               f"dim {args.dim}, eval subset {min(args.eval_size, args.n)}, batch {args.batch_size}, "
               f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
         print(f"  bare loop     {bare_rate:8.2f} img/s   ({best_bare['seconds']:.2f} s, peak RSS {best_bare['peak_rss_mb']:.0f} MB)")

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The one script to run on a lent GPU machine (H100/H200), from the repository root:
+# The one script to run on a GPU machine (H100/H200), from the repository root:
 # the GPU tests (tests/test_gpu.py, `-m gpu`) and then the GPU benchmark (benchmarks/bench_gpu.py).
 #
-# Through the device tool (about 3-5 minutes of device time, plus the machine's start):
+# On a remote GPU machine that gets a copy of the checkout (about 3-5 minutes, plus its start):
 #   1. here, once: put a faiss-cpu wheel for CPython 3.12 in .whl/ (ignored by .gitignore), e.g.
 #        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #          --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #          --platform manylinux2014_x86_64 -d .whl faiss-cpu==1.15.1
 #      (faiss is optional: without it the two index tests are skipped; lancedb is never needed)
-#   2. run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-#      The log comes back as $OUT/gpu_check.log and the benchmark's numbers as $OUT/bench_gpu.json.
+#   2. there, with .whl/ copied along: bash benchmarks/gpu_check.sh   (allow 540 s)
+#      It writes the log to $OUT/gpu_check.log and the numbers to $OUT/bench_gpu.json ($OUT defaults to /tmp).
 #
 # Without a GPU it degrades gracefully: every test is skipped and the benchmark runs on the CPU
 # with small defaults. Exits non-zero when the tests fail (or, failing that, when the benchmark

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _vecsim_cache(tmp_path_factory):
-    """Keep the built-in sets out of the user's home; shared by the whole session."""
+    """Keep the built-in sets out of the user's home; shared by every test of the run."""
     if "VECSIM_CACHE" not in os.environ:
         os.environ["VECSIM_CACHE"] = str(tmp_path_factory.mktemp("vecsim-cache"))
     yield

@@ -80,8 +80,10 @@ def test_index_then_info_and_the_existing_store_error(shared_image_set, tmp_path
     assert info["layers"]["features.relu2"]["dim"] == 4 and info["layers"]["features.relu4"]["dim"] == 8
     text = run_cli("info", str(out)).stdout
     assert "of raw" in text and "fitted transforms" in text
-    again = run_cli(*args)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    again = run_cli(*args)  # the same command on the complete store: nothing to do
+    assert again.returncode == 0 and "complete and up to date" in again.stdout, again.stderr
+    other = run_cli(*args[:-1], "--seed", "1", "-q")  # other settings: refused, naming the difference
+    assert other.returncode == 2 and "seed: 0 → 1" in other.stderr and "--overwrite" in other.stderr
     assert run_cli(*args, "--overwrite").returncode == 0
 
 

@@ -185,19 +185,26 @@ def test_layers_that_do_not_run_or_return_no_tensor_are_named():
         def forward(self, x):
             return x, x
 
+    class Shapes(nn.Module):  # returns no tensor at all
+        def forward(self, x):
+            return {"shape": tuple(x.shape)}
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
             self.pair = Pair()
+            self.shapes = Shapes()
             self.unused = nn.Linear(4, 4)
 
         def forward(self, x):
+            self.shapes(x)
             return self.pair(self.conv(x))[0]
 
     net = Net().eval()
-    assert [i.name for i in layer_shapes(net, 16, ["conv", "pair", "unused"])] == ["conv"]
-    with pytest.raises(UnknownLayerError, match="'pair' returns a tuple, not a tensor; hook one of its submodules"):
-        layer_shapes(net, 16, ["conv", "pair"], strict=True)
+    infos = layer_shapes(net, 16, ["conv", "pair", "shapes", "unused"])
+    assert [(i.name, i.select) for i in infos] == [("conv", ""), ("pair", "[0]")]  # a tuple: its first tensor
+    with pytest.raises(UnknownLayerError, match="'shapes' returns dict with keys shape, with no tensor in it"):
+        layer_shapes(net, 16, ["conv", "shapes"], strict=True)
     with pytest.raises(UnknownLayerError, match="'unused' does not run in the model's forward pass"):
         layer_shapes(net, 16, ["unused"], strict=True)

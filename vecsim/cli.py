@@ -44,10 +44,10 @@ _RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors with --ray [
 @app.command("index")
 def index_cmd(
     source: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively) or builtin:digits."),
-    model: Optional[str] = typer.Option(None, "--model", help="torchvision model name or digits-cnn."),
+    model: Optional[str] = typer.Option(None, "--model", help="torchvision name, digits-cnn, timm:NAME, open_clip:ARCH, file.py:factory or package.module:factory."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated module names to hook."),
     out: Optional[str] = typer.Option(None, "--out", help="Store folder to create."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weight enum name, DEFAULT or none."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision: enum name, DEFAULT or none; timm: pretrained, a tag or none; open_clip: a tag or none."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local state dict for the architecture."),
     dim: Optional[str] = typer.Option(None, "--dim", help="N, auto, or per layer 'layer=N,...,N' [default: 256]."),
     max_dim: Optional[int] = typer.Option(None, "--max-dim", help="Cap for --dim auto [default: 512]."),
@@ -55,7 +55,7 @@ def index_cmd(
     center: Optional[bool] = typer.Option(None, "--center/--no-center", help="Centred PCA instead of the uncentred projection."),
     sketch_dim: Optional[int] = typer.Option(None, "--sketch-dim", help="Count-sketch dims (0: never) [default above 65536 units: a power of two from 16384 to 131072, about units/20]."),
     drop_zero_units: Optional[bool] = typer.Option(None, "--drop-zero-units", help="Drop units zero for every training stimulus (count reported)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K, or per layer 'layer=avg,...'."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="flatten, avg, max, grid:K (feature maps), tokens, cls, mean (token outputs), or per layer 'layer=avg,...'."),
     index: Optional[str] = typer.Option(None, "--index", help="auto, flat, hnsw, ivf-pq, or a FAISS factory string [default: auto]."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Training sample for the projection [default: 1000]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the training sample [default: 0]."),
@@ -94,14 +94,19 @@ def index_cmd(
 
         summary = distributed.index_stimuli(config_file=config, progress=not quiet, ray_address=ray_address,
                                             ray_workers=ray_workers, **options)
+    else:
+        summary = index_stimuli(config_file=config, progress=not quiet, **options)
+    if summary.up_to_date:
+        typer.echo(f"{summary.store} is complete and up to date ({summary.indexed} stimuli, {summary.failed} failed, "
+                   "the same settings); nothing to do")
+        return
+    if getattr(summary, "nodes", None) is not None:
         filled = max(summary.fill_tasks, default=1)
         _echo_err(f"ray: {len(summary.nodes)} node(s) forwarded {sum(summary.nodes.values())} stimuli "
                   f"({', '.join(f'{node[:8]}: {n}' for node, n in summary.nodes.items())})"
                   + (f"; IVF indexes filled by {filled} parallel tasks" if filled > 1 else ""))
-    else:
-        summary = index_stimuli(config_file=config, progress=not quiet, **options)
     resumed = (f"; resumed: {summary.resumed_from} were committed before, {summary.indexed - summary.resumed_from} "
-               "this run" if summary.resumed_from else "")
+               f"this run, {summary.forwarded} images forwarded" if summary.resumed_from else "")
     typer.echo(
         f"indexed {summary.indexed} stimuli ({summary.failed} failed) into {summary.store} "
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s{resumed})"
@@ -125,6 +130,10 @@ def index_cmd(
             exact += f", {fit['dropped_zero_units']:,} always-zero units dropped"
         if fit.get("calls", 1) > 1:
             exact += f", the last of its {fit['calls']} calls per forward pass"
+        if fit.get("output"):
+            exact += f", {fit['select']} of its {fit['output']} output"
+        if fit.get("batch_dim"):
+            exact += ", a sequence-first output read batch second"
         dims = (f"{fit['units']:,} units → sketch {fit['dim_in']:,} → {fit['dim']}" if fit.get("sketched")
                 else f"{fit['dim_in']} → {fit['dim']}")
         typer.echo(f"  {layer}: {dims} dims, {exact} (n_train={fit['n_train']}){fidelity}")
@@ -155,7 +164,7 @@ def _wants_ray(ray: bool, address: Optional[str], workers: Optional[int]) -> boo
 
 @app.command("layers")
 def layers_cmd(
-    model: str = typer.Argument(..., help="torchvision model name or digits-cnn."),
+    model: str = typer.Argument(..., help="torchvision name, digits-cnn, timm:NAME, open_clip:ARCH or file.py:factory."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels [default: the model's crop]."),
     weights: str = typer.Option("none", "--weights", help="Weights to build with (shapes do not depend on them)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -168,14 +177,24 @@ def layers_cmd(
     infos = layer_shapes(loaded.module, side)
     if as_json:
         typer.echo(json.dumps([{"name": i.name, "type": i.kind, "shape": list(i.shape), "units": i.units,
-                                "calls": i.calls} for i in infos], indent=2))
+                                "calls": i.calls, "output": i.output, "select": i.select,
+                                "batch_dim": i.batch_dim} for i in infos], indent=2))
         return
-    typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable modules")
-    width = max(len(i.name) for i in infos)
-    typer.echo(f"{'layer':<{width}}  {'type':<18} {'shape':<18} {'units':>12}")
+    tokens = (f"; token outputs have {loaded.prefix_tokens} class/register token(s) first"
+              if loaded.prefix_tokens else "")
+    typer.echo(f"{model} at {side}x{side}: {len(infos)} hookable modules{tokens}")
+    width, kinds = max(len(i.name) for i in infos), max(18, *(len(i.kind) for i in infos))
+    typer.echo(f"{'layer':<{width}}  {'type':<{kinds}} {'shape':<18} {'units':>12}")
     for i in infos:
-        reused = f"  runs {i.calls}x per pass: the last call is captured" if i.calls > 1 else ""
-        typer.echo(f"{i.name:<{width}}  {i.kind:<18} {'x'.join(map(str, i.shape)):<18} {i.units:>12,}{reused}")
+        notes = [f"runs {i.calls}x per pass: the last call is captured"] if i.calls > 1 else []
+        if i.output and i.name.endswith(i.select):
+            notes.append(f"part {i.select} of its {i.output} output")
+        elif i.output:
+            notes.append(f"returns {i.output}: {i.select} captured")
+        if i.batch_dim:
+            notes.append("sequence first: read batch second")
+        typer.echo(f"{i.name:<{width}}  {i.kind:<{kinds}} {'x'.join(map(str, i.shape)):<18} {i.units:>12,}"
+                   + ("  " + "; ".join(notes) if notes else ""))
 
 
 # -- info ----------------------------------------------------------------------------
@@ -228,6 +247,23 @@ def format_runs(runs: list[dict], show: int = 10) -> list[str]:
     return [("runs        " if i == 0 else " " * 12) + line for i, line in enumerate(lines)]
 
 
+def format_progress(progress: dict | None) -> list[str]:
+    """An unfinished store's line: how far each pass got, and that the same command resumes it."""
+    if not progress:
+        return []
+    from vecsim._io import human_bytes
+
+    training = progress["training_pass"]
+    if training["fitted"]:
+        done = f"training pass done and fitted; {progress['committed']:,} stimuli committed"
+    elif "forwarded" in training:
+        done = (f"training pass {training['forwarded']:,} of {training['planned']:,} stimuli forwarded "
+                f"({training['kept']:,} kept) in {training['chunks']} scratch chunks, {human_bytes(training['scratch_bytes'])}")
+    else:
+        done = "training pass: nothing committed yet"
+    return [f"progress    {done}; the same `vecsim index` command resumes it"]
+
+
 def format_info(info: dict) -> str:
     from vecsim._io import human_bytes
 
@@ -241,6 +277,7 @@ def format_info(info: dict) -> str:
                                            f"weights=none (random init, seed {model.get('init_seed', 0)})"),
         f"stimuli     {info['counts']['stimuli']:,} indexed, {info['counts']['failures']:,} failures",
         *format_runs(info.get("runs", [])),
+        *format_progress(info.get("progress")),
         "",
         f"{'layer':<28} {'shape':<14} {'units':>11} {'sketch':>7} {'dim':>5} {'projection':<11} {'energy':>7} {'exact':>5}  index",
     ]
@@ -255,7 +292,8 @@ def format_info(info: dict) -> str:
     lines += [
         "",
         f"on disk     {human_bytes(b['store'])}: {human_bytes(b['data'])} per-stimulus data, plus fixed costs "
-        f"{human_bytes(b['transforms'])} fitted transforms and {human_bytes(b['eval_subset'])} evaluation subset",
+        f"{human_bytes(b['transforms'])} fitted transforms and {human_bytes(b['eval_subset'])} evaluation subset"
+        + (f", and {human_bytes(b['scratch'])} training-pass scratch (deleted after the fit)" if b.get("scratch") else ""),
         f"raw         {human_bytes(b['raw_activations'])} of float32 activations for these stimuli and layers",
         f"per stimulus {human_bytes(b['data_per_stimulus'])} stored vs {human_bytes(b['raw_per_stimulus'])} raw "
         f"({b['ratio']:.3%} of raw)",
@@ -271,11 +309,13 @@ def report_cmd(
     out: str = typer.Option(..., "--out", help="Folder for report.html, report.md, report.json and figures/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's numbers as JSON."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="The --out folder of `vecsim compare STORE "
+                                          "--rdm FILE`: include its layer-against-target figures."),
 ) -> None:
     """Fidelity report: how much the reduction lost, layer by layer, with plots."""
     from vecsim.report import build_report
 
-    report = build_report(store, out, overwrite=overwrite)
+    report = build_report(store, out, overwrite=overwrite, targets=targets)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -298,6 +338,9 @@ def format_report(report: dict) -> str:
         row = f"{r['layer']:<{width}} {r['M']:>6,} {r['dim']:>5} {num(r['spearman'], 4):>9} {recall_cell(r):>9}"
         lines.append(row + (f" {num(r['auc_exact'], 4):>8} {num(r['auc'], 4):>8}" if report["labels"] else ""))
     lines += [f"note: {n}" for n in report["notes"]]
+    if "targets" in report:
+        lines.append(f"layers against external RDMs: {len(report['targets']['targets'])} target(s), "
+                     f"{', '.join(report['targets']['comparators'])}")
     return "\n".join(lines)
 
 
@@ -442,32 +485,74 @@ def similarity_cmd(
 def compare_cmd(
     store_a: str = typer.Argument(..., help="Store whose layers are the rows."),
     store_b: Optional[str] = typer.Argument(None, help="Store whose layers are the columns [default: STORE_A]."),
-    measure: str = typer.Option("cka", "--measure", "-m", help="cka, cka_debiased, rsa_spearman, rsa_pearson, "
-                                "rsa_kendall, svcca, pwcca, procrustes, comma-separated, or all."),
-    out: Optional[str] = typer.Option(None, "--out", help="Folder for Parquet/CSV/JSON tables and heatmap PNGs."),
-    layers_a: Optional[str] = typer.Option(None, "--layers-a", help="Comma-separated layers of A [default: all]."),
+    measure: Optional[str] = typer.Option(None, "--measure", "-m", help="cka, cka_debiased, rsa_spearman, "
+                                          "rsa_pearson, rsa_kendall, svcca, pwcca, procrustes, comma-separated, or "
+                                          "all [default: cka]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for Parquet/CSV/JSON tables and PNGs."),
+    layers_a: Optional[str] = typer.Option(None, "--layers-a", help="Comma-separated layers of A (of STORE with "
+                                           "--rdm) [default: all]."),
     layers_b: Optional[str] = typer.Option(None, "--layers-b", help="Comma-separated layers of B [default: all]."),
     pairs: str = typer.Option("grid", "--pairs", help="grid (every A layer × every B layer) or matching (i-th with i-th)."),
     source: str = typer.Option("auto", "--source", help="auto, exact-gram or stored-vectors."),
+    rdm: Optional[list[str]] = typer.Option(None, "--rdm", help="External RDM file (repeatable): rsatoolbox .h5, "
+                                            "square .npy/.csv, or vecsim Parquet long form. Compares every layer "
+                                            "with it instead of with STORE_B."),
+    comparator: str = typer.Option("corr", "--comparator", help="With --rdm: corr, spearman, rho-a, tau-a, cosine, "
+                                   "corr_cov, cosine_cov, comma-separated, or all."),
+    stimuli: Optional[str] = typer.Option(None, "--stimuli", help="With --rdm: the matrices' stimuli, one path "
+                                          "(relative to the stimulus folder), id or sha256 per line, in row order."),
+    similarities: bool = typer.Option(False, "--similarities", help="With --rdm: the .npy/.csv matrices hold "
+                                      "similarities (used as 1 - s)."),
+    match_by: str = typer.Option("auto", "--match-by", help="With --rdm: auto, path, id or sha256."),
+    pattern_descriptor: Optional[str] = typer.Option(None, "--pattern-descriptor", help="With --rdm: the HDF5 "
+                                                     "pattern descriptor naming the stimuli [default: path, "
+                                                     "stimulus, image, ... whichever is there]."),
+    target_by: Optional[str] = typer.Option(None, "--target-by", help="With --rdm: RDM descriptor naming the "
+                                            "target [default: region, roi, area, target or layer]."),
+    subject_by: Optional[str] = typer.Option(None, "--subject-by", help="With --rdm: RDM descriptor naming the "
+                                             "subject [default: subject, subj, participant or sub]."),
+    bootstrap: str = typer.Option("auto", "--bootstrap", help="With --rdm: auto, stimuli, subjects, both or none."),
+    bootstraps: int = typer.Option(1000, "--bootstraps", help="With --rdm: number of bootstrap samples."),
+    seed: int = typer.Option(0, "--seed", help="With --rdm: seed of the bootstrap samples."),
+    test: str = typer.Option("t-test", "--test", help="With --rdm: t-test, bootstrap or ranksum."),
+    correction: str = typer.Option("fdr", "--correction", help="With --rdm: fdr, bonferroni or none."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier comparison's files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (NaN as null)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="With --rdm: no bootstrap progress bars."),
 ) -> None:
-    """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two."""
-    from vecsim.compare import compare_stores
+    """Layer × layer similarity (CKA, RSA, SVCCA, PWCCA, Procrustes) within a store or between two,
+    or every layer against external RDMs (--rdm: brain regions, behaviour) with rsatoolbox's statistics."""
     from vecsim._io import dumps_json
 
-    result = compare_stores(store_a, store_b, measure, layers_a, layers_b, pairs=pairs, source=source)
+    if rdm:
+        from vecsim.errors import ConfigError
+        from vecsim.rsa import check_out, compare_rdms
+
+        if store_b is not None or measure is not None or layers_b is not None:
+            raise ConfigError("--rdm compares STORE's layers with the RDM files: give no second store, --measure "
+                              "or --layers-b (use --comparator)")
+        if out:
+            check_out(out, overwrite)
+        result = compare_rdms(store_a, rdm, layers=layers_a, comparators=comparator, stimuli=stimuli,
+                              similarities=similarities, match_by=match_by, pattern_descriptor=pattern_descriptor,
+                              target_by=target_by, subject_by=subject_by, source=source, bootstrap=bootstrap,
+                              n_bootstraps=bootstraps, seed=seed, test=test, correction=correction,
+                              progress=not (as_json or quiet))
+    else:
+        from vecsim.compare import compare_stores
+
+        result = compare_stores(store_a, store_b, measure or "cka", layers_a, layers_b, pairs=pairs, source=source)
     _emit(result, out, overwrite, as_json, dumps_json,
           lambda written: f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
 
 
 @app.command("prune")
 def prune_cmd(
-    model: str = typer.Option(..., "--model", help="torchvision model name or digits-cnn."),
+    model: str = typer.Option(..., "--model", help="Model spec, as for index (torchvision name, timm:NAME, open_clip:ARCH, file.py:factory, ...)."),
     out: str = typer.Option(..., "--out", help="File for the pruned state dict (e.g. pruned.pt)."),
     amount: float = typer.Option(..., "--amount", help="Fraction of weights to zero, in [0, 1)."),
     scope: str = typer.Option("global", "--scope", help="global (one ranking over all layers) or layerwise."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weight enum name, DEFAULT or none."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision: enum name, DEFAULT or none; timm: pretrained, a tag or none; open_clip: a tag or none."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local state dict to prune instead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -556,6 +641,24 @@ def add_cmd(
     result = add(store, sources, label=label, device=device, batch_size=batch_size, progress=not quiet)
     typer.echo(f"added {result['added']} stimuli ({result['skipped_duplicates']} already present, "
                f"{result['failed']} failed); the store now holds {result['stimuli']} in {result['seconds']:.1f} s")
+
+
+# -- serve ---------------------------------------------------------------------------
+
+@app.command("serve")
+def serve_cmd(
+    stores: list[str] = typer.Argument(..., help="Store folder(s); two stores of the same stimuli are shown side by side."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any other than 127.0.0.1 is reachable from other machines)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on."),
+    source: Optional[str] = typer.Option(None, "--source", help="The first store's stimulus folder, when it has moved since indexing."),
+    token: Optional[str] = typer.Option(None, "--token", help="Require this secret on every request (the printed URL carries it)."),
+    max_upload_mb: float = typer.Option(16, "--max-upload-mb", help="Largest image an upload may send, in MB."),
+) -> None:
+    """A local, read-only web app: browse stimuli and their nearest images layer by layer."""
+    from vecsim.serve import serve
+
+    serve(stores, host=host, port=port, source=source, token=token, max_upload_mb=max_upload_mb,
+          echo=typer.echo, warn=_echo_err)
 
 
 # -- entry point ---------------------------------------------------------------------

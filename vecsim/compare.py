@@ -148,6 +148,30 @@ def _out_dir(out: str | os.PathLike, names: list[str], overwrite: bool, command:
     return path
 
 
+def write_long_table(folder: Path, name: str, rows: list[dict], schema, meta: dict) -> list[Path]:
+    """``<name>.parquet`` (``schema``, ``meta`` as JSON under the schema metadata key ``vecsim``)
+    and ``<name>.csv`` (the same columns; None and non-finite numbers as empty cells), each
+    written whole or not at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = schema.names
+    table = pa.Table.from_pylist([{k: r[k] for k in columns} for r in rows], schema=schema)
+    table = table.replace_schema_metadata({b"vecsim": json.dumps(json_safe(meta)).encode()})
+    parquet = folder / f"{name}.parquet"
+    pq.write_table(table, str(parquet) + ".tmp", compression="zstd")
+    fsync_replace(Path(str(parquet) + ".tmp"), parquet)
+    path = folder / f"{name}.csv"
+    with open(str(path) + ".tmp", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if r[k] is None or (isinstance(r[k], float) and not math.isfinite(r[k])) else r[k]
+                             for k in columns])
+    fsync_replace(Path(str(path) + ".tmp"), path)
+    return [parquet, path]
+
+
 def eval_gram_basis(K: np.ndarray, units: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Centred basis (:func:`vecsim.measures._gram_basis`) of an evaluation subset's Gram.
 
@@ -459,7 +483,6 @@ class Comparison:
         An earlier comparison's files in ``out`` are refused unless ``overwrite``, which also
         removes those of measures this one does not have."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         def files(measures) -> list[str]:
             return [name for m in measures for name in (f"{m}_matrix.csv", f"{m}.png")]
@@ -468,8 +491,6 @@ class Comparison:
                           overwrite, "compare", stale=tuple(files(m for m in MEASURES if m not in self.measures)))
         written = []
         rows = self.rows()
-        columns = ["measure", "layer_a", "layer_b", "row", "col", "value", "chance", "source", "n",
-                   "higher_is_more_similar", "note"]
         schema = pa.schema([
             ("measure", pa.string()), ("layer_a", pa.string()), ("layer_b", pa.string()),
             ("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64()), ("chance", pa.float64()),
@@ -477,22 +498,7 @@ class Comparison:
             ("n", pa.int64()), ("higher_is_more_similar", pa.bool_()), ("note", pa.string()),
         ])
         meta = {k: v for k, v in self.to_dict().items() if k != "cells"}
-        table = pa.Table.from_pylist([{k: r[k] for k in columns} for r in rows], schema=schema)
-        table = table.replace_schema_metadata({b"vecsim": json.dumps(meta).encode()})
-        path = folder / "comparison.parquet"
-        pq.write_table(table, str(path) + ".tmp", compression="zstd")
-        fsync_replace(Path(str(path) + ".tmp"), path)
-        written.append(path)
-
-        path = folder / "comparison.csv"
-        with open(str(path) + ".tmp", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(columns)
-            for r in rows:
-                writer.writerow(["" if k in ("value", "chance") and (r[k] is None or not math.isfinite(r[k]))
-                                 else r[k] for k in columns])
-        fsync_replace(Path(str(path) + ".tmp"), path)
-        written.append(path)
+        written += write_long_table(folder, "comparison", rows, schema, meta)
 
         path = folder / "comparison.json"
         write_text_atomic(path, dumps_json(self.to_dict()) + "\n")
@@ -599,23 +605,30 @@ def _ckpt(model: dict) -> str:
     return f", weights {model.get('weights') or 'none, random init'}"
 
 
-def parse_measures(measures: str | Iterable[str]) -> list[str]:
-    """'cka', 'cka,pwcca', 'all' or a list of names → registered measure names, in order."""
-    items = [m.strip() for m in (measures.split(",") if isinstance(measures, str) else measures)]
+def parse_names(given: str | Iterable[str], registry: Iterable[str], what: str) -> list[str]:
+    """'a', 'a,b', 'all' or a list of names → names of ``registry``, in the order given, each once;
+    an unknown one (named ``what`` in the error) lists the close matches."""
+    known = list(registry)
+    items = [m.strip() for m in (given.split(",") if isinstance(given, str) else given)]
     items = [m for m in items if m]
     if not items:
-        raise ConfigError(f"no measure given; choose from {', '.join(MEASURES)} or all")
+        raise ConfigError(f"no {what} given; choose from {', '.join(known)} or all")
     names: list[str] = []
     for m in items:
         if m == "all":
-            names += [x for x in MEASURES if x not in names]
+            names += [x for x in known if x not in names]
             continue
-        if m not in MEASURES:
-            raise ConfigError(f"unknown measure {m!r}{close_matches(m, MEASURES)}; choose from "
-                              f"{', '.join(MEASURES)} or all")
+        if m not in known:
+            raise ConfigError(f"unknown {what} {m!r}{close_matches(m, known)}; choose from "
+                              f"{', '.join(known)} or all")
         if m not in names:
             names.append(m)
     return names
+
+
+def parse_measures(measures: str | Iterable[str]) -> list[str]:
+    """'cka', 'cka,pwcca', 'all' or a list of names → registered measure names, in order."""
+    return parse_names(measures, MEASURES, "measure")
 
 
 def _layers(store, layers: Sequence[str] | str | None) -> list[str]:
@@ -943,6 +956,17 @@ def _csv(v):
     return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
+def layers_by_depth(store, names: Sequence[str]) -> tuple[list[str], dict[str, int], bool]:
+    """``names`` in the model's forward-pass order (recorded at indexing), each layer's depth,
+    and whether the store recorded it. An older store did not: ``names`` stay in their order
+    and a layer's depth is its position in the list the store was indexed with."""
+    depth = {layer: store.layer_info(layer).get("depth") for layer in store.layers}
+    recorded = all(d is not None for d in depth.values())
+    if recorded:
+        return sorted(names, key=lambda layer: depth[layer]), depth, True
+    return list(names), {layer: store.layers.index(layer) for layer in store.layers}, False
+
+
 def store_spectra(store, layers: Sequence[str] | str | None = None,
                   fractions: Sequence[float] = ENERGY_FRACTIONS) -> SpectrumReport:
     """Effective rank (participation ratio, entropy) and dims for each energy fraction, per layer.
@@ -954,13 +978,7 @@ def store_spectra(store, layers: Sequence[str] | str | None = None,
     from vecsim.structure import dims_for_energy, effective_rank
 
     st = _open(store)
-    names = _layers(st, layers)
-    depth = {layer: st.layer_info(layer).get("depth") for layer in st.layers}
-    recorded = all(d is not None for d in depth.values())
-    if recorded:  # the order of the layers in the model's forward pass, recorded at indexing
-        names = sorted(names, key=lambda layer: depth[layer])
-    else:  # an older store: the order the layers were listed in at indexing
-        depth = {layer: st.layers.index(layer) for layer in st.layers}
+    names, depth, recorded = layers_by_depth(st, _layers(st, layers))
     rows, spectra = [], {}
     for layer in names:
         info = st.layer_info(layer)

@@ -22,11 +22,13 @@ def _opt(default, help: str, **kw):
 @dataclass
 class IndexConfig:
     source: str = _opt(None, "folder of images (searched recursively) or builtin:digits")
-    model: str = _opt(None, "torchvision classification model name, or digits-cnn")
+    model: str = _opt(None, "torchvision classification model name, digits-cnn, timm:NAME, open_clip:ARCH, "
+                            "path/to/file.py:factory or package.module:factory")
     layers: list[str] = _opt(None, "module names to hook (see `vecsim layers MODEL`)")
     out: str = _opt(None, "store folder to create")
-    weights: str | None = _opt(None, "torchvision weight enum name, DEFAULT, or none (default: DEFAULT)")
-    checkpoint: str | None = _opt(None, "local state dict for the named architecture (loaded with weights_only=True)")
+    weights: str | None = _opt(None, "torchvision weight enum name or DEFAULT (the default); timm: pretrained (the "
+                                     "default) or a tag; open_clip: a tag; none: seeded random init")
+    checkpoint: str | None = _opt(None, "local state dict for the named model (loaded with weights_only=True)")
     dim: str = _opt("256", "reduced dims: N, auto, or per layer 'layer=N,...,N'")
     max_dim: int = _opt(512, "cap for --dim auto")
     energy: float = _opt(0.99, "second-moment energy kept by --dim auto")
@@ -35,7 +37,8 @@ class IndexConfig:
     sketch_dim: int | None = _opt(None, "count-sketch dims before the projection (default for layers above 65536 units: the power of two from 16384 to 131072 nearest above units/20; 0: never)")
     sketch_seed: int = _opt(0, "seed of the count sketch")
     drop_zero_units: bool = _opt(False, "drop units that are zero for every training stimulus before the sketch (cosine only)")
-    pooling: str = _opt("flatten", "flatten, avg, max or grid:K (or per layer 'layer=avg,...')")
+    pooling: str = _opt("flatten", "flatten, avg, max or grid:K for feature maps; tokens, cls or mean for token "
+                                   "outputs (or per layer 'layer=avg,...')")
     index: str = _opt("auto", "auto, flat, hnsw, ivf-pq (OPQ + IVF-PQ), or any FAISS factory string")
     train_size: int = _opt(1000, "stimuli in the seeded training sample the projection is fitted on")
     seed: int = _opt(0, "seed of the training sample and of the evaluation subset")

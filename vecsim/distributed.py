@@ -252,9 +252,12 @@ class _RayIndexer(_Indexer):
             shared = [self.writer.path, self.stim_set.root.resolve()]
             if self.config.checkpoint:
                 shared.append(Path(self.config.checkpoint).resolve().parent)
+            if self.loaded.file:  # a factory's source file (file.py:fn)
+                shared.append(Path(self.loaded.file).resolve().parent)
             spec = {"config": self.config.to_dict(), "root": str(self.stim_set.root.resolve()),
                     "store": str(self.writer.path.resolve()),
-                    "checkpoint_sha256": self.loaded.checkpoint_sha256, "calls": self.calls,
+                    "checkpoint_sha256": self.loaded.checkpoint_sha256, "file_sha256": self.loaded.file_sha256,
+                    "calls": self.calls, "layouts": self.layouts,
                     "reducers": {layer: r.describe() for layer, r in self.reducers.items()},
                     "env": {k: v for k, v in os.environ.items() if k.startswith("VECSIM_RAY_")}}
             self.pool = ActorPool(self.ray, IndexActor, (spec,), self.workers, shared)
@@ -271,26 +274,38 @@ class _RayIndexer(_Indexer):
         self.node_work[result["node"]] += result["count"]
         bar.update(result["forwarded"])
 
-    def _hold_training(self, items, bar):
-        import numpy as np
+    def _training_pass(self, items, bar):
+        """The training pass with ``items`` forwarded by the actors: their results are taken
+        in the order of ``items`` (as one process holds them) and committed to the scratch as
+        they line up, so a stopped driver resumes from what arrived in order."""
         import torch
 
-        results: dict[int, dict] = {}
+        from vecsim.pipeline import _ScratchCommits
+
+        held, norms, rows = self._restored_training()
+        commits = _ScratchCommits(self, held, norms, rows)
+        arrived: dict[int, dict] = {}
+        taken = 0
 
         def keep(position: int, result: dict) -> None:
-            self._record(result, bar)
-            results[position] = result
-            for layer, seen in result["nonzero"].items():  # --drop-zero-units: units any actor saw non-zero
-                reducer, seen = self.reducers[layer], torch.from_numpy(seen).to(self.device)
-                reducer.nonzero = seen if reducer.nonzero is None else reducer.nonzero | seen
+            nonlocal taken
+            arrived[position] = result
+            while taken in arrived:  # the next unit in order: held, committed when due
+                result = arrived.pop(taken)
+                taken += 1
+                self._record(result, bar)
+                at, count = len(rows), len(result["rows"])
+                for layer in self.reducers:
+                    held[layer][at : at + count] = torch.from_numpy(result["held"][layer])
+                    norms[layer][at : at + count] = torch.from_numpy(result["norms"][layer])
+                rows.extend(result["rows"])
+                for layer, seen in result["nonzero"].items():  # --drop-zero-units: units any actor saw non-zero
+                    reducer, seen = self.reducers[layer], torch.from_numpy(seen).to(self.device)
+                    reducer.nonzero = seen if reducer.nonzero is None else reducer.nonzero | seen
+                commits.forwarded(result["forwarded"])
 
         self._actors().run("prepare", self._units(items), keep)
-        ordered = [results[p] for p in sorted(results)]  # the order of items, as one process holds them
-        held = {layer: torch.from_numpy(np.concatenate([r["held"][layer] for r in ordered]))
-                for layer in self.reducers}
-        norms = {layer: torch.from_numpy(np.concatenate([r["norms"][layer] for r in ordered]))
-                 for layer in self.reducers}
-        rows = [row for r in ordered for row in r["rows"]]
+        commits.commit()
         return held, norms, rows
 
     def _stream_pass(self, items, bar) -> int:
@@ -417,9 +432,11 @@ class IndexActor(_Actor):
             cfg = IndexConfig(**spec["config"])
             device = "cpu" if cfg.device == "cpu" else resolve_device("auto")
             loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std,
-                                checkpoint_sha256=spec["checkpoint_sha256"])
+                                checkpoint_sha256=spec["checkpoint_sha256"], file_sha256=spec["file_sha256"])
             ix = _Indexer(cfg, progress=False)
             ix.loaded, ix.model, ix.device, ix.calls = loaded, loaded.module.to(device), device, spec["calls"]
+            ix.layouts = spec["layouts"]
+            ix.forwarded = 0
             ix.evalset, ix.eval_only = None, set()
             ix.reducers = {layer: LayerReducer(layer, tuple(d["shape"]), ReducerConfig(**d["config"]), device)
                            for layer, d in spec["reducers"].items()}

@@ -67,6 +67,10 @@ class CheckpointError(VecsimError, ValueError):
     pass
 
 
+class MissingExtraError(VecsimError, ImportError):
+    """An optional library (an extra of vecsim's) that a requested feature needs is not installed."""
+
+
 class DeviceError(VecsimError, RuntimeError):
     pass
 

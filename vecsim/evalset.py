@@ -140,6 +140,49 @@ class LayerEval:
             self.compute_gram()
             self.held = None
 
+    def snapshot(self, since: int) -> dict[str, np.ndarray]:
+        """What arrived from row ``since`` on, as host arrays, for the training pass to commit:
+        the raw rows with their slots, scales, sums, finite flags (and per-channel responses);
+        once the subset is complete (its raw rows freed), its Gram and every row's facts
+        instead (key ``gram``). Empty when nothing arrived."""
+        count = len(self.slots)
+        if count <= since:
+            return {}
+        complete = self.held is None
+        rows = slice(0 if complete else since, count)
+        part = {"slots": np.asarray(self.slots[rows], dtype=np.int64),
+                "scale": self.scale[rows].cpu().numpy(), "sums": self.row_sums[rows].cpu().numpy(),
+                "finite": self.finite[rows].cpu().numpy()}
+        if complete:
+            part["gram"] = self.compute_gram()
+        else:
+            part["rows"] = self.held[rows].cpu().numpy()
+        if self.pooled is not None:
+            part["pooled"] = self.pooled[rows].cpu().numpy()
+        return part
+
+    def restore(self, part: dict[str, np.ndarray]) -> None:
+        """Take back a committed :meth:`snapshot` (the next rows, or the complete subset)."""
+        import torch
+
+        def put(target, key, start):
+            if target is not None and key in part:
+                values = torch.from_numpy(np.ascontiguousarray(part[key]))
+                target[start : start + len(values)].copy_(values)  # one copy, converted on the way
+
+        start = 0 if "gram" in part else len(self.slots)
+        if "gram" not in part and self.held is None:
+            raise ValueError("evaluation rows committed after the subset was complete")
+        for target, key in ((self.scale, "scale"), (self.row_sums, "sums"), (self.finite, "finite"),
+                            (self.pooled, "pooled"), (self.held, "rows")):
+            put(target, key, start)
+        self.slots[start:] = [int(s) for s in part["slots"]]
+        if "gram" in part:
+            self._gram, self.held = np.asarray(part["gram"], dtype=np.float64), None
+        elif len(self.slots) == self.size:
+            self.compute_gram()
+            self.held = None
+
     def compute_gram(self) -> np.ndarray:
         """The Gram matrix of the held rows, in arrival order (float64; float32 products, over
         column chunks for float16-held rows); computed once."""
@@ -230,6 +273,10 @@ class EvalSubset:
             return
         idx, slots = self._batch[layer]  # once per batch: LayerCapture runs a layer's function at its last call only
         self.layers[layer].add(slots, x, output, finite, rows=idx.to(x.device))
+
+    def marks(self) -> dict[str, int]:
+        """Rows held so far per layer (what a later :meth:`LayerEval.snapshot` starts from)."""
+        return {layer: len(ev.slots) for layer, ev in self.layers.items()}
 
     def save(self, layer: str, directory: Path, training: np.ndarray | None = None) -> dict:
         """Write ``eval.npz`` (ids, gram, sums, units[, channels]); returns the manifest entry,

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from vecsim.errors import DeviceError, ImageDecodeError
 from vecsim.models import Preprocessing, check_layers
+from vecsim.models.layers import select, split_layer, tensor_parts
 from vecsim.stimuli import DEFAULT_MAX_PIXELS, Failure, decode_image
 
 
@@ -54,13 +55,18 @@ class LayerCapture:
     function does not run on the earlier calls, whose outputs may have another shape.
     ``calls`` gives the calls per pass of each layer (:func:`vecsim.models.layer_shapes`);
     without it they are counted on a meta-device copy of the model before the first pass.
+    A layer whose module returns a tuple, list, dict or dataclass is its selected tensor
+    (``blocks.3[0]``, or the first one: :mod:`vecsim.models.layers`), and a sequence-first
+    output is transposed to batch first, both before the layer's function sees it; ``layouts``
+    gives them per layer (:attr:`vecsim.models.LayerInfo.layout`), else the probe finds them.
     With ``stop_early``, the first pass counts the calls of each hooked module and later
     passes stop right after the last of them, so the layers after the deepest hooked one
     are not computed.
     """
 
     def __init__(self, model, layers: list[str], functions: dict[str, Callable] | None = None,
-                 stop_early: bool = True, calls: dict[str, int] | None = None):
+                 stop_early: bool = True, calls: dict[str, int] | None = None,
+                 layouts: dict[str, tuple[tuple, int]] | None = None):
         check_layers(model, layers)
         self.model = model
         self.layers = list(layers)
@@ -71,12 +77,15 @@ class LayerCapture:
         self._calls: dict[str, int] = {}
         self._expected: dict[str, int] | None = None
         self._last = None if calls is None else {layer: int(calls.get(layer, 1)) for layer in self.layers}
+        # per layer: (selector keys of the captured part of a non-tensor output, batch dim); without
+        # them, from the shape probe or (with ``calls``) the selector in the name and batch first
+        self._layouts = dict(layouts or {})
 
     def __enter__(self) -> "LayerCapture":
         modules = dict(self.model.named_modules())
         try:
             for layer in self.layers:
-                self._handles.append(modules[layer].register_forward_hook(self._hook(layer)))
+                self._handles.append(modules[split_layer(layer, modules)[0]].register_forward_hook(self._hook(layer)))
         except BaseException:
             self.close()
             raise
@@ -101,13 +110,28 @@ class LayerCapture:
             count = self._calls.get(layer, 0) + 1
             self._calls[layer] = count
             if count >= self._last.get(layer, 1):  # the module's last call in the pass
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"layer {layer!r} returns {type(output).__name__}, not a tensor; hook a submodule")
-                self._results[layer] = function(output)
+                self._results[layer] = function(self._tensor(layer, output))
             if self._expected is not None and self._calls == self._expected:
                 raise _StopForward
 
         return hook
+
+    def _tensor(self, layer: str, output):
+        """The layer's tensor in a module output (the selected part; batch first), a view, no copy."""
+        import torch
+
+        if layer not in self._layouts:  # calls given without layouts: the name's selector, else the first tensor
+            keys = split_layer(layer, dict(self.model.named_modules()))[1]
+            if not keys and not isinstance(output, torch.Tensor):
+                found = tensor_parts(output)
+                keys = found[0][0] if found else ()
+            self._layouts[layer] = (keys, 0)
+        keys, batch_dim = self._layouts[layer]
+        if keys:
+            output = select(output, keys, layer)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"layer {layer!r} gives {type(output).__name__}, not a tensor; hook a submodule")
+        return output.transpose(0, 1) if batch_dim else output
 
     def run(self, batch) -> dict[str, Any]:
         """One forward pass under inference mode; the per-layer results of this batch."""
@@ -118,6 +142,7 @@ class LayerCapture:
 
             infos = layer_shapes(self.model, 0, self.layers, input_shape=tuple(batch.shape[1:]))
             self._last = {info.name: info.calls for info in infos}
+            self._layouts = {info.name: info.layout for info in infos}
         self._results, self._calls = {}, {}
         try:
             with torch.inference_mode():

@@ -36,7 +36,7 @@ def verify(store, rehash: bool = False) -> list[str]:
     Checks that FAISS ids, Lance rows and stimuli agree per layer, that dims and
     transform hashes match the manifest, that no vector is NaN or off the unit sphere
     (all-zero vectors are allowed), and with ``rehash`` that the stimulus files still
-    have their recorded sha256, and the model checkpoint (if any) too.
+    have their recorded sha256, and the model checkpoint and a factory's file (if any) too.
     """
     problems: list[str] = []
     manifest = store.manifest
@@ -60,12 +60,14 @@ def verify(store, rehash: bool = False) -> list[str]:
     if rehash:
         problems += _rehash(store, stimuli)
         model = manifest.get("model", {})
-        if model.get("checkpoint") and model.get("checkpoint_sha256"):
-            path = Path(model["checkpoint"])
+        for what, key in (("checkpoint", "checkpoint"), ("factory file", "file")):
+            if not (model.get(key) and model.get(f"{key}_sha256")):
+                continue
+            path = Path(model[key])
             if not path.is_file():
-                problems.append(f"the model checkpoint {path} is not there (query --image and add need it)")
-            elif file_sha256(path) != model["checkpoint_sha256"]:
-                problems.append(f"the model checkpoint {path} changed since the store was built (its sha256 differs): "
+                problems.append(f"the model {what} {path} is not there (query --image and add need it)")
+            elif file_sha256(path) != model[f"{key}_sha256"]:
+                problems.append(f"the model {what} {path} changed since the store was built (its sha256 differs): "
                                 "new images would not be comparable; restore that file")
     return problems
 

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from vecsim._io import fsync_replace
-from vecsim.errors import ConfigError, OutputExistsError, QueryError, UnknownStimulusError, close_matches
+from vecsim.errors import (ConfigError, ImageDecodeError, OutputExistsError, QueryError, UnknownStimulusError,
+                           close_matches)
 
 
 # -- stimulus lookups ------------------------------------------------------------------
@@ -119,9 +120,10 @@ def allowed_ids(store, where: str | None) -> np.ndarray | None:
 
 # -- query -------------------------------------------------------------------------------
 
-def image_vectors(store, image: str | os.PathLike, layers: list[str], device: str = "auto",
-                  known=None) -> tuple[dict[str, np.ndarray], str, str]:
-    """A new image through the store's model, preprocessing and fitted reducers: one vector per
+def image_vectors(store, image: str | os.PathLike | bytes, layers: list[str], device: str = "auto",
+                  known=None, max_pixels: int | None = None) -> tuple[dict[str, np.ndarray], str, str]:
+    """A new image (a file, or its bytes in memory: nothing is written anywhere) through the
+    store's model, preprocessing and fitted reducers: one vector per
     layer (as stored: norm at most 1), the file's sha256 (hashed while decoding) and the model
     input's digest (:meth:`vecsim.models.Preprocessing.prepare`).
 
@@ -129,12 +131,20 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str], device: st
     stored stimulus's gets that stimulus's stored vectors, without a forward pass (a training
     stimulus's are shrunk in-sample, so they differ from a forward pass's); the model and the
     fitted reducers are still loaded first, which checks the checkpoint is the one the store
-    was built with and that the transform files are sound."""
+    was built with and that the transform files are sound. ``max_pixels``: images above it are
+    rejected from their header (default: the store's ``--max-pixels``)."""
     from vecsim.extract import LayerCapture, resolve_device
-    from vecsim.stimuli import decode_image
+    from vecsim.stimuli import decode_bytes, decode_image
 
     device = resolve_device(device)
-    decoded = decode_image(Path(image), store.manifest["config"].get("max_pixels") or 0)
+    if max_pixels is None:
+        max_pixels = store.manifest["config"].get("max_pixels") or 0
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if not len(image):
+            raise ImageDecodeError("empty file (0 bytes)")
+        decoded = decode_bytes(bytes(image), max_pixels)
+    else:
+        decoded = decode_image(Path(image), max_pixels)
     model, preprocessing = store.load_model(device)
     tensor, input_digest = preprocessing.prepare(decoded.image)
     reducers = {layer: store.reducer(layer, device) for layer in layers}
@@ -152,10 +162,11 @@ def image_vectors(store, image: str | os.PathLike, layers: list[str], device: st
     return out, decoded.sha256, input_digest
 
 
-def query(store, *, id: int | None = None, path: str | None = None, image: str | None = None,
+def query(store, *, id: int | None = None, path: str | None = None, image: str | os.PathLike | bytes | None = None,
           layer: str | None = None, k: int = 10, where: str | None = None, exclude_self: bool = False,
-          device: str = "auto") -> list[dict]:
-    """Nearest stimuli to one stimulus (``id``/``path``) or a new image, in one or all layers.
+          device: str = "auto", max_pixels: int | None = None) -> list[dict]:
+    """Nearest stimuli to one stimulus (``id``/``path``) or a new image (a file path, or the
+    file's bytes), in one or all layers.
 
     Returns one dict per hit: layer, rank (1-based), id, path, label, cosine. ``where``
     filters inside the search, so k results come back whenever k stimuli match.
@@ -175,7 +186,7 @@ def query(store, *, id: int | None = None, path: str | None = None, image: str |
     # --image, every stored copy of that file); other copies stay, first, at 1.0.
     if image is not None:
         # the model input of a stored stimulus comes back as its stored vectors
-        queries, digest, input_digest = image_vectors(store, image, layers, device, known=lookup)
+        queries, digest, input_digest = image_vectors(store, image, layers, device, known=lookup, max_pixels=max_pixels)
         selves = lookup.same_input(digest, input_digest)
         excluded = selves if exclude_self else selves[:0]
     else:

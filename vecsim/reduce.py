@@ -1,5 +1,10 @@
 """The per-layer reducer chain: pool → (row-centre) → sketch → L2 normalise → projection.
 
+Pooling: feature maps (C, H, W) are flattened (the default), averaged or maxed over space,
+or averaged on a K×K grid (``grid:K``); token outputs (tokens, C) are flattened
+(``tokens``, the same as ``flatten``), reduced to the class token (``cls``), or averaged over
+the patch tokens (``mean``, leaving out the class and register tokens the model declares).
+
 The first stages run inside the forward hook on the model's device, so the raw
 activation is dropped as soon as it is reduced. The projection is fitted on a seeded
 training sample and persisted as a FAISS ``LinearTransform`` (``transform.faiss``); the
@@ -48,7 +53,8 @@ from vecsim.errors import ConfigError, DimensionMismatchError
 from vecsim._io import fsync_replace, save_array
 
 SIMILARITIES = ("cosine", "correlation")
-POOLINGS = ("flatten", "avg", "max")  # plus "grid:K"
+POOLINGS = ("flatten", "avg", "max")  # plus "grid:K", for (C, H, W) feature maps
+TOKEN_POOLINGS = ("tokens", "cls", "mean")  # for (tokens, C) outputs
 SKETCH_THRESHOLD = 65_536  # layers with more units than this are sketched unless sketch_dim == 0
 # The automatic sketch: the smallest power of two from SKETCH_MIN with at most UNITS_PER_BUCKET
 # units per bucket, capped at SKETCH_MAX (transition1/2/3 of DenseNet121 at 400 px: 131,072 /
@@ -76,6 +82,10 @@ class ReducerConfig:
     sketch_seed: int = 0
     pooling: str = "flatten"
     drop_zero_units: bool = False
+    # the model's token layout, for the token poolings: class and register tokens before the
+    # patch tokens ('mean' leaves them out), and whether the first is a class token ('cls')
+    prefix_tokens: int = 0
+    class_token: bool = False
 
     @property
     def renormalises(self) -> bool:
@@ -98,7 +108,7 @@ class ReducerConfig:
 
 
 def pooling_grid(pooling: str) -> int | None:
-    if pooling in POOLINGS:
+    if pooling in POOLINGS or pooling in TOKEN_POOLINGS:
         return None
     if pooling.startswith("grid:"):
         try:
@@ -107,17 +117,39 @@ def pooling_grid(pooling: str) -> int | None:
             k = 0
         if k >= 1:
             return k
-    raise ConfigError(f"unknown pooling {pooling!r}; choose flatten, avg, max or grid:K")
+    raise ConfigError(f"unknown pooling {pooling!r}; choose flatten, avg, max or grid:K (feature maps), "
+                      "tokens, cls or mean (token outputs)")
 
 
-def pooled_units(shape: tuple[int, ...], pooling: str) -> int:
+def pooled_units(shape: tuple[int, ...], pooling: str, prefix_tokens: int = 0, class_token: bool = False) -> int:
     """Units per stimulus after pooling an output of ``shape`` (no batch dim)."""
     if pooling == "flatten":
         return math.prod(shape)
+    if pooling in TOKEN_POOLINGS:
+        return _token_units(tuple(shape), pooling, prefix_tokens, class_token)
     if len(shape) != 3:
-        raise ConfigError(f"pooling {pooling!r} needs a (C, H, W) output, the layer gives {tuple(shape)}")
+        raise ConfigError(f"pooling {pooling!r} needs a (C, H, W) output, the layer gives {tuple(shape)}"
+                          + ("; for token outputs use tokens, cls or mean" if len(shape) == 2 else ""))
     grid = pooling_grid(pooling)
     return shape[0] * (grid * grid if grid else 1)
+
+
+def _token_units(shape: tuple[int, ...], pooling: str, prefix_tokens: int, class_token: bool) -> int:
+    """Units of a token pooling of a (tokens, C) output: tokens·C for ``tokens``, C for ``cls``
+    (the class token, the first) and ``mean`` (the mean of the patch tokens, after the
+    ``prefix_tokens`` class and register tokens)."""
+    if len(shape) != 2:
+        raise ConfigError(f"pooling {pooling!r} needs a (tokens, channels) output, the layer gives {shape}"
+                          + ("; for feature maps use avg, max or grid:K" if len(shape) == 3 else ""))
+    if pooling == "tokens":
+        return shape[0] * shape[1]
+    if pooling == "cls" and not class_token:
+        raise ConfigError("pooling 'cls' needs a model with a class token, and this one declares none (timm's "
+                          "has_class_token / num_prefix_tokens, OpenCLIP's class_embedding); use mean or tokens")
+    if shape[0] <= prefix_tokens:
+        raise ConfigError(f"pooling {pooling!r}: the layer gives {shape[0]} tokens, no more than the model's "
+                          f"{prefix_tokens} class/register tokens, so it has no patch tokens; hook a later layer")
+    return shape[1]
 
 
 class CountSketch:
@@ -202,7 +234,7 @@ class LayerReducer:
     def __init__(self, layer: str, shape: tuple[int, ...], config: ReducerConfig, device: str = "cpu"):
         config.validate()
         self.layer, self.shape, self.config, self.device = layer, tuple(shape), config, device
-        self.units = pooled_units(self.shape, config.pooling)
+        self.units = pooled_units(self.shape, config.pooling, config.prefix_tokens, config.class_token)
         sketch_dim = self.sketch_dim_for(self.units, config.sketch_dim)
         self.sketch = CountSketch(self.units, sketch_dim, config.sketch_seed, device) if sketch_dim else None
         self.dim_in = sketch_dim or self.units
@@ -263,7 +295,11 @@ class LayerReducer:
             x = x.float().mean(dim=(2, 3))
         elif self.config.pooling == "max":
             x = x.float().amax(dim=(2, 3))
-        elif self.config.pooling != "flatten":
+        elif self.config.pooling == "cls":
+            x = x[:, 0]
+        elif self.config.pooling == "mean":
+            x = x[:, self.config.prefix_tokens:].float().mean(dim=1)
+        elif self.config.pooling not in ("flatten", "tokens"):
             x = F.adaptive_avg_pool2d(x.float(), pooling_grid(self.config.pooling))
         x = x.flatten(1).to(torch.float32)
         if x.shape[1] != self.units:

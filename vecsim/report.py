@@ -575,13 +575,16 @@ def plot_depth_fidelity(fids: list[dict], path: Path) -> Path:
 
 # -- the report -----------------------------------------------------------------------
 
-def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
+def build_report(store_path, out_dir, overwrite: bool = False, targets=None) -> dict:
     """Write report.html, report.md, report.json and figures/*.png into ``out_dir``; return the report.
 
+    ``targets``: the ``--out`` folder of a ``vecsim compare STORE --rdm FILE`` of this store,
+    whose tables and figures (layers against external RDMs) the report then includes.
     The returned dict is report.json's content plus ``files`` (the paths written).
     """
     store = _open(store_path)
     out = Path(out_dir)
+    rsa = None if targets is None else _targets_result(store, targets)
     _prepare_out(out, store, overwrite)
     labelled = _store_has_labels(store)
     notes: list[str] = []
@@ -621,6 +624,8 @@ def build_report(store_path, out_dir, overwrite: bool = False) -> dict:
         "depth_figures": {k: str(p.relative_to(out)) for k, p in figures.get("", {}).items()},
         "summary": [_summary_row(f) for f in fids],
     }
+    if rsa is not None:
+        report["targets"] = _copy_target_figures(rsa, Path(targets), out / FIGURES_DIR, out)
     payload = json_safe(report)
     # each file whole or not at all (temporary file, flush, rename); report.json last: a
     # folder without it holds an unfinished report, which the next run replaces
@@ -826,6 +831,12 @@ def _markdown(report: dict) -> str:
     if "separation" in depth:
         parts += [f"![class separation by depth]({depth['separation']})", ""]
     parts += [f"![fidelity at the stored dim by depth]({depth['fidelity']})", ""]
+    if "targets" in report:
+        t = report["targets"]
+        parts += ["## Layers against external RDMs", "", *_targets_intro(t), ""]
+        for comparator in t["comparators"]:
+            parts += [f"### {comparator}", "", _md_table(_targets_table(t, comparator)), ""]
+            parts += [f"![{alt}]({rel})" + "\n" for rel, alt in _target_figures(t, comparator)]
     for name, lay in report["layers"].items():
         parts += [f"## {name}", ""] + [f"- {line}" for line in _layer_facts(name, lay)] + [""]
         parts += [_md_table(_fidelity_table(lay)), ""]
@@ -867,6 +878,12 @@ def _html(report: dict, out: Path) -> str:
     if "separation" in depth:
         p.append(_img(out, depth["separation"], "class separation by depth"))
     p.append(_img(out, depth["fidelity"], "fidelity at the stored dim by depth"))
+    if "targets" in report:
+        t = report["targets"]
+        p += ["<h2>Layers against external RDMs</h2>"] + [f"<p>{html.escape(x)}</p>" for x in _targets_intro(t)]
+        for comparator in t["comparators"]:
+            p += [f"<h3>{html.escape(comparator)}</h3>", _html_table(_targets_table(t, comparator))]
+            p += [_img(out, rel, alt) for rel, alt in _target_figures(t, comparator)]
     for name, lay in report["layers"].items():
         p.append(f"<h2>{html.escape(name)}</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in _layer_facts(name, lay)) + "</ul>")
         p += [_html_table(_fidelity_table(lay)), _img(out, lay["figures"]["energy"], f"{name}: energy kept vs dims"),
@@ -877,3 +894,73 @@ def _html(report: dict, out: Path) -> str:
                   _html_table(_class_table(lay)), _img(out, lay["figures"]["classes"], f"{name}: same vs different label")]
     p.append("</body></html>\n")
     return "\n".join(p)
+
+
+# -- layers against external RDMs (vecsim compare --rdm) ----------------------------------
+
+def _targets_result(store, folder) -> dict:
+    """The rsa.json of ``folder``, refused when it was computed for another store."""
+    from vecsim.rsa import load_result
+
+    result = load_result(folder)
+    if Path(result.get("store", "")).resolve() != store.path.resolve():
+        raise ConfigError(f"--targets {folder} holds a comparison of {result.get('store')}, not of {store.path}; "
+                          "run `vecsim compare STORE --rdm FILE --out DIR` on this store")
+    return result
+
+
+def _copy_target_figures(result: dict, folder: Path, figures: Path, out: Path) -> dict:
+    """The comparison's numbers, its PNGs copied into ``figures`` as rsa_<name>."""
+    import shutil
+
+    from vecsim.store import layer_slug
+
+    copied = {}
+    for comparator in result["comparators"]:
+        names = [f"{layer_slug(t['name'])}_{comparator}.png" for t in result["targets"]] + [f"heatmap_{comparator}.png"]
+        for name in names:
+            if not (folder / name).is_file():
+                raise ConfigError(f"--targets {folder} lacks {name}; rerun `vecsim compare STORE --rdm FILE --out DIR`")
+            shutil.copyfile(folder / name, figures / f"rsa_{name}")
+            copied[name] = str((figures / f"rsa_{name}").relative_to(out))
+    return {**{k: result[k] for k in ("targets", "comparators", "settings", "layers", "rows")}, "figures": copied}
+
+
+def _targets_intro(t: dict) -> list[str]:
+    s = t["settings"]
+    kinds = sorted({r["bootstrap"] for r in t["rows"]})
+    boot = ("no bootstrap" if kinds == ["none"] else
+            f"{s['n_bootstraps']} bootstrap samples over {' or '.join(k for k in kinds if k != 'none')}, seed "
+            f"{s['seed']}; (best) marks the best layer, * a layer that differs from it ({s['test']}, "
+            f"{s['correction']}-corrected, p < {s['alpha']:g})")
+    return [f"Each layer's RDM ({s['layer_rdm']}) against each target's, by rsatoolbox (version "
+            f"{s.get('rsatoolbox')}): value [{int(s['ci'] * 100)}% CI]; {boot}. Targets: "
+            + "; ".join(x["describe"] for x in t["targets"]) + "."]
+
+
+def _targets_table(t: dict, comparator: str) -> list[list[str]]:
+    names = [x["name"] for x in t["targets"]]
+    cells = {(r["layer"], r["target"]): r for r in t["rows"] if r["comparator"] == comparator}
+    head = ["layer"] + names
+    rows = []
+    for layer in t["layers"]:
+        row = [layer]
+        for name in names:
+            r = cells[(layer, name)]
+            ci = "" if r["ci_low"] is None else f" [{_fmt(r['ci_low'], 3)}, {_fmt(r['ci_high'], 3)}]"
+            mark = " (best)" if r["best"] else (" *" if r["differs_from_best"] else "")
+            row.append(f"{_fmt(r['value'], 3)}{ci}{mark}")
+        rows.append(row)
+    ceiling = ["noise ceiling"]
+    for name in names:
+        r = cells[(t["layers"][0], name)]
+        ceiling.append("–" if r["noise_lower"] is None else f"{_fmt(r['noise_lower'], 3)} – {_fmt(r['noise_upper'], 3)}")
+    return [head] + rows + [ceiling]
+
+
+def _target_figures(t: dict, comparator: str) -> list[tuple[str, str]]:
+    from vecsim.store import layer_slug
+
+    figs = [(t["figures"][f"{layer_slug(x['name'])}_{comparator}.png"], f"{x['name']}: {comparator} by layer")
+            for x in t["targets"]]
+    return figs + [(t["figures"][f"heatmap_{comparator}.png"], f"{comparator}: layer × target")]

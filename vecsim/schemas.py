@@ -44,6 +44,9 @@ REDUCER_SCHEMA = {
                 "sketch_seed": _INT,
                 "pooling": _STR,
                 "drop_zero_units": {"type": "boolean"},
+                "prefix_tokens": {**_INT, "description": "class and register tokens before the patch tokens, which "
+                                                          "pooling 'mean' leaves out (absent in older stores: 0)"},
+                "class_token": {"type": "boolean", "description": "the first token is a class token (pooling 'cls')"},
             },
         },
         "sketch": {
@@ -109,6 +112,18 @@ MANIFEST_SCHEMA = {
                 "name": _STR, "weights": _NULLABLE_STR, "checkpoint": _NULLABLE_STR,
                 "checkpoint_sha256": _NULLABLE_STR, "num_classes": {"type": ["integer", "null"]},
                 "init_seed": {"type": ["integer", "null"], "description": "seed of a random initialisation (weights none)"},
+                "source": {"enum": ["torchvision", "digits", "timm", "open_clip", "factory", "python"],
+                           "description": "where the model comes from (absent in older stores: torchvision or digits)"},
+                "file": {**_NULLABLE_STR, "description": "a factory's source file (absolute path)"},
+                "file_sha256": {**_NULLABLE_STR, "description": "its sha256: a reload refuses a changed file"},
+                "library_versions": {"type": "object", "additionalProperties": _STR,
+                                     "description": "version of the source's library (timm, open_clip_torch)"},
+                "reloadable": {"type": "boolean", "description": "false for a model handed over in Python "
+                                                                 "(index_stimuli(model=...)): query --image and add refuse"},
+                "prefix_tokens": {**_INT, "description": "class and register tokens of the model's token outputs"},
+                "class_token": {"type": "boolean", "description": "the first of them is a class token"},
+                "size": {"type": ["integer", "null"], "description": "--size as given (timm and OpenCLIP build a "
+                                                                     "ViT for it)"},
             },
         },
         "preprocessing": {
@@ -134,6 +149,12 @@ MANIFEST_SCHEMA = {
                     "depth": {**_INT, "description": "rank of the layer's captured output in a forward pass among "
                                                       "the store's layers (0 = first); stores indexed before it was recorded lack it"},
                     "transform_sha256": {**_STR, "description": "sha256 of transform.faiss (checked by vecsim verify)"},
+                    "output": {**_STR, "description": "what the module returns when it is not a tensor ('tuple of 2'); "
+                                                      "absent for a tensor"},
+                    "select": {**_STR, "description": "the part of that output captured ('[0]': chosen in the layer "
+                                                      "name or the first tensor)"},
+                    "batch_dim": {"const": 1, "description": "present when the output is sequence first (tokens, "
+                                                             "batch, ...): transposed to batch first in the hook"},
                     "reducer": REDUCER_SCHEMA,
                     "index": {
                         "type": "object",
@@ -175,6 +196,12 @@ MANIFEST_SCHEMA = {
             "a run that resumes a stopped one first adds the stopped run's row, finished empty)",
             run=_INT, started=_STR,
         ),
+        "stopped_runs": {
+            "type": "array",
+            "description": "index runs stopped inside the training pass that a later run resumed from the scratch "
+                           "(their runs-table rows are written when the fit creates the tables)",
+            "items": {"type": "object", "required": ["run", "started"], "properties": {"run": _INT, "started": _STR}},
+        },
         "pending_add": _record(
             "a vecsim add in progress (or stopped midway): rows from first_id on are rolled back by the next add",
             run=_INT, first_id=_INT,

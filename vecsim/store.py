@@ -6,6 +6,8 @@ Layout::
       vecsim.json            manifest (format version, status, model, layers, reducers, versions)
       lance/                 stimuli, vectors_<layer>, failures, runs
       training_ids.npy       ids of the training sample the projections were fitted on
+      scratch/training/      while the training pass runs: its prepared vectors in committed
+                             chunks (TrainingScratch), deleted once the fit is committed
       layers/<layer>/        transform.faiss, index.faiss, spectrum.npy, spectrum_centred.npy,
                              in_sample_noise.npy (when the training vectors are shrunk)
 
@@ -37,6 +39,7 @@ FORMAT_VERSION = 2  # 2: vectors normalised before the projection (norm ≤ 1), 
 MANIFEST_NAME = "vecsim.json"
 TRAINING_IDS = "training_ids.npy"
 STATUSES = ("fitting", "indexing", "complete")
+SCRATCH = "scratch"
 
 
 def _lancedb():
@@ -220,6 +223,14 @@ class Store:
     @property
     def layers(self) -> list[str]:
         return list(self.manifest.get("layers", {}))
+
+    def layers_by_depth(self) -> list[str]:
+        """The layers in the model's forward-pass order (recorded at indexing); in a store
+        indexed before it was recorded, the order they were listed in."""
+        depth = {layer: self.layer_info(layer).get("depth") for layer in self.layers}
+        if any(d is None for d in depth.values()):
+            return self.layers
+        return sorted(self.layers, key=lambda layer: depth[layer])
 
     @property
     def complete(self) -> bool:
@@ -443,11 +454,9 @@ class Store:
 
     def load_model(self, device: str = "cpu"):
         """The store's model on ``device`` and its recorded preprocessing, for new images."""
-        from vecsim.models import Preprocessing, load_model
+        from vecsim.models import Preprocessing, reload_model
 
-        info = self.manifest["model"]
-        loaded = load_model(info["name"], info["weights"] or "none", info["checkpoint"],
-                            checkpoint_sha256=info.get("checkpoint_sha256"))
+        loaded = reload_model(self.manifest["model"])
         return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
 
     def spectrum(self, layer: str, centred: bool = False) -> np.ndarray:
@@ -518,7 +527,8 @@ class Store:
         total = _size(self.path)
         transforms = sum(v["transform_bytes"] for v in layers.values())
         evals = sum(v["eval_bytes"] for v in layers.values())
-        data_bytes = total - transforms - evals
+        scratch = TrainingScratch(self.path).progress() if not self.complete else None
+        data_bytes = total - transforms - evals - (scratch["bytes"] if scratch else 0)
         return {
             "path": str(self.path),
             "format_version": self.manifest["format_version"],
@@ -527,11 +537,13 @@ class Store:
             "source": self.manifest["source"],
             "counts": counts,
             "runs": runs,
+            "progress": None if self.complete else self._progress(scratch, counts["stimuli"]),
             "layers": layers,
             "bytes": {
                 "store": total,
                 "transforms": transforms,
                 "eval_subset": evals,
+                "scratch": scratch["bytes"] if scratch else 0,
                 "data": data_bytes,
                 "raw_activations": raw_total,
                 "data_per_stimulus": data_bytes / counts["stimuli"] if counts["stimuli"] else 0.0,
@@ -539,6 +551,17 @@ class Store:
                 "ratio": data_bytes / raw_total if raw_total else 0.0,
             },
         }
+
+
+    def _progress(self, scratch: dict | None, committed: int) -> dict:
+        """How far each pass of an unfinished index run got: the training pass's items in its
+        scratch (of those planned) until the fit is committed, then the stimuli committed."""
+        fitted = self.manifest["status"] == "indexing"
+        training = {"fitted": fitted}
+        if scratch is not None and not fitted:
+            training.update(forwarded=scratch["items"], planned=scratch["planned"], kept=scratch["stimuli"],
+                            chunks=scratch["chunks"], scratch_bytes=scratch["bytes"])
+        return {"training_pass": training, "committed": committed}
 
 
 def _creation_leftovers(path: Path) -> bool:
@@ -652,11 +675,13 @@ class StoreWriter:
         return writer
 
     @classmethod
-    def reopen(cls, path: Path) -> "StoreWriter":
-        """An unfinished store, locked for resuming."""
+    def reopen(cls, path: Path, stim_schema=None) -> "StoreWriter":
+        """An unfinished store, locked for resuming. With ``stim_schema`` (resuming the
+        training pass: nothing of the tables counts yet), its tables are made anew on first use."""
         writer = cls(Path(path), read_manifest(Path(path)))
         writer.lock()
-        writer._tables_ready = True
+        writer._stim_schema = stim_schema
+        writer._tables_ready = stim_schema is None
         return writer
 
     def _column(self, table: str, column: str) -> list:
@@ -900,6 +925,92 @@ class FragmentWriter:
     def take(self) -> dict[str, list]:
         taken, self._fragments = self._fragments, {}
         return taken
+
+
+class TrainingScratch:
+    """The training pass's committed progress: ``STORE/scratch/training/chunk_NNNNNN.npz``.
+
+    Each chunk holds what the pass keeps in memory for a run of consecutive training items
+    (the prepared vectors as held, their raw norms, the decoded facts of each kept stimulus,
+    the failures met, the evaluation subset's rows) and is written to a temporary file that
+    is flushed and renamed: a chunk is there whole or not at all. Reading drops a temporary
+    file, a chunk that does not load (torn by a crash of the machine) and every chunk after a
+    gap, so what is read back is always a prefix of the training items. ``np.load`` runs with
+    ``allow_pickle=False``: a chunk is data, never code.
+    """
+
+    def __init__(self, store: Path):
+        self.path = Path(store) / SCRATCH / "training"
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def chunk_files(self) -> list[Path]:
+        return sorted(p for p in self.path.glob("chunk_*.npz") if ".tmp" not in p.name) if self.exists() else []
+
+    def commit(self, number: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write chunk ``number`` (0, 1, ...) durably and atomically."""
+        from vecsim._io import fsync_replace
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / f"chunk_{number:06d}.npz"
+        tmp = self.path / f"chunk_{number:06d}.tmp.npz"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            kill_point("scratch-writing")  # a chunk half on disk, not yet renamed
+        fsync_replace(tmp, target)
+        kill_point("scratch-chunk")
+
+    def read(self, check=None) -> list[dict[str, np.ndarray]]:
+        """The committed chunks, in order, as dicts of arrays. What cannot be read back is
+        deleted: temporary files, a torn chunk and everything after it. ``check(chunk,
+        start)`` may raise for a chunk that does not continue the pass at ``start``."""
+        chunks: list[dict[str, np.ndarray]] = []
+        if not self.exists():
+            return chunks
+        for tmp in self.path.glob("*.tmp.npz"):
+            tmp.unlink()
+        files = self.chunk_files()
+        for i, path in enumerate(files):
+            chunk = _load_chunk(path) if path.name == f"chunk_{i:06d}.npz" else None
+            start = int(chunks[-1]["stop"]) if chunks else 0
+            if chunk is None or int(chunk.get("start", -1)) != start:
+                for later in files[i:]:
+                    later.unlink()
+                break
+            if check is not None:
+                check(chunk, start)
+            chunks.append(chunk)
+        return chunks
+
+    def progress(self) -> dict | None:
+        """What ``vecsim info`` shows of an unfinished training pass (None without a scratch):
+        chunks, training items done of those planned, kept stimuli, bytes. Reads only the
+        chunks' small arrays."""
+        if not self.exists():
+            return None
+        files = self.chunk_files()
+        done = kept = planned = 0
+        for path in files:
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    done, planned = int(data["stop"]), int(data["planned"])
+                    kept += len(data["ids"])
+            except Exception:  # a torn chunk: the run that resumes drops it
+                break
+        return {"chunks": len(files), "items": done, "planned": planned, "stimuli": kept, "bytes": _size(self.path)}
+
+    def delete(self) -> None:
+        if self.path.parent.is_dir():
+            shutil.rmtree(self.path.parent)
+
+
+def _load_chunk(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except Exception:  # truncated or damaged (zipfile, ValueError, OSError...): not committed
+        return None
 
 
 def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list[str] | None = None,

@@ -82,12 +82,16 @@ def documented_command_lines(text: str) -> list[str]:
 
     lines: list[str] = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        joining = False  # the line before belongs to a vecsim command
         for line in block.splitlines():
             stripped = line.strip().removeprefix("$ ")
             if stripped.startswith("vecsim "):
                 lines.append(stripped)
-            elif lines and line.startswith(" ") and stripped.startswith(("[", "--", "(")):
+                joining = True
+            elif joining and line.startswith(" ") and stripped.startswith(("[", "--", "(")):
                 lines[-1] += " " + stripped
+            else:
+                joining = False
     return lines
 
 

@@ -34,6 +34,13 @@ def _echo_err(text: str) -> None:
 
 # -- index ---------------------------------------------------------------------------
 
+# shared by index and neighbors
+_RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to use with --ray [default: RAY_ADDRESS, else a "
+                            "local cluster for this run].")
+_RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors with --ray [default: one per GPU of the cluster, "
+                            "else one per CPU].")
+
+
 @app.command("index")
 def index_cmd(
     source: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively) or builtin:digits."),
@@ -68,20 +75,36 @@ def index_cmd(
     config: Optional[str] = typer.Option(None, "--config", help="JSON or TOML file of settings (flags win)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run of this store with its recorded settings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ray: bool = typer.Option(False, "--ray", help="Forward on a Ray cluster (pip install 'vecsim[ray]'); the store "
+                             "must be on a file system every node sees."),
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    ray_workers: Optional[int] = _RAY_WORKERS,
 ) -> None:
     """Index a stimulus set: reduce every hooked layer and write a store (rerun to resume)."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume")}
+    options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume", "ray", "ray_address",
+                                                              "ray_workers")}
     from vecsim.pipeline import index_stimuli, resume_options
     from vecsim.store import exact_pairs
 
     if resume is not None:
         options = {**resume_options(resume), **{k: v for k, v in options.items() if v is not None and k == "device"}}
 
-    summary = index_stimuli(config_file=config, progress=not quiet, **options)
+    if _wants_ray(ray, ray_address, ray_workers):
+        from vecsim import distributed
+
+        summary = distributed.index_stimuli(config_file=config, progress=not quiet, ray_address=ray_address,
+                                            ray_workers=ray_workers, **options)
+    else:
+        summary = index_stimuli(config_file=config, progress=not quiet, **options)
     if summary.up_to_date:
         typer.echo(f"{summary.store} is complete and up to date ({summary.indexed} stimuli, {summary.failed} failed, "
                    "the same settings); nothing to do")
         return
+    if getattr(summary, "nodes", None) is not None:
+        filled = max(summary.fill_tasks, default=1)
+        _echo_err(f"ray: {len(summary.nodes)} node(s) forwarded {sum(summary.nodes.values())} stimuli "
+                  f"({', '.join(f'{node[:8]}: {n}' for node, n in summary.nodes.items())})"
+                  + (f"; IVF indexes filled by {filled} parallel tasks" if filled > 1 else ""))
     resumed = (f"; resumed: {summary.resumed_from} were committed before, {summary.indexed - summary.resumed_from} "
                f"this run, {summary.forwarded} images forwarded" if summary.resumed_from else "")
     typer.echo(
@@ -126,6 +149,15 @@ def index_cmd(
         elif rho is not None and rho < 0.95:
             _echo_err(f"warning: {layer} keeps similarities with Spearman {rho:.3f} < 0.95; "
                       "raise --dim (or use --dim auto) and see `vecsim report`")
+
+
+def _wants_ray(ray: bool, address: Optional[str], workers: Optional[int]) -> bool:
+    """--ray, checked: --ray-address and --ray-workers mean nothing without it."""
+    if not ray and (address is not None or workers is not None):
+        from vecsim.errors import ConfigError
+
+        raise ConfigError("--ray-address and --ray-workers go with --ray")
+    return ray
 
 
 # -- layers --------------------------------------------------------------------------
@@ -388,13 +420,24 @@ def neighbors_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]: where an exact index is searched "
                                "(auto: the GPU when torch sees one)."),
+    ray: bool = typer.Option(False, "--ray", help="Spread the queries over a Ray cluster (pip install 'vecsim[ray]'); "
+                             "the store and --out must be on a file system every node sees."),
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    ray_workers: Optional[int] = _RAY_WORKERS,
 ) -> None:
     """The all-vs-all k-NN graph of one layer, written to Parquet."""
     from vecsim.store import Store
 
+    spread = _wants_ray(ray, ray_address, ray_workers)
     opened = Store.open(store)
     _warn_unfinished(opened)
-    result = opened.neighbors(layer, k, out, overwrite=overwrite, progress=not quiet, device=device)
+    if spread:
+        from vecsim import distributed
+
+        result = distributed.neighbors(opened, layer, k, out, overwrite=overwrite, progress=not quiet, device=device,
+                                       ray_address=ray_address, ray_workers=ray_workers)
+    else:
+        result = opened.neighbors(layer, k, out, overwrite=overwrite, progress=not quiet, device=device)
     capped = (f"k={result['k_effective']:,}: every other stimulus, fewer than the {k:,} asked for"
               if result["k_effective"] < k else f"k={k:,}")
     typer.echo(f"wrote {result['rows']:,} rows ({result['stimuli']:,} stimuli, {capped}) to {result['path']} "

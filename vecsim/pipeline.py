@@ -294,6 +294,7 @@ class _Indexer:
         shapes = {i.name: i.shape for i in infos}
         self.calls = {i.name: i.calls for i in infos}  # a module run several times is captured at its last call
         self.infos = {i.name: i for i in infos}  # what each captures of a tuple/dict output, batch first or not
+        self.layouts = {i.name: i.layout for i in infos}  # what the hooks do to each output (LayerCapture)
         by_order = sorted(infos, key=lambda i: i.order)
         self.depth = {i.name: d for d, i in enumerate(by_order)}  # 0 = the first hooked output of a forward pass
         model = loaded.module.to(device)
@@ -680,21 +681,49 @@ class _Indexer:
         """The whole training sample as the fit needs it, (held prepared vectors, raw norms)
         per layer and the stimulus rows: first what the scratch gave back, then ``items``
         forwarded, each new stretch committed to the scratch (:class:`_ScratchCommits`)."""
+        held, norms, rows = self._restored_training()
+        commits = _ScratchCommits(self, held, norms, rows)
+        self._forward_training(items, bar, held, norms, rows, commits.forwarded)
+        commits.commit()
+        return held, norms, rows
+
+    def _restored_training(self, n: int | None = None) -> tuple[dict, dict, list[dict]]:
+        """Room for ``n`` training stimuli (default: the whole training sample), per layer
+        (prepared vectors, raw norms), and the stimulus rows, holding what the scratch gave back."""
         import torch
 
-        from vecsim.extract import LayerCapture
-        from vecsim.reduce import held_dtype, held_rows
+        from vecsim.reduce import held_dtype
 
-        n = len(self.train_items)
+        n = len(self.train_items) if n is None else n
         held = {layer: torch.empty(n, r.dim_in, dtype=held_dtype(r)) for layer, r in self.reducers.items()}
         norms = {layer: torch.empty(n, dtype=torch.float32) for layer in self.reducers}
         rows: list[dict] = []
         for chunk in self.restored:
             self._restore_chunk(chunk, held, norms, rows)
-        commits = _ScratchCommits(self, held, norms, rows)
+        return held, norms, rows
+
+    def _hold_training(self, items, bar) -> tuple[dict, dict, list[dict]]:
+        """Forward training ``items`` alone (no scratch): (per layer the prepared vectors (n,
+        dim_in) as :func:`~vecsim.reduce.held_rows` gives them, per layer the raw norms (n,),
+        the stimulus rows), the first ``len(rows)`` rows of each filled, in the order of
+        ``items``. What a Ray actor returns for its share of the training pass."""
+        self.restored = []
+        held, norms, rows = self._restored_training(len(items))
+        self._forward_training(items, bar, held, norms, rows)
+        return held, norms, rows
+
+    def _forward_training(self, items, bar, held: dict, norms: dict, rows: list[dict], forwarded=None) -> None:
+        """Forward ``items``: their prepared vectors and norms go into ``held`` and ``norms``
+        from row ``len(rows)`` on and their stimulus rows are appended; ``forwarded(n)`` after
+        each slice of n items."""
+        import torch
+
+        from vecsim.extract import LayerCapture
+        from vecsim.reduce import held_rows
+
         functions = {layer: self._layer_function(r, project=False) for layer, r in self.reducers.items()}
         with LayerCapture(self.model, self.config.layers, functions, calls=self.calls,
-                          layouts={layer: info.layout for layer, info in self.infos.items()}) as capture:
+                          layouts=self.layouts) as capture:
             for part in (part for batch in self._batches(items) for part in self._slices(batch)):
                 keep, results = self._forward(capture, part, bar)
                 if keep:
@@ -704,9 +733,8 @@ class _Indexer:
                         held[layer][at : at + len(keep)] = held_rows(self.reducers[layer], z[rows_at]).cpu()
                         norms[layer][at : at + len(keep)] = raw_norm[rows_at].cpu()
                     rows.extend(self._stimulus_row(part, pos) for pos in keep)
-                commits.forwarded(len(part.ids) + len(part.failures))
-        commits.commit()
-        return held, norms, rows
+                if forwarded is not None:
+                    forwarded(len(part.ids) + len(part.failures))
 
     def _slices(self, batch):
         """A decoded batch as the training pass forwards it: on a CPU, where a forward pass of
@@ -756,12 +784,16 @@ class _Indexer:
         self.unsaved_failures.extend(failures)
 
     def _fit_pass(self, items, bar) -> int:
+        return self._fit_held(*self._training_pass(items, bar))
+
+    def _fit_held(self, held: dict, norms: dict, rows: list[dict]) -> int:
+        """Fit every layer's projection on the held training sample, save the transforms,
+        commit the projected training vectors; the number of training stimuli."""
         import torch
 
         from vecsim.index import check_index_spec
         from vecsim.store import TrainingScratch
 
-        held, norms, rows = self._training_pass(items, bar)
         count = len(rows)
         kill_point("fit-pass")
         if count == 0:
@@ -833,7 +865,7 @@ class _Indexer:
         pending: dict[str, list] = {layer: [] for layer in self.reducers}
         count = 0
         with LayerCapture(self.model, self.config.layers, functions, calls=self.calls,
-                          layouts={layer: info.layout for layer, info in self.infos.items()}) as capture:
+                          layouts=self.layouts) as capture:
             for batch in self._batches(items):
                 keep, results = self._forward(capture, batch, bar)
                 keep = [p for p in keep if batch.ids[p] not in self.eval_only]

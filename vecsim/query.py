@@ -310,8 +310,6 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     ``device``: ``auto`` (the GPU when torch sees one), ``cpu`` or ``cuda[:N]``. On a GPU an
     exact index is searched by torch matrix products and top-k there (the same neighbours
     as the FAISS scan, up to ties); an approximate index is searched by FAISS as on the CPU."""
-    import pyarrow as pa
-
     from vecsim.extract import resolve_device
     from vecsim.index import is_exact
 
@@ -324,11 +322,9 @@ def neighbors(store, layer: str, k: int, out: str | os.PathLike, *, batch_size: 
     index = store.index(layer)
     exact = is_exact(index)
     ids, vecs = store.vectors(layer)
-    lookup = store.lookup()
     # identical stimuli (the same model input) have cosine exactly 1 with each other, as in query()
-    twins = {int(i): g[g != i] for g in lookup.identical_groups() for i in g}
-    schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
-    schema = schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
+    twins = identical_twins(store)
+    schema = neighbors_schema(store, layer, ids)
     tmp = out.with_name(out.name + ".tmp")
     start = time.time()
     try:
@@ -391,7 +387,6 @@ def _torch_search(ids: np.ndarray, vecs: np.ndarray, device: str):
 
 
 def _write_neighbors(tmp, schema, search, exact, ids, vecs, twins, k, batch_size, progress, layer) -> int:
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -399,28 +394,49 @@ def _write_neighbors(tmp, schema, search, exact, ids, vecs, twins, k, batch_size
     with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(ids), unit="q", desc=f"neighbors {layer}",
                                                      disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(ids), batch_size):
-            q_ids, q = ids[lo : lo + batch_size], vecs[lo : lo + batch_size]
-            # deeper only as far as this batch's twins need (they are dropped from the results)
-            extra = max((len(twins[i]) for i in q_ids.tolist() if i in twins), default=0)
-            if exact:
-                scores, found = search(q, k + 1 + extra)
-            else:  # candidates from the approximate index, rescored on the stored vectors
-                scores, found = _rescore(q, search(q, REFINE * (k + 1 + extra))[1], ids, vecs, k + 1 + extra)
-            rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
-            for qi, (srow, frow) in enumerate(zip(scores, found)):
-                same = twins.get(int(q_ids[qi]), ()) if np.any(q[qi]) else ()
-                keep = _rank_with_twins(srow, frow, drop=[q_ids[qi], *same], first=same, k=k)
-                rows_id += [q_ids[qi]] * len(keep)
-                rows_rank += list(range(1, len(keep) + 1))
-                rows_nb += [f for _, f in keep]
-                rows_cos += [s for s, _ in keep]
-            writer.write_table(pa.table([
-                pa.array(rows_id, pa.int64()), pa.array(rows_rank, pa.int32()), pa.array(rows_nb, pa.int64()),
-                pa.array(np.clip(np.asarray(rows_cos, np.float32), -1, 1), pa.float32()),
-            ], schema=schema))
-            written += len(rows_id)
-            bar.update(len(q_ids))
+            block = neighbor_block(search, exact, lo, lo + batch_size, ids, vecs, twins, k, schema)
+            writer.write_table(block)
+            written += block.num_rows
+            bar.update(min(batch_size, len(ids) - lo))
     return written
+
+
+def neighbors_schema(store, layer: str, ids: np.ndarray):
+    """The Parquet schema of a k-NN graph file, with the store's provenance as metadata."""
+    import pyarrow as pa
+
+    schema = pa.schema([("id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("cosine", pa.float32())])
+    return schema.with_metadata({b"vecsim": _provenance(store, [layer], ids).encode()})
+
+
+def identical_twins(store) -> dict:
+    """Per stimulus with identical ones (the same model input), the ids of the others."""
+    return {int(i): g[g != i] for g in store.lookup().identical_groups() for i in g}
+
+
+def neighbor_block(search, exact: bool, lo: int, hi: int, ids, vecs, twins: dict, k: int, schema):
+    """The k-NN graph rows of the stored stimuli at positions ``lo:hi`` (one row group of the file)."""
+    import pyarrow as pa
+
+    q_ids, q = ids[lo:hi], vecs[lo:hi]
+    # deeper only as far as this batch's twins need (they are dropped from the results)
+    extra = max((len(twins[i]) for i in q_ids.tolist() if i in twins), default=0)
+    if exact:
+        scores, found = search(q, k + 1 + extra)
+    else:  # candidates from the approximate index, rescored on the stored vectors
+        scores, found = _rescore(q, search(q, REFINE * (k + 1 + extra))[1], ids, vecs, k + 1 + extra)
+    rows_id, rows_rank, rows_nb, rows_cos = [], [], [], []
+    for qi, (srow, frow) in enumerate(zip(scores, found)):
+        same = twins.get(int(q_ids[qi]), ()) if np.any(q[qi]) else ()
+        keep = _rank_with_twins(srow, frow, drop=[q_ids[qi], *same], first=same, k=k)
+        rows_id += [q_ids[qi]] * len(keep)
+        rows_rank += list(range(1, len(keep) + 1))
+        rows_nb += [f for _, f in keep]
+        rows_cos += [s for s, _ in keep]
+    return pa.table([
+        pa.array(rows_id, pa.int64()), pa.array(rows_rank, pa.int32()), pa.array(rows_nb, pa.int64()),
+        pa.array(np.clip(np.asarray(rows_cos, np.float32), -1, 1), pa.float32()),
+    ], schema=schema)
 
 
 # -- similarity -----------------------------------------------------------------------------

@@ -601,6 +601,22 @@ def _size(path: Path) -> int:
     return total
 
 
+def vector_batch(ids, vecs: np.ndarray, norms) -> Any:
+    """One chunk of a vectors table (id, vector, raw_norm) as an Arrow table."""
+    import pyarrow as pa
+
+    dim = vecs.shape[1]
+    flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).ravel())
+    return pa.table(
+        {
+            "id": pa.array(np.asarray(ids, dtype=np.int64)),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+            "raw_norm": pa.array(np.asarray(norms, dtype=np.float32)),
+        },
+        schema=vectors_schema(dim),
+    )
+
+
 def vector_matrix(column) -> np.ndarray:
     """An Arrow fixed-size-list ``vector`` column as a C-contiguous float32 (rows, dim) matrix."""
     if hasattr(column, "combine_chunks"):  # a table's ChunkedArray (a batch's column is one Array)
@@ -629,6 +645,8 @@ class StoreWriter:
         self._db = None
         self._stim_schema = None
         self._tables_ready = False
+        # fills a trained approximate index with (vectors, ids) (vecsim.distributed: in parallel tasks)
+        self.fill_index = None
 
     # lifecycle
     @classmethod
@@ -757,18 +775,7 @@ class StoreWriter:
         for layer, (ids, vecs, norms) in vectors.items():
             if len(ids) == 0:
                 continue
-            entry = self.manifest["layers"][layer]
-            dim = vecs.shape[1]
-            flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).ravel())
-            batch = pa.table(
-                {
-                    "id": pa.array(np.asarray(ids, dtype=np.int64)),
-                    "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-                    "raw_norm": pa.array(np.asarray(norms, dtype=np.float32)),
-                },
-                schema=vectors_schema(dim),
-            )
-            self.db.open_table(entry["table"]).add(batch)
+            self.db.open_table(self.manifest["layers"][layer]["table"]).add(vector_batch(ids, vecs, norms))
         kill_point("vectors-written")
         if stimuli_rows:
             table = self.db.open_table("stimuli")
@@ -791,6 +798,23 @@ class StoreWriter:
 
         self._ensure_tables()
         self.db.open_table("runs").add(pa.Table.from_pylist([row], schema=runs_schema()))
+
+    def commit_fragments(self, fragments: dict[str, list]) -> None:
+        """Commit Lance fragments a :class:`FragmentWriter` wrote elsewhere (a worker of
+        :mod:`vecsim.distributed`): one atomic append per table, the vectors tables first and
+        the stimuli table last, as :meth:`append` writes them. Files of a worker that died
+        before returning its fragments are never referenced."""
+        import lance
+
+        self._ensure_tables()
+        tables = sorted((t for t in fragments if t != "stimuli"), key=str) + ["stimuli"]
+        for name in tables:
+            if name == "stimuli":
+                kill_point("vectors-written")
+            parts = fragments.get(name) or []
+            if parts:
+                dataset = lance.dataset(_table_uri(self.path, name))
+                lance.LanceDataset.commit(dataset.uri, lance.LanceOperation.Append(parts), read_version=dataset.version)
 
     def _vector_batches(self, layer: str, batch_rows: int = 65_536):
         query = self.db.open_table(self.manifest["layers"][layer]["table"]).search().select(["id", "vector"]).limit(None)
@@ -823,6 +847,9 @@ class StoreWriter:
         ids = vecs = train_ids = None
         if not exact:
             ids, vecs = self.all_vectors(layer)
+            if np.any(np.diff(ids) < 0):  # id order: the training sample must not depend on the order chunks were committed in
+                order = np.argsort(ids, kind="stable")
+                ids, vecs = ids[order], vecs[order]
         if vindex.needs_training(index):
             size = min(len(ids), vindex.training_size(index))
             pick = np.sort(np.random.default_rng([seed, 3]).choice(len(ids), size=size, replace=False))
@@ -838,6 +865,8 @@ class StoreWriter:
         if exact:
             for batch_ids, batch_vecs in self._vector_batches(layer):
                 vindex.add(index, batch_vecs, batch_ids)
+        elif self.fill_index is not None and train_ids is not None and device == "cpu":
+            self.fill_index(index, vecs, ids)
         else:
             vindex.add(index, vecs, ids)
         index = vindex.to_cpu(index)  # trained and filled on a GPU where there is one; tuned and saved on the CPU
@@ -849,6 +878,53 @@ class StoreWriter:
         vindex.save_index(index, self.layer_dir(layer) / "index.faiss")
         entry["index"] = description
         return description
+
+
+def _table_uri(store: Path, table: str) -> str:
+    """Where LanceDB keeps a table of the store (``lance/<table>.lance``)."""
+    return str(Path(store) / "lance" / f"{table}.lance")
+
+
+class FragmentWriter:
+    """Writes chunks of a store's rows as Lance fragments without committing them, on a
+    machine other than the committer's (:mod:`vecsim.distributed`). Same ``append`` as
+    :class:`StoreWriter`; :meth:`take` hands the fragments to :meth:`StoreWriter.commit_fragments`.
+    Failures are left to the committer, who records them with the chunk."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._fragments: dict[str, list] = {}
+        self._datasets: dict[str, Any] = {}
+
+    def _dataset(self, table: str):
+        import lance
+
+        if table not in self._datasets:
+            self._datasets[table] = lance.dataset(_table_uri(self.path, table))
+        return self._datasets[table]
+
+    def _write(self, table: str, data) -> None:
+        import lance
+
+        dataset = self._dataset(table)
+        written = lance.fragment.write_fragments(data, dataset.uri, schema=dataset.schema,
+                                                 data_storage_version=dataset.data_storage_version)
+        self._fragments.setdefault(table, []).extend(written)
+
+    def append(self, stimuli_rows: list[dict], vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+               failures: list, run: int) -> None:
+        import pyarrow as pa
+
+        for layer, (ids, vecs, norms) in vectors.items():
+            if len(ids):
+                self._write(self.manifest["layers"][layer]["table"], vector_batch(ids, vecs, norms))
+        if stimuli_rows:
+            self._write("stimuli", pa.Table.from_pylist(stimuli_rows, schema=self._dataset("stimuli").schema))
+
+    def take(self) -> dict[str, list]:
+        taken, self._fragments = self._fragments, {}
+        return taken
 
 
 class TrainingScratch:

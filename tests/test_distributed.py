@@ -192,6 +192,43 @@ def test_a_killed_driver_is_finished_by_the_same_command(cluster, job, tmp_path)
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_driver_killed_inside_the_training_pass_resumes_from_its_scratch(cluster, job, tmp_path):
+    """The training results the actors returned are committed to the scratch in item order:
+    a rerun reads them back and the store equals the one-process store."""
+    out = tmp_path / "store"
+    killed = index_on(cluster, job, out, {"VECSIM_KILL_AT": "scratch-chunk:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert json.loads((out / "vecsim.json").read_text())["status"] == "fitting"
+    assert len(list((out / "scratch" / "training").glob("chunk_*.npz"))) == 1
+    finished = index_on(cluster, job, out)
+    assert finished.returncode == 0, finished.stderr
+    assert not (out / "scratch").exists()
+    assert_same_store(out, job["reference"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_factory_model_spec_loads_on_every_worker(cluster, job, tmp_path):
+    """A model from the user's own file (file.py:factory, with --checkpoint): the workers load
+    it from the shared path, check its digest, and the store equals the one-process store."""
+    nets = tmp_path / "nets.py"
+    nets.write_text("import torchvision\n\n\ndef build():\n"
+                    "    return torchvision.models.resnet18(weights=None, num_classes=5)\n")
+    args = [*job["args"]]
+    args[args.index("resnet18")] = f"{nets}:build"
+    reference = tmp_path / "one-process"
+    done = run("index", *args, "--out", reference)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "on-ray"
+    done = run("index", *args, "--out", out, "--ray", "--ray-address", cluster.address)
+    assert done.returncode == 0, done.stderr
+    assert "ray: 2 node(s) forwarded 30 stimuli" in done.stderr
+    assert_same_store(out, reference)
+    assert Path(json.loads((out / "vecsim.json").read_text())["model"]["file"]) == nets
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_neighbors_on_a_local_cluster_write_the_one_process_file(cluster, job, ray_store, tmp_path):
     """No address: vecsim starts a local cluster (2 CPUs) and shuts it down, leaving no Ray process."""
     out, _ = ray_store

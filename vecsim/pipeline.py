@@ -286,7 +286,7 @@ class _Indexer:
         # shapes from the model while it is still on the CPU: their meta-device copy then
         # never doubles the weights on a GPU. cls/mean pooling also needs the model's token
         # sequence length: every module is probed in the same pass then
-        poolings = None if previous is not None else per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
+        poolings = None if mode == "indexing" else per_layer(cfg.pooling, cfg.layers, "pooling", str, "flatten")
         context = ([n for n, _ in loaded.module.named_modules() if n and n not in cfg.layers]
                    if poolings and loaded.prefix_tokens and {"cls", "mean"} & set(poolings.values()) else [])
         probed = layer_shapes(loaded.module, loaded.preprocessing.crop, [*cfg.layers, *context], strict=cfg.layers)

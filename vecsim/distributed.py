@@ -57,9 +57,10 @@ class RayIndexSummary(IndexSummary):
 
 def _ray():
     try:
+        import lance  # noqa: F401  (pylance: the workers write Lance fragments, the driver commits them)
         import ray
-    except ImportError:
-        raise ConfigError("--ray needs Ray: pip install 'vecsim[ray]'") from None
+    except ImportError as missing:
+        raise ConfigError(f"--ray needs Ray and pylance ({missing.name} is missing): pip install 'vecsim[ray]'") from None
     return ray
 
 

@@ -244,8 +244,8 @@ class _RayIndexer(_Indexer):
             if self.pool is not None:
                 self.pool.close()
 
-    def _plan(self, committed: set[int] | None = None) -> None:
-        super()._plan(committed)
+    def _plan(self, committed: set[int] | None = None, skip_training: int = 0) -> None:
+        super()._plan(committed, skip_training)
         self.loader = None  # the actors decode; the driver decodes only the evaluation subset
 
     def _actors(self) -> ActorPool:

@@ -105,31 +105,19 @@ def assert_same_index(index, reference, vecs) -> None:
 
 
 def assert_same_store(path: Path, reference_path: Path) -> None:
-    """Same ids, vectors to 1e-5, transforms, evaluation Gram and failures; one row per stimulus."""
+    """Same ids, vectors to 1e-5, transforms, evaluation Gram and failures (with their runs);
+    one row per stimulus; the same runs."""
     from vecsim.store import Store
 
+    assert_same_content(path, reference_path)
     store, reference = Store.open(path), Store.open(reference_path)
-    assert store.complete
-    assert store.stimuli().equals(reference.stimuli())
     for layer in reference.layers:
-        ids, vecs = store.vectors(layer)
-        ref_ids, ref_vecs = reference.vectors(layer)
-        assert ids.tolist() == ref_ids.tolist()
-        all_ids, _ = store.vectors(layer, committed_only=False)  # nothing of a redone chunk left over
-        assert sorted(all_ids.tolist()) == ref_ids.tolist()
-        np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
-        transform = (store.layer_dir(layer) / "transform.faiss").read_bytes()
-        assert transform == (reference.layer_dir(layer) / "transform.faiss").read_bytes()
         assert store.layer_info(layer)["reducer"] == reference.layer_info(layer)["reducer"]
-        assert_same_index(store.index(layer), reference.index(layer), vecs)
-        ev, ref_ev = store.eval_subset(layer), reference.eval_subset(layer)
-        assert ev["ids"].tolist() == ref_ev["ids"].tolist()
-        np.testing.assert_allclose(ev["gram"], ref_ev["gram"], rtol=1e-5)
 
     def failures(s):
         return sorted(s.failures().to_pylist(), key=lambda f: (f["id"], f["layer"] or ""))
 
-    assert failures(store) == failures(reference) and len(failures(reference)) == 1
+    assert failures(store) == failures(reference)
     assert store.runs().column("indexed").to_pylist() == reference.runs().column("indexed").to_pylist()
 
 

@@ -201,7 +201,7 @@ def test_a_driver_killed_inside_the_training_pass_resumes_from_its_scratch(clust
     killed = index_on(cluster, job, out, {"VECSIM_KILL_AT": "scratch-chunk:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert json.loads((out / "vecsim.json").read_text())["status"] == "fitting"
-    assert len(list((out / "scratch" / "training").glob("chunk_*.npz"))) == 1
+    assert len(list((out / "scratch" / "training").glob("chunk_*.chunk"))) == 1
     finished = index_on(cluster, job, out)
     assert finished.returncode == 0, finished.stderr
     assert not (out / "scratch").exists()

@@ -167,10 +167,10 @@ def test_kill_then_resume_equals_an_uninterrupted_run(images, reference, tmp_pat
 def test_a_torn_last_scratch_chunk_is_dropped_and_forwarded_again(images, reference, tmp_path):
     out = tmp_path / "store"
     assert run(index_cmd(images, out, "--chunk-size", "8"), kill_at="scratch-chunk:3").returncode == -signal.SIGKILL
-    chunks = sorted((out / "scratch" / "training").glob("chunk_*.npz"))
+    chunks = sorted((out / "scratch" / "training").glob("chunk_*.chunk"))
     assert len(chunks) == 3
     chunks[-1].write_bytes(chunks[-1].read_bytes()[: chunks[-1].stat().st_size // 2])  # a crash mid-write
-    (out / "scratch" / "training" / "chunk_000003.tmp.npz").write_bytes(b"PK")  # and a temporary file
+    (out / "scratch" / "training" / "chunk_000003.tmp.chunk").write_bytes(b"PK")  # and a temporary file
     resumed = run(index_cmd(images, out, "--chunk-size", "8"))
     assert resumed.returncode == 0, resumed.stderr
     total = len(reference.lookup().ids)

@@ -7,7 +7,7 @@ Layout::
       lance/                 stimuli, vectors_<layer>, failures, runs
       training_ids.npy       ids of the training sample the projections were fitted on
       scratch/training/      while the training pass runs: its prepared vectors in committed
-                             chunks (TrainingScratch), deleted once the fit is committed
+                             chunks (TrainingScratch, write_chunk), deleted once the fit is committed
       layers/<layer>/        transform.faiss, index.faiss, spectrum.npy, spectrum_centred.npy,
                              in_sample_noise.npy (when the training vectors are shrunk)
 
@@ -928,15 +928,15 @@ class FragmentWriter:
 
 
 class TrainingScratch:
-    """The training pass's committed progress: ``STORE/scratch/training/chunk_NNNNNN.npz``.
+    """The training pass's committed progress: ``STORE/scratch/training/chunk_NNNNNN.chunk``.
 
     Each chunk holds what the pass keeps in memory for a run of consecutive training items
     (the prepared vectors as held, their raw norms, the decoded facts of each kept stimulus,
     the failures met, the evaluation subset's rows) and is written to a temporary file that
     is flushed and renamed: a chunk is there whole or not at all. Reading drops a temporary
     file, a chunk that does not load (torn by a crash of the machine) and every chunk after a
-    gap, so what is read back is always a prefix of the training items. ``np.load`` runs with
-    ``allow_pickle=False``: a chunk is data, never code.
+    gap, so what is read back is always a prefix of the training items. A chunk is data,
+    never code: plain arrays in :func:`write_chunk`'s layout (no pickles, no object arrays).
     """
 
     def __init__(self, store: Path):
@@ -946,17 +946,17 @@ class TrainingScratch:
         return self.path.is_dir()
 
     def chunk_files(self) -> list[Path]:
-        return sorted(p for p in self.path.glob("chunk_*.npz") if ".tmp" not in p.name) if self.exists() else []
+        return sorted(p for p in self.path.glob("chunk_*.chunk") if ".tmp" not in p.name) if self.exists() else []
 
     def commit(self, number: int, arrays: dict[str, np.ndarray]) -> None:
         """Write chunk ``number`` (0, 1, ...) durably and atomically."""
         from vecsim._io import fsync_replace
 
         self.path.mkdir(parents=True, exist_ok=True)
-        target = self.path / f"chunk_{number:06d}.npz"
-        tmp = self.path / f"chunk_{number:06d}.tmp.npz"
+        target = self.path / f"chunk_{number:06d}.chunk"
+        tmp = self.path / f"chunk_{number:06d}.tmp.chunk"
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            write_chunk(fh, arrays)
             kill_point("scratch-writing")  # a chunk half on disk, not yet renamed
         fsync_replace(tmp, target)
         kill_point("scratch-chunk")
@@ -968,11 +968,21 @@ class TrainingScratch:
         chunks: list[dict[str, np.ndarray]] = []
         if not self.exists():
             return chunks
-        for tmp in self.path.glob("*.tmp.npz"):
+        for tmp in self.path.glob("*.tmp.chunk"):
             tmp.unlink()
         files = self.chunk_files()
+        # a layer's evaluation rows committed before a chunk that holds its complete subset
+        # (its Gram: the pass's last chunk, when the subset lies in the training sample) are
+        # superseded by it, and not read (most of the scratch's bytes)
+        complete_at: dict[str, int] = {}
         for i, path in enumerate(files):
-            chunk = _load_chunk(path) if path.name == f"chunk_{i:06d}.npz" else None
+            for name in chunk_names(path):
+                if name.startswith("eval.") and name.endswith(".gram"):
+                    complete_at[name[: -len("gram")]] = i
+        for i, path in enumerate(files):
+            superseded = tuple(prefix for prefix, at in complete_at.items() if at > i)
+            chunk = (read_chunk(path, lambda name: not name.startswith(superseded))
+                     if path.name == f"chunk_{i:06d}.chunk" else None)
             start = int(chunks[-1]["stop"]) if chunks else 0
             if chunk is None or int(chunk.get("start", -1)) != start:
                 for later in files[i:]:
@@ -992,12 +1002,11 @@ class TrainingScratch:
         files = self.chunk_files()
         done = kept = planned = 0
         for path in files:
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    done, planned = int(data["stop"]), int(data["planned"])
-                    kept += len(data["ids"])
-            except Exception:  # a torn chunk: the run that resumes drops it
+            data = read_chunk(path, lambda name: name in ("stop", "planned", "ids"))
+            if data is None:  # a torn chunk: the run that resumes drops it
                 break
+            done, planned = int(data["stop"]), int(data["planned"])
+            kept += len(data["ids"])
         return {"chunks": len(files), "items": done, "planned": planned, "stimuli": kept, "bytes": _size(self.path)}
 
     def delete(self) -> None:
@@ -1005,12 +1014,98 @@ class TrainingScratch:
             shutil.rmtree(self.path.parent)
 
 
-def _load_chunk(path: Path) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except Exception:  # truncated or damaged (zipfile, ValueError, OSError...): not committed
+CHUNK_MAGIC = b"\x93VECSIM-CHUNK-1\n"
+CHUNK_ALIGN = 64
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // CHUNK_ALIGN) * CHUNK_ALIGN
+
+
+def write_chunk(fh, arrays: dict[str, Any]) -> None:
+    """Named arrays as one file: :data:`CHUNK_MAGIC`, the header's length (uint64,
+    little-endian), a JSON header (per array: name, dtype, shape, offset and length of its
+    bytes after the header; the data's length), then each array's bytes, 64-byte aligned,
+    written straight from its memory. Unlike an .npz, no zip and no CRC: a scratch chunk
+    (hundreds of MB with the evaluation subset's raw rows) is written and read back at the
+    speed of the disk; a torn file is told by its length."""
+    import struct
+
+    layout, parts, offset = [], [], 0
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype.hasobject:
+            raise TypeError(f"scratch chunk array {name!r} holds Python objects")
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        offset = _aligned(offset)
+        layout.append([name, array.dtype.str, list(array.shape), offset, int(array.nbytes)])
+        parts.append((offset, array))
+        offset += array.nbytes
+    header = json.dumps({"arrays": layout, "data_bytes": offset}).encode()
+    head = CHUNK_MAGIC + struct.pack("<Q", len(header)) + header
+    fh.write(head + bytes(_aligned(len(head)) - len(head)))
+    at = 0
+    for offset, array in parts:
+        fh.write(bytes(offset - at))
+        fh.write(array.reshape(-1).view(np.uint8).data)  # no copy
+        at = offset + array.nbytes
+
+
+def _chunk_header(fh) -> tuple[dict, int] | None:
+    """(header, offset of the data) of an open chunk file; None when it is not a whole chunk."""
+    import struct
+
+    head = fh.read(len(CHUNK_MAGIC) + 8)
+    if len(head) != len(CHUNK_MAGIC) + 8 or not head.startswith(CHUNK_MAGIC):
         return None
+    (length,) = struct.unpack("<Q", head[len(CHUNK_MAGIC):])
+    if length > os.fstat(fh.fileno()).st_size:
+        return None
+    header = json.loads(fh.read(length))
+    base = _aligned(len(CHUNK_MAGIC) + 8 + length)
+    if base + int(header["data_bytes"]) != os.fstat(fh.fileno()).st_size:
+        return None  # torn: shorter (or longer) than its header says
+    return header, base
+
+
+def read_chunk(path: Path, keep=None) -> dict[str, np.ndarray] | None:
+    """The arrays of a chunk :func:`write_chunk` wrote (those whose name ``keep`` accepts,
+    default all), each read straight into its own array; None when the file is not a whole
+    chunk (torn, damaged, or not a chunk)."""
+    try:
+        with open(path, "rb") as fh:
+            found = _chunk_header(fh)
+            if found is None:
+                return None
+            header, base = found
+            arrays = {}
+            for name, dtype, shape, offset, nbytes in header["arrays"]:
+                if keep is not None and not keep(name):
+                    continue
+                dtype = np.dtype(dtype)
+                if dtype.hasobject:
+                    return None
+                array = np.empty(shape, dtype=dtype)
+                if array.nbytes != nbytes:
+                    return None
+                fh.seek(base + offset)
+                if nbytes and fh.readinto(array.reshape(-1).view(np.uint8).data) != nbytes:
+                    return None
+                arrays[name] = array
+            return arrays
+    except (OSError, ValueError, TypeError, KeyError):  # unreadable, bad JSON or dtype: not committed
+        return None
+
+
+def chunk_names(path: Path) -> list[str]:
+    """The array names of a chunk (its header; no data is read), [] when it is not a whole chunk."""
+    try:
+        with open(path, "rb") as fh:
+            found = _chunk_header(fh)
+            return [] if found is None else [entry[0] for entry in found[0]["arrays"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
 
 
 def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list[str] | None = None,

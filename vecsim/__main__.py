@@ -1,3 +1,3 @@
-from vecsim.cli import main
+from vecsim.cli import entry
 
-main()
+entry()

@@ -65,7 +65,10 @@ def index_cmd(
     mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean R,G,B."),
     std: Optional[str] = typer.Option(None, "--std", help="Normalisation std R,G,B."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default: auto]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass [default: 32]."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size",
+        help="Images per decoded batch and forward pass; on a CPU forwarded in slices of about 8 images "
+             "at 224 px (see docs/resuming.md) [default: 32]."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads [default: cores; 0 = main thread]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images before decoding."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Evaluation subset: stimuli with exact raw similarities kept per layer [default: 500; 0 = none]."),
@@ -710,5 +713,38 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def entry() -> None:
+    """The ``vecsim`` command (and ``python -m vecsim``): :func:`main`, then an exit that
+    skips the interpreter's teardown of its modules, which after torch and torchvision are
+    imported takes about a second (freeing their objects one by one) and does nothing for
+    the user: every store is committed and every file closed before a command returns.
+    What an orderly exit does before that teardown still runs here: other threads are
+    joined, ``atexit`` handlers run (Ray's shutdown among them) and stdout and stderr are
+    flushed. A traceback asked for with --debug takes the usual way out."""
+    import os
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_Finalize runs first: joins non-daemon threads
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`vecsim ... | head`): nothing more can be written
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

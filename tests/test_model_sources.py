@@ -18,6 +18,7 @@ import torch
 import vecsim
 from vecsim.errors import (
     CheckpointError, ConfigError, MissingExtraError, UnknownLayerError, UnknownModelError, UnknownWeightsError,
+    VecsimError,
 )
 from vecsim.models import layer_shapes, load_model
 from vecsim.store import Store
@@ -309,7 +310,8 @@ def test_open_clip_image_tower_end_to_end_and_its_checkpoint(shared_image_set, t
 # -- the researcher's own factory ----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_factory_file_with_a_checkpoint_reloads_and_refuses_a_changed_file(shared_image_set, factory_file, tmp_path):
+def test_factory_file_with_a_checkpoint_reloads_and_refuses_a_changed_file(shared_image_set, factory_file, tmp_path,
+                                                                            monkeypatch):
     spec = f"{factory_file}:build"
     first = load_model(spec)
     with torch.random.fork_rng():
@@ -339,10 +341,21 @@ def test_factory_file_with_a_checkpoint_reloads_and_refuses_a_changed_file(share
     raw_new = _raw(loaded, tmp_path, ["new.png"], "conv")
     expected = cosine_matrix(np.vstack([raw_new, _raw(loaded, shared_image_set, paths, "conv")]))[0, 1:]
     assert [h["id"] for h in hits] == list(np.argsort(-expected)[:3])
-    # the factory file changes: the reload refuses, in one line
+    # an open store keeps the model for the next image (vecsim serve's uploads): loaded once
+    import vecsim.models
+
+    kept, loads, real_reload = Store.open(out), [], vecsim.models.reload_model
+    monkeypatch.setattr(vecsim.models, "reload_model", lambda record: loads.append(record["name"]) or real_reload(record))
+    for _ in range(3):
+        assert [h["id"] for h in kept.query(image=str(new), layer="conv", k=3, device="cpu")] == [h["id"] for h in hits]
+    assert loads == [spec]
+    # the factory file changes: the reload refuses, in one line, and so does the open store
     factory_file.write_text(FACTORY + "\n# edited\n")
     changed = _cli("query", str(out), "--image", str(new), "--layer", "conv")
     assert changed.returncode != 0 and len(changed.stderr.strip().splitlines()) == 1
+    with pytest.raises(VecsimError):
+        kept.query(image=str(new), layer="conv", k=3, device="cpu")
+    assert loads == [spec, spec]
     assert "changed since the store was built" in changed.stderr and "mynet.py" in changed.stderr
     from vecsim.maintain import add, verify
 

@@ -200,6 +200,8 @@ class Store:
         self._indexes: dict[str, Any] = {}
         self._reducers: dict[tuple[str, str], Any] = {}
         self._lookup = None
+        self._model = None  # (key, module): load_model's last model
+        self.model_lock = __import__("threading").Lock()  # held while a forward pass runs the cached model
         self._stamp = _manifest_stamp(self.path)
 
     @classmethod
@@ -217,6 +219,7 @@ class Store:
             self._indexes.clear()
             self._reducers.clear()
             self._lookup = None
+            self._model = None
             self._stamp = stamp
 
     # basic facts
@@ -453,11 +456,21 @@ class Store:
         return similarity(self, out, **kwargs)
 
     def load_model(self, device: str = "cpu"):
-        """The store's model on ``device`` and its recorded preprocessing, for new images."""
+        """The store's model on ``device`` and its recorded preprocessing, for new images.
+
+        The model is kept for the next call on the same device while its checkpoint and
+        factory files keep their size and modification time (a changed file is loaded again
+        and its digest checked against the store's, as the first load did), so `vecsim serve`
+        does not load it again for every upload. Hooks on the kept model are for one caller
+        at a time: hold :attr:`model_lock` while running it."""
         from vecsim.models import Preprocessing, reload_model
 
-        loaded = reload_model(self.manifest["model"])
-        return loaded.module.to(device), Preprocessing.from_dict(self.manifest["preprocessing"])
+        record = self.manifest["model"]
+        key = (device, *(_file_stamp(record.get(name)) for name in ("checkpoint", "file")))
+        if self._model is None or self._model[0] != key:
+            self._model = None
+            self._model = (key, reload_model(record).module.to(device))
+        return self._model[1], Preprocessing.from_dict(self.manifest["preprocessing"])
 
     def spectrum(self, layer: str, centred: bool = False) -> np.ndarray:
         """Eigenvalues (descending) of the layer's training sample (rows unit length): of its
@@ -588,6 +601,17 @@ def exact_pairs(fit: dict | None, vectors: int, sketched: bool = False, centred:
     if fit.get("lossless") or (fit.get("exact") and fit.get("n_train", 0) >= vectors):
         return "all"
     return "training" if fit.get("exact") else "none"
+
+
+def _file_stamp(path: str | None) -> tuple | None:
+    """(path, size, modification time) of a file a model record names; None for none."""
+    if not path:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (path, None, None)  # gone: the load that follows says so
+    return (path, stat.st_size, stat.st_mtime_ns)
 
 
 def _size(path: Path) -> int:

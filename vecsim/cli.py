@@ -103,11 +103,8 @@ def index_cmd(
         typer.echo(f"{summary.store} is complete and up to date ({summary.indexed} stimuli, {summary.failed} failed, "
                    "the same settings); nothing to do")
         return
-    if getattr(summary, "nodes", None) is not None:
-        filled = max(summary.fill_tasks, default=1)
-        _echo_err(f"ray: {len(summary.nodes)} node(s) forwarded {sum(summary.nodes.values())} stimuli "
-                  f"({', '.join(f'{node[:8]}: {n}' for node, n in summary.nodes.items())})"
-                  + (f"; IVF indexes filled by {filled} parallel tasks" if filled > 1 else ""))
+    if summary.work_line() is not None:
+        _echo_err(summary.work_line())
     resumed = (f"; resumed: {summary.resumed_from} were committed before, {summary.indexed - summary.resumed_from} "
                f"this run, {summary.forwarded} images forwarded" if summary.resumed_from else "")
     typer.echo(

@@ -50,7 +50,7 @@ class IndexConfig:
     mean: list[float] | None = _opt(None, "normalisation mean R,G,B")
     std: list[float] | None = _opt(None, "normalisation std R,G,B")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    batch_size: int = _opt(32, "images per forward pass")
+    batch_size: int = _opt(32, "images per decoded batch and forward pass (on a CPU: slices of about 8 at 224 px)")
     workers: int | None = _opt(None, "decoding threads (default: the number of cores; 0 decodes in the main thread)")
     max_pixels: int = _opt(100_000_000, "images with more pixels are rejected before decoding")
     chunk_size: int = _opt(1024, "stimuli per committed chunk")

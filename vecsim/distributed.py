@@ -54,6 +54,12 @@ class RayIndexSummary(IndexSummary):
     nodes: dict[str, int] = field(default_factory=dict)
     fill_tasks: list[int] = field(default_factory=list)  # per IVF index built: the tasks that filled it
 
+    def work_line(self) -> str | None:
+        filled = max(self.fill_tasks, default=1)
+        return (f"ray: {len(self.nodes)} node(s) forwarded {sum(self.nodes.values())} stimuli "
+                f"({', '.join(f'{node[:8]}: {n}' for node, n in self.nodes.items())})"
+                + (f"; IVF indexes filled by {filled} parallel tasks" if filled > 1 else ""))
+
 
 def _ray():
     try:
@@ -284,7 +290,6 @@ class _RayIndexer(_Indexer):
         from vecsim.pipeline import _ScratchCommits
 
         held, norms, rows = self._restored_training()
-        commits = _ScratchCommits(self, held, norms, rows)
         arrived: dict[int, dict] = {}
         taken = 0
 
@@ -305,8 +310,8 @@ class _RayIndexer(_Indexer):
                     reducer.nonzero = seen if reducer.nonzero is None else reducer.nonzero | seen
                 commits.forwarded(result["forwarded"])
 
-        self._actors().run("prepare", self._units(items), keep)
-        commits.commit()
+        with _ScratchCommits(self, held, norms, rows) as commits:
+            self._actors().run("prepare", self._units(items), keep)
         return held, norms, rows
 
     def _stream_pass(self, items, bar) -> int:
@@ -434,13 +439,9 @@ class IndexActor(_Actor):
             device = "cpu" if cfg.device == "cpu" else resolve_device("auto")
             loaded = load_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.size, cfg.mean, cfg.std,
                                 checkpoint_sha256=spec["checkpoint_sha256"], file_sha256=spec["file_sha256"])
-            ix = _Indexer(cfg, progress=False)
-            ix.loaded, ix.model, ix.device, ix.calls = loaded, loaded.module.to(device), device, spec["calls"]
-            ix.layouts = spec["layouts"]
-            ix.forwarded = 0
-            ix.evalset, ix.eval_only = None, set()
-            ix.reducers = {layer: LayerReducer(layer, tuple(d["shape"]), ReducerConfig(**d["config"]), device)
-                           for layer, d in spec["reducers"].items()}
+            reducers = {layer: LayerReducer(layer, tuple(d["shape"]), ReducerConfig(**d["config"]), device)
+                        for layer, d in spec["reducers"].items()}
+            ix = _Indexer.forwarding(cfg, loaded, device, spec["calls"], spec["layouts"], reducers)
             torch.manual_seed(cfg.seed)
             self.indexer = ix
         ix = self.indexer

@@ -48,6 +48,10 @@ class IndexSummary:
         """Stimuli this run indexed per second (a resumed run's earlier stimuli not counted)."""
         return (self.indexed - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
 
+    def work_line(self) -> str | None:
+        """A line on how the work was shared out, when it was (a Ray run), else None."""
+        return None
+
 
 def index_stimuli(config: IndexConfig | None = None, *, config_file: str | None = None, progress: bool = True,
                   **options: Any) -> IndexSummary:
@@ -103,8 +107,14 @@ def config_differences(previous: dict, config: IndexConfig) -> list[str]:
             for name in IndexConfig.IDENTITY_FIELDS if previous.get(name) != current.get(name)]
 
 
-SCRATCH_SECONDS = 1.0  # the training pass commits its progress at least this often (and every --chunk-size)
-CPU_SLICE = 8  # on a CPU the training pass forwards a batch in slices of this many images (see _slices)
+SCRATCH_SECONDS = 0.25  # the training pass commits its progress at least this often (and every --chunk-size)
+CPU_SLICE = 8  # on a CPU a decoded batch is forwarded in slices of at most this many images (see _slices)
+CPU_SLICE_PIXELS = 8 * 224 * 224  # ... and of about this many input pixels: 8 images at 224 px, 2 at 400 px
+
+
+def cpu_slice(crop: int) -> int:
+    """Images per forward pass on a CPU for inputs of ``crop``² pixels (both passes slice each decoded batch)."""
+    return max(1, min(CPU_SLICE, CPU_SLICE_PIXELS // max(1, crop * crop)))
 
 
 def scratch_seconds() -> float:
@@ -164,9 +174,9 @@ def check_free_disk(out: Path, needed: int, scratch: int) -> None:
 
 
 def _import_lancedb_in_background() -> None:
-    """Import lancedb on a thread while the main thread builds the model and runs the first
-    batches. The import is pure Python and holds the GIL; a short switch interval while it
-    runs hands the GIL back to the forward pass quickly."""
+    """Import lancedb on a thread while the main thread runs forward passes (or reads a
+    scratch back). The import is pure Python and holds the GIL; a short switch interval
+    while it runs hands the GIL back to the forward pass quickly."""
     import threading
 
     from vecsim.store import _lancedb
@@ -249,6 +259,22 @@ class _Indexer:
         self.progress = progress
         self.given = given  # a LoadedModel of a module handed over in Python (index_stimuli(model=...))
         self.run_id = 1
+        self.lancedb_ahead = True  # import lancedb on a thread from the first forward pass (a Ray actor needs none)
+
+    @classmethod
+    def forwarding(cls, config: IndexConfig, loaded, device: str, calls: dict, layouts: dict,
+                   reducers: dict) -> "_Indexer":
+        """An indexer that only forwards stimuli through given reducers (a Ray actor's): the
+        model moved to ``device``, each layer's capture calls and layouts as :meth:`run`
+        found them, no evaluation subset. Every field the forward passes read is set here;
+        the caller sets the stimuli (``by_id``, ``loader``) and, for the stream pass, ``writer``."""
+        ix = cls(config, progress=False)
+        ix.loaded, ix.model, ix.device = loaded, loaded.module.to(device), device
+        ix.calls, ix.layouts, ix.reducers = calls, layouts, reducers
+        ix.evalset, ix.eval_only, ix.forwarded = None, set(), 0
+        ix.failed, ix.unsaved_failures, ix.by_id = [], [], {}
+        ix.lancedb_ahead = False  # its writes are Lance fragments (pylance): no lancedb
+        return ix
 
     # -- setup -------------------------------------------------------------------
     def run(self) -> IndexSummary:
@@ -268,7 +294,6 @@ class _Indexer:
         from vecsim.stimuli import discover
         from vecsim.store import StoreWriter
 
-        _import_lancedb_in_background()  # about a second of imports, overlapped with model loading and decoding
         device = resolve_device(cfg.device)
         stim_set = discover(cfg.source, cfg.manifest, cfg.labels_from_folders)
         # resuming: the checkpoint and a factory's file must still be those the store was started with
@@ -298,6 +323,10 @@ class _Indexer:
         by_order = sorted(infos, key=lambda i: i.order)
         self.depth = {i.name: d for d, i in enumerate(by_order)}  # 0 = the first hooked output of a forward pass
         model = loaded.module.to(device)
+        if device != "cpu":
+            # the forward passes run on the device and leave the CPU to this import (about a
+            # second, needed at the fit); on a CPU it starts after the first forward pass (_forward)
+            _import_lancedb_in_background()
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         self.dims = parse_dims(cfg.dim, cfg.layers)
         if mode == "indexing":
@@ -334,6 +363,7 @@ class _Indexer:
                 self._plan(committed)
                 self._check_disk(out, len(self.rest_items))
             elif mode == "training":
+                _import_lancedb_in_background()  # needed at the fit; meanwhile the scratch is read back (I/O)
                 self.writer = StoreWriter.reopen(out, self._stimuli_schema())
                 self._plan(skip_training=self._read_training_scratch())
                 self._check_disk(out, len(self.stim_set))
@@ -644,6 +674,12 @@ class _Indexer:
         if batch.images is None:
             bar.update(len(decode_failures))
             return [], {}
+        if not self.forwarded and self.lancedb_ahead:
+            # lancedb (about a second of imports, needed at the fit) on a thread from the first
+            # forward pass on, whose kernels release the GIL. Not while the model is built: that
+            # import competed with torchvision's for the GIL and delayed the first forward pass
+            # by more than the overlap saved
+            _import_lancedb_in_background()
         self.forwarded += len(batch.ids)
         images = batch.images.to(self.device, non_blocking=True)
         if self.evalset is not None:
@@ -682,14 +718,15 @@ class _Indexer:
         per layer and the stimulus rows: first what the scratch gave back, then ``items``
         forwarded, each new stretch committed to the scratch (:class:`_ScratchCommits`)."""
         held, norms, rows = self._restored_training()
-        commits = _ScratchCommits(self, held, norms, rows)
-        self._forward_training(items, bar, held, norms, rows, commits.forwarded)
-        commits.commit()
+        with _ScratchCommits(self, held, norms, rows) as commits:
+            self._forward_training(items, bar, held, norms, rows, commits.forwarded)
         return held, norms, rows
 
-    def _restored_training(self, n: int | None = None) -> tuple[dict, dict, list[dict]]:
+    def _restored_training(self, n: int | None = None, chunks: list[dict] | None = None) -> tuple[dict, dict, list[dict]]:
         """Room for ``n`` training stimuli (default: the whole training sample), per layer
-        (prepared vectors, raw norms), and the stimulus rows, holding what the scratch gave back."""
+        (prepared vectors, raw norms), and the stimulus rows, holding what the scratch gave
+        back (``chunks``, default those read at the start). A restored chunk keeps only its
+        facts (items, ids, run, failures): its arrays are held here now."""
         import torch
 
         from vecsim.reduce import held_dtype
@@ -698,8 +735,10 @@ class _Indexer:
         held = {layer: torch.empty(n, r.dim_in, dtype=held_dtype(r)) for layer, r in self.reducers.items()}
         norms = {layer: torch.empty(n, dtype=torch.float32) for layer in self.reducers}
         rows: list[dict] = []
-        for chunk in self.restored:
+        for chunk in self.restored if chunks is None else chunks:
             self._restore_chunk(chunk, held, norms, rows)
+            for key in [key for key in chunk if key.startswith(("held.", "norms.", "eval."))]:
+                del chunk[key]
         return held, norms, rows
 
     def _hold_training(self, items, bar) -> tuple[dict, dict, list[dict]]:
@@ -707,8 +746,7 @@ class _Indexer:
         dim_in) as :func:`~vecsim.reduce.held_rows` gives them, per layer the raw norms (n,),
         the stimulus rows), the first ``len(rows)`` rows of each filled, in the order of
         ``items``. What a Ray actor returns for its share of the training pass."""
-        self.restored = []
-        held, norms, rows = self._restored_training(len(items))
+        held, norms, rows = self._restored_training(len(items), chunks=[])
         self._forward_training(items, bar, held, norms, rows)
         return held, norms, rows
 
@@ -737,18 +775,23 @@ class _Indexer:
                     forwarded(len(part.ids) + len(part.failures))
 
     def _slices(self, batch):
-        """A decoded batch as the training pass forwards it: on a CPU, where a forward pass of
-        a few images costs per image what a whole batch does, in slices of ``CPU_SLICE``
-        images, so a scratch commit can follow every few seconds of work (a kill loses at most
-        that); elsewhere, or when the batch met a decoding failure (whose position among the
-        batch's items is not kept), whole."""
+        """A decoded batch as both passes forward it: on a CPU, where a forward pass of a few
+        images costs per image what a whole batch does or less (on 2 cores, per image:
+        ResNet-50 at 224 px 67 ms in batches of 8, 96 ms in batches of 32; DenseNet121 at
+        400 px 172 ms in batches of 2, 318 ms in batches of 32), in slices of
+        :func:`cpu_slice` images, which also lets a scratch commit follow every fraction of
+        a second to a second or two of the training pass (a kill loses at most that);
+        elsewhere, or when the batch met a decoding failure (whose position among the batch's
+        items is not kept), whole. The slice depends on the input size only, so a run's
+        batches, and its floating-point results, do not depend on timing."""
         from dataclasses import replace
 
-        if self.device != "cpu" or batch.failures or batch.images is None or len(batch.ids) <= CPU_SLICE:
+        size = cpu_slice(self.loaded.preprocessing.crop)
+        if self.device != "cpu" or batch.failures or batch.images is None or len(batch.ids) <= size:
             yield batch
             return
-        for lo in range(0, len(batch.ids), CPU_SLICE):
-            hi = lo + CPU_SLICE
+        for lo in range(0, len(batch.ids), size):
+            hi = lo + size
             yield replace(batch, ids=batch.ids[lo:hi], images=batch.images[lo:hi], sha256=batch.sha256[lo:hi],
                           sizes=batch.sizes[lo:hi], input_sha256=batch.input_sha256[lo:hi])
 
@@ -817,6 +860,9 @@ class _Indexer:
         # fitted and the training sample is projected and committed; the manifest names them
         # (status 'indexing': from then on a killed run resumes, no refit) once they are on disk.
         # Killed before that, the run starts again (status 'fitting'), committed rows or not.
+        # lancedb, first needed for the vector tables after the last fit, is imported on a
+        # thread meanwhile (the fits' products release the GIL)
+        _import_lancedb_in_background()
         with ThreadPoolExecutor(max_workers=1) as writer_thread:
             written, projected = {}, {}
             for layer, reducer in self.reducers.items():
@@ -828,13 +874,14 @@ class _Indexer:
                            np.asarray(report.spectrum_centred, dtype=np.float64))
                 written[layer] = writer_thread.submit(save, reducer, spectra, self.writer.layer_dir(layer))
                 self.writer.manifest["layers"][layer]["reducer"] = reducer.describe()
-                self.writer.create_vector_table(layer, reducer.dim)
                 # the layer's training vectors now (count × dim, small), so its sample is freed before the next fit
                 projected[layer] = np.concatenate([
                     reducer.project_training(reducer.restrict_prepared(
                         held[layer][start : start + self.config.chunk_size].to(self.device, torch.float32))).cpu().numpy()
                     for start in range(0, count, self.config.chunk_size)])
                 del held[layer]
+            for layer, reducer in self.reducers.items():
+                self.writer.create_vector_table(layer, reducer.dim)
             if self.writer.manifest.get("stopped_runs"):
                 self._record_stopped_training_runs()
             ids = np.array([r["id"] for r in rows], dtype=np.int64)
@@ -866,7 +913,7 @@ class _Indexer:
         count = 0
         with LayerCapture(self.model, self.config.layers, functions, calls=self.calls,
                           layouts=self.layouts) as capture:
-            for batch in self._batches(items):
+            for batch in (part for batch in self._batches(items) for part in self._slices(batch)):
                 keep, results = self._forward(capture, batch, bar)
                 keep = [p for p in keep if batch.ids[p] not in self.eval_only]
                 if not keep:
@@ -943,11 +990,23 @@ class _ScratchCommits:
     after a batch, what arrived since the last commit becomes the next chunk: the training
     items it covers (by position in the pass), the held rows and norms, the decoded facts
     of each kept stimulus, the failures met, the units first seen non-zero (for
-    --drop-zero-units) and the evaluation subset's new rows."""
+    --drop-zero-units) and the evaluation subset's new rows.
+
+    Chunks are written on one thread, in order, while the pass forwards the next images
+    (writing and fsync release the GIL): what a chunk holds is fixed when it is handed over
+    (views of rows the pass never writes again, and copies of the rest), and a chunk is
+    handed over only once the one before it is on disk, so a write error stops the pass at
+    the next commit. Used as a context manager: leaving it commits what is left and waits
+    until every chunk is on disk; leaving it with an error waits only for the chunk being
+    written."""
 
     def __init__(self, indexer: _Indexer, held: dict, norms: dict, rows: list[dict]):
+        from concurrent.futures import ThreadPoolExecutor
+
         from vecsim.store import TrainingScratch
 
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vecsim-scratch")
+        self.writing = None  # the future of the chunk being written
         self.indexer, self.held, self.norms, self.rows = indexer, held, norms, rows
         self.scratch = TrainingScratch(indexer.writer.path)
         self.number = len(indexer.restored)
@@ -965,11 +1024,30 @@ class _ScratchCommits:
         if len(self.rows) - self.rows_at >= self.indexer.config.chunk_size or time.monotonic() - self.last >= self.interval:
             self.commit()
 
+    def __enter__(self) -> "_ScratchCommits":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.commit()
+                self._wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        """Until the chunk being written is on disk; its error, if it failed."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
     def commit(self) -> None:
         if self.stop == self.start:
             return
         ix = self.indexer
-        self.scratch.commit(self.number, self._arrays())
+        arrays = self._arrays()
+        self._wait()
+        self.writing = self.pool.submit(self.scratch.commit, self.number, arrays)
         self.number += 1
         self.start, self.rows_at, self.failures_at = self.stop, len(self.rows), len(ix.failed)
         if ix.evalset is not None:

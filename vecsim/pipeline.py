@@ -259,7 +259,6 @@ class _Indexer:
         self.progress = progress
         self.given = given  # a LoadedModel of a module handed over in Python (index_stimuli(model=...))
         self.run_id = 1
-        self.lancedb_ahead = True  # import lancedb on a thread from the first forward pass (a Ray actor needs none)
 
     @classmethod
     def forwarding(cls, config: IndexConfig, loaded, device: str, calls: dict, layouts: dict,
@@ -273,7 +272,6 @@ class _Indexer:
         ix.calls, ix.layouts, ix.reducers = calls, layouts, reducers
         ix.evalset, ix.eval_only, ix.forwarded = None, set(), 0
         ix.failed, ix.unsaved_failures, ix.by_id = [], [], {}
-        ix.lancedb_ahead = False  # its writes are Lance fragments (pylance): no lancedb
         return ix
 
     # -- setup -------------------------------------------------------------------
@@ -325,7 +323,11 @@ class _Indexer:
         model = loaded.module.to(device)
         if device != "cpu":
             # the forward passes run on the device and leave the CPU to this import (about a
-            # second, needed at the fit); on a CPU it starts after the first forward pass (_forward)
+            # second, needed at the fit). On a CPU it waits for the fit: there it competes with
+            # the forward passes (the first scratch commit came 0.75 s later with it) and a run
+            # stopped inside the training pass never needs it. Started with the model's build
+            # it competed with torchvision's imports for the GIL and delayed the first forward
+            # pass by 2.7 s (DenseNet121, 160 px, 2 cores)
             _import_lancedb_in_background()
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         self.dims = parse_dims(cfg.dim, cfg.layers)
@@ -674,12 +676,6 @@ class _Indexer:
         if batch.images is None:
             bar.update(len(decode_failures))
             return [], {}
-        if not self.forwarded and self.lancedb_ahead:
-            # lancedb (about a second of imports, needed at the fit) on a thread from the first
-            # forward pass on, whose kernels release the GIL. Not while the model is built: that
-            # import competed with torchvision's for the GIL and delayed the first forward pass
-            # by more than the overlap saved
-            _import_lancedb_in_background()
         self.forwarded += len(batch.ids)
         images = batch.images.to(self.device, non_blocking=True)
         if self.evalset is not None:

@@ -1093,10 +1093,15 @@ def _chunk_header(fh) -> tuple[dict, int] | None:
     return header, base
 
 
+CHUNK_MAP_BYTES = 2**20  # arrays from this size on are memory-mapped when a chunk is read
+
+
 def read_chunk(path: Path, keep=None) -> dict[str, np.ndarray] | None:
     """The arrays of a chunk :func:`write_chunk` wrote (those whose name ``keep`` accepts,
-    default all), each read straight into its own array; None when the file is not a whole
-    chunk (torn, damaged, or not a chunk)."""
+    default all); None when the file is not a whole chunk (torn, damaged, or not a chunk).
+    Small arrays are read into their own memory; large ones (the held vectors and evaluation
+    rows) are memory-mapped copy-on-write, so their bytes are read once, when the training
+    pass copies them into its buffers, and never held twice."""
     try:
         with open(path, "rb") as fh:
             found = _chunk_header(fh)
@@ -1108,11 +1113,13 @@ def read_chunk(path: Path, keep=None) -> dict[str, np.ndarray] | None:
                 if keep is not None and not keep(name):
                     continue
                 dtype = np.dtype(dtype)
-                if dtype.hasobject:
+                shape = tuple(int(n) for n in shape)
+                if dtype.hasobject or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes:
                     return None
+                if nbytes >= CHUNK_MAP_BYTES:
+                    arrays[name] = np.memmap(fh, dtype=dtype, mode="c", offset=base + offset, shape=shape)
+                    continue
                 array = np.empty(shape, dtype=dtype)
-                if array.nbytes != nbytes:
-                    return None
                 fh.seek(base + offset)
                 if nbytes and fh.readinto(array.reshape(-1).view(np.uint8).data) != nbytes:
                     return None

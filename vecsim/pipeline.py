@@ -325,7 +325,7 @@ class _Indexer:
             # the forward passes run on the device and leave the CPU to this import (about a
             # second, needed at the fit). On a CPU it waits for the fit: there it competes with
             # the forward passes (the first scratch commit came 0.75 s later with it) and a run
-            # stopped inside the training pass never needs it. Started with the model's build
+            # stopped inside the training pass (a resumed one too) never needs it. Started with the model's build
             # it competed with torchvision's imports for the GIL and delayed the first forward
             # pass by 2.7 s (DenseNet121, 160 px, 2 cores)
             _import_lancedb_in_background()
@@ -365,7 +365,6 @@ class _Indexer:
                 self._plan(committed)
                 self._check_disk(out, len(self.rest_items))
             elif mode == "training":
-                _import_lancedb_in_background()  # needed at the fit; meanwhile the scratch is read back (I/O)
                 self.writer = StoreWriter.reopen(out, self._stimuli_schema())
                 self._plan(skip_training=self._read_training_scratch())
                 self._check_disk(out, len(self.stim_set))

@@ -8,7 +8,11 @@ Run with:
 Three child processes over the same N generated images (random weights unless the
 torchvision cache holds DenseNet121's; same decoding, batch size and threads):
 
-* bare:   decode + forward, no hooks, nothing kept (the baseline for speed and memory);
+* bare:   decode + forward, no hooks, nothing kept (the baseline for speed and memory), each
+          decoded batch forwarded in the slices vecsim forwards on a CPU (vecsim.pipeline.cpu_slice:
+          2 images at 400 px), so the comparison is of the hooks, reduction and store; a second
+          bare loop forwarding whole batches (what a loop written without slicing does) is
+          reported for comparison;
 * index:  `vecsim.index_stimuli` (sketch inside the hook → normalise → projection → store);
 * exact:  plain hooks on a seeded subset of `--exact` images (default all N), raw activations
           copied and multiplied into an exact Gram matrix (held in memory only, never written;
@@ -64,9 +68,13 @@ def child_bare(args) -> dict:
     items = [(s.id, s.path) for s in discover(args.images).stimuli]
     start = time.perf_counter()
     loaded = load_model("densenet121", args.weights, size=args.size)
+    from vecsim.pipeline import cpu_slice
+
+    step = args.batch_size if args.child == "bare-whole" else cpu_slice(loaded.preprocessing.crop)
     with torch.inference_mode():
         for batch in iter_decoded(Path(args.images), items, loaded.preprocessing, args.batch_size):
-            loaded.module(batch.images)
+            for lo in range(0, len(batch.ids), step):
+                loaded.module(batch.images[lo : lo + step])
     return {"seconds": time.perf_counter() - start, "images": len(items), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -172,12 +180,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="alternated bare/index runs; the best time of each is compared")
     p.add_argument("--weights", default=None)
     p.add_argument("--sketch-dim", type=int, default=None, help="count-sketch dims (default: vecsim's automatic choice)")
-    p.add_argument("--child", choices=["bare", "index", "exact"])
+    p.add_argument("--child", choices=["bare", "bare-whole", "index", "exact"])
     p.add_argument("--images")
     p.add_argument("--out")
     args = p.parse_args()
     if args.child:
-        fn = {"bare": child_bare, "index": child_index, "exact": child_exact}[args.child]
+        fn = {"bare": child_bare, "bare-whole": child_bare, "index": child_index, "exact": child_exact}[args.child]
         print(json.dumps(fn(args)))
         return
 
@@ -191,9 +199,10 @@ def main() -> None:
     try:
         args.images = str(work / "images")
         make_images(Path(args.images), args.n, side=args.size)
-        bares, indexes = [], []
+        bares, wholes, indexes = [], [], []
         for rep in range(args.repeat):  # alternated, so slow spells of a shared machine hit both
             bares.append(run_child("bare", args, []))
+            wholes.append(run_child("bare-whole", args, []))
             shutil.rmtree(work / "store", ignore_errors=True)
             indexes.append(run_child("index", args, ["--out", str(work / "store")]))
         bare = min(bares, key=lambda r: r["seconds"])
@@ -205,11 +214,19 @@ def main() -> None:
         print(f"DenseNet121 {args.size}x{args.size} (weights {args.weights}), N={args.n}, batch {args.batch_size}, "
               f"dim {args.dim}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
         bare_rate, index_rate = bare["images"] / bare["seconds"], index["images"] / index["seconds"]
-        print(f"  bare loop     {bare_rate:7.2f} img/s  ({bare['seconds']:.1f} s)  peak RSS {bare['peak_rss_mb']:7.0f} MB")
+        from vecsim.pipeline import cpu_slice
+
+        whole = min(wholes, key=lambda r: r["seconds"])
+        print(f"  bare loop     {bare_rate:7.2f} img/s  ({bare['seconds']:.1f} s)  peak RSS {bare['peak_rss_mb']:7.0f} MB"
+              f"  (forward passes of {cpu_slice(args.size)} images, as vecsim's on a CPU)")
+        print(f"  bare, whole batches of {args.batch_size}: {whole['images'] / whole['seconds']:.2f} img/s "
+              f"({whole['seconds']:.1f} s), peak RSS {max(r['peak_rss_mb'] for r in wholes):.0f} MB; "
+              f"vecsim index against it: {whole['seconds'] / index['seconds']:.3f}")
         print(f"  vecsim index  {index_rate:7.2f} img/s  ({index['seconds']:.1f} s)  peak RSS {index['peak_rss_mb']:7.0f} MB")
         if args.repeat > 1:
-            times = {name: ", ".join(f"{r['seconds']:.1f}" for r in runs) for name, runs in (("bare", bares), ("index", indexes))}
-            print(f"  runs (s, alternated): bare {times['bare']}; index {times['index']} "
+            times = {name: ", ".join(f"{r['seconds']:.1f}" for r in runs)
+                     for name, runs in (("bare", bares), ("whole", wholes), ("index", indexes))}
+            print(f"  runs (s, alternated): bare {times['bare']}; bare whole {times['whole']}; index {times['index']} "
                   "(best of each used, peak RSS the highest)")
         print(f"  throughput ratio index/bare = {index_rate / bare_rate:.3f} (target >= 0.85)")
         print(f"  peak RSS index - bare = {index['peak_rss_mb'] - bare['peak_rss_mb']:+.0f} MB (target <= +1024 MB; "

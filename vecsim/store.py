@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -201,7 +202,7 @@ class Store:
         self._reducers: dict[tuple[str, str], Any] = {}
         self._lookup = None
         self._model = None  # (key, module): load_model's last model
-        self.model_lock = __import__("threading").Lock()  # held while a forward pass runs the cached model
+        self.model_lock = threading.Lock()  # held while a forward pass runs the kept model
         self._stamp = _manifest_stamp(self.path)
 
     @classmethod

@@ -152,7 +152,7 @@ def image_vectors(store, image: str | os.PathLike | bytes, layers: list[str], de
     if len(selves):
         return {layer: store.vector_of(layer, int(selves[0])) for layer in layers}, decoded.sha256, input_digest
     batch = tensor.unsqueeze(0).to(device)
-    with store.model_lock, LayerCapture(model, layers, reducers) as capture:  # the store's kept model: one caller at a time
+    with LayerCapture(model, layers, reducers) as capture:
         results = capture.run(batch)
     out = {}
     for layer, (vecs, _norms, finite) in results.items():

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -202,7 +201,6 @@ class Store:
         self._reducers: dict[tuple[str, str], Any] = {}
         self._lookup = None
         self._model = None  # (key, module): load_model's last model
-        self.model_lock = threading.Lock()  # held while a forward pass runs the kept model
         self._stamp = _manifest_stamp(self.path)
 
     @classmethod
@@ -462,8 +460,8 @@ class Store:
         The model is kept for the next call on the same device while its checkpoint and
         factory files keep their size and modification time (a changed file is loaded again
         and its digest checked against the store's, as the first load did), so `vecsim serve`
-        does not load it again for every upload. Hooks on the kept model are for one caller
-        at a time: hold :attr:`model_lock` while running it."""
+        does not load it again for every upload. Like the store's other caches, the kept
+        model is for one caller at a time (`vecsim serve` serialises each store's calls)."""
         from vecsim.models import Preprocessing, reload_model
 
         record = self.manifest["model"]
@@ -996,18 +994,8 @@ class TrainingScratch:
         for tmp in self.path.glob("*.tmp.chunk"):
             tmp.unlink()
         files = self.chunk_files()
-        # a layer's evaluation rows committed before a chunk that holds its complete subset
-        # (its Gram: the pass's last chunk, when the subset lies in the training sample) are
-        # superseded by it, and not read (most of the scratch's bytes)
-        complete_at: dict[str, int] = {}
         for i, path in enumerate(files):
-            for name in chunk_names(path):
-                if name.startswith("eval.") and name.endswith(".gram"):
-                    complete_at[name[: -len("gram")]] = i
-        for i, path in enumerate(files):
-            superseded = tuple(prefix for prefix, at in complete_at.items() if at > i)
-            chunk = (read_chunk(path, lambda name: not name.startswith(superseded))
-                     if path.name == f"chunk_{i:06d}.chunk" else None)
+            chunk = read_chunk(path) if path.name == f"chunk_{i:06d}.chunk" else None
             start = int(chunks[-1]["stop"]) if chunks else 0
             if chunk is None or int(chunk.get("start", -1)) != start:
                 for later in files[i:]:
@@ -1016,6 +1004,15 @@ class TrainingScratch:
             if check is not None:
                 check(chunk, start)
             chunks.append(chunk)
+        # a layer's evaluation rows committed before a chunk that holds its complete subset
+        # (its Gram: the pass's last chunk, when the subset lies in the training sample) are
+        # superseded by it: dropped unread (memory-mapped, their bytes were never touched)
+        for i, chunk in enumerate(chunks):
+            for name in [n for n in chunk if n.startswith("eval.") and n.endswith(".gram")]:
+                prefix = name[: -len("gram")]
+                for earlier in chunks[:i]:
+                    for key in [k for k in earlier if k.startswith(prefix)]:
+                        del earlier[key]
         return chunks
 
     def progress(self) -> dict | None:
@@ -1128,16 +1125,6 @@ def read_chunk(path: Path, keep=None) -> dict[str, np.ndarray] | None:
             return arrays
     except (OSError, ValueError, TypeError, KeyError):  # unreadable, bad JSON or dtype: not committed
         return None
-
-
-def chunk_names(path: Path) -> list[str]:
-    """The array names of a chunk (its header; no data is read), [] when it is not a whole chunk."""
-    try:
-        with open(path, "rb") as fh:
-            found = _chunk_header(fh)
-            return [] if found is None else [entry[0] for entry in found[0]["arrays"]]
-    except (OSError, ValueError, TypeError, KeyError):
-        return []
 
 
 def store_from_vectors(path: Path, layers: dict[str, np.ndarray], *, paths: list[str] | None = None,

@@ -771,9 +771,9 @@ class _Indexer:
 
     def _slices(self, batch):
         """A decoded batch as both passes forward it: on a CPU, where a forward pass of a few
-        images costs per image what a whole batch does or less (on 2 cores, per image:
-        ResNet-50 at 224 px 67 ms in batches of 8, 96 ms in batches of 32; DenseNet121 at
-        400 px 172 ms in batches of 2, 318 ms in batches of 32), in slices of
+        images costs per image what a whole batch does or less (benchmarks/bench_cpu_slices.py
+        on 2 cores, per image: ResNet-50 at 224 px 64 ms in batches of 8, 91 ms in batches of
+        32; DenseNet121 at 400 px 163 ms in batches of 2, 336 ms in batches of 32), in slices of
         :func:`cpu_slice` images, which also lets a scratch commit follow every fraction of
         a second to a second or two of the training pass (a kill loses at most that);
         elsewhere, or when the batch met a decoding failure (whose position among the batch's

@@ -118,6 +118,9 @@ def materialize_digits(root: Path | None = None) -> Path:
 
 def preprocess_digit(image: Image.Image) -> torch.Tensor:
     """The one transform the shipped weights were trained with; returns a 3x32x32 float tensor."""
+    from vecsim.models.tvimport import import_torchvision
+
+    import_torchvision()
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 

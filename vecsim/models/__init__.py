@@ -25,6 +25,7 @@ from vecsim.models.base import (
 from vecsim.models.factory import PYTHON_PREFIX, preprocessing_from, wrap_module
 from vecsim.models.layers import LayerInfo, check_layers, layer_shapes, split_layer
 from vecsim.models.torchvision_zoo import DIGITS_MODEL, _weights_enum, available_models
+from vecsim.models.tvimport import import_torchvision
 
 __all__ = [
     "DIGITS_MODEL", "IMAGENET_MEAN", "IMAGENET_STD", "INIT_SEED", "LayerInfo", "LoadedModel", "Preprocessing",
@@ -72,6 +73,7 @@ def load_model(
     if checkpoint is not None:
         checkpoint = Path(checkpoint).expanduser().resolve()
     source = model_source(name)
+    import_torchvision()  # every source's preprocessing uses it (and timm, factories import it): without torch._dynamo
     if source == "digits":
         from vecsim.models.torchvision_zoo import load_digits
 

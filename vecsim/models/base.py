@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vecsim.errors import CheckpointError, MissingExtraError, UnknownWeightsError
+from vecsim.models.tvimport import import_torchvision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,6 +37,8 @@ class Preprocessing:
         import hashlib
 
         import torch
+
+        import_torchvision()
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 

@@ -7,12 +7,13 @@ from vecsim.errors import UnknownModelError, UnknownWeightsError, close_matches
 from vecsim.models.base import (
     LoadedModel, Preprocessing, classes_from_state, load_state, read_checkpoint, seeded_init, weights_failure,
 )
+from vecsim.models.tvimport import import_torchvision
 
 DIGITS_MODEL = "digits-cnn"
 
 
 def available_models() -> list[str]:
-    import torchvision
+    torchvision = import_torchvision()
 
     return [DIGITS_MODEL, *sorted(torchvision.models.list_models(module=torchvision.models))]
 
@@ -37,7 +38,7 @@ def load_digits(weights, checkpoint, expected_sha) -> LoadedModel:
 
 
 def _builder(name: str):
-    import torchvision
+    torchvision = import_torchvision()
     from torchvision.models import get_model_builder
 
     known = torchvision.models.list_models(module=torchvision.models)
@@ -51,6 +52,7 @@ def _builder(name: str):
 
 
 def _weights_enum(name: str, weights: str):
+    import_torchvision()
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(name)

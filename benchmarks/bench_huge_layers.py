@@ -80,7 +80,10 @@ def child_bare(args) -> dict:
 
 def child_index(args) -> dict:
     import torch  # noqa: F401  imported before the clock, as in the bare loop
-    import torchvision  # noqa: F401
+
+    from vecsim.models.tvimport import import_torchvision
+
+    import_torchvision()  # as vecsim imports it (without torch._dynamo)
 
     import vecsim
     from vecsim.store import Store

@@ -68,9 +68,13 @@ CASES = {
 
 
 def import_libraries(model: str) -> None:
-    """torch, torchvision and the model's own library: imported before either clock starts."""
+    """torch, torchvision (as vecsim imports it, without torch._dynamo) and the model's own
+    library: imported before either clock starts."""
     import torch  # noqa: F401
-    import torchvision  # noqa: F401
+
+    from vecsim.models.tvimport import import_torchvision
+
+    import_torchvision()
 
     if model.startswith("timm:"):
         import timm  # noqa: F401

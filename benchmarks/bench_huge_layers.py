@@ -59,31 +59,27 @@ def peak_rss_mb() -> float:
 
 
 def child_bare(args) -> dict:
-    import torch
+    from bench_index import forward_slices, import_libraries
+
+    import_libraries("densenet121")  # before the clock, as in vecsim's child
 
     from vecsim.extract import iter_decoded
     from vecsim.models import load_model
+    from vecsim.pipeline import cpu_slice
     from vecsim.stimuli import discover
 
     items = [(s.id, s.path) for s in discover(args.images).stimuli]
     start = time.perf_counter()
     loaded = load_model("densenet121", args.weights, size=args.size)
-    from vecsim.pipeline import cpu_slice
-
     step = args.batch_size if args.child == "bare-whole" else cpu_slice(loaded.preprocessing.crop)
-    with torch.inference_mode():
-        for batch in iter_decoded(Path(args.images), items, loaded.preprocessing, args.batch_size):
-            for lo in range(0, len(batch.ids), step):
-                loaded.module(batch.images[lo : lo + step])
+    forward_slices(loaded.module, iter_decoded(Path(args.images), items, loaded.preprocessing, args.batch_size), step)
     return {"seconds": time.perf_counter() - start, "images": len(items), "peak_rss_mb": peak_rss_mb()}
 
 
 def child_index(args) -> dict:
-    import torch  # noqa: F401  imported before the clock, as in the bare loop
+    from bench_index import import_libraries
 
-    from vecsim.models.tvimport import import_torchvision
-
-    import_torchvision()  # as vecsim imports it (without torch._dynamo)
+    import_libraries("densenet121")  # before the clock, as in the bare loop
 
     import vecsim
     from vecsim.store import Store

@@ -80,9 +80,21 @@ def import_libraries(model: str) -> None:
         import timm  # noqa: F401
 
 
-def child_bare(args) -> dict:
+def forward_slices(module, batches, step: int) -> int:
+    """The bare loop: each decoded batch forwarded in slices of ``step`` images, nothing kept;
+    the number of images forwarded."""
     import torch
 
+    count = 0
+    with torch.inference_mode():
+        for batch in batches:
+            for lo in range(0, len(batch.ids), step):
+                module(batch.images[lo : lo + step])
+            count += len(batch.ids)
+    return count
+
+
+def child_bare(args) -> dict:
     import_libraries(args.model)
 
     from vecsim.extract import iter_decoded
@@ -95,12 +107,8 @@ def child_bare(args) -> dict:
     from vecsim.pipeline import cpu_slice
 
     step = args.batch_size if args.child == "bare-whole" else cpu_slice(loaded.preprocessing.crop)
-    count = 0
-    with torch.inference_mode():
-        for batch in iter_decoded(Path(args.images), items, loaded.preprocessing, args.batch_size, args.workers):
-            for lo in range(0, len(batch.ids), step):
-                loaded.module(batch.images[lo : lo + step])
-            count += len(batch.ids)
+    count = forward_slices(loaded.module, iter_decoded(Path(args.images), items, loaded.preprocessing,
+                                                       args.batch_size, args.workers), step)
     seconds = time.perf_counter() - start
     return {"images": count, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 

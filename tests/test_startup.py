@@ -3,6 +3,7 @@ torch._dynamo (vecsim.models.tvimport), and a shape probe that does not import i
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,17 @@ def run_python(code: str, tmp_path=None) -> str:
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+@contextlib.contextmanager
+def dynamo_unimported():
+    """As in a process that has not imported torch._dynamo (this one has: the meta copy is then
+    the probe), for layer_shapes' choice only."""
+    saved = sys.modules.pop("torch._dynamo")
+    try:
+        yield
+    finally:
+        sys.modules["torch._dynamo"] = saved
 
 
 def test_an_index_run_never_imports_torch_dynamo_and_roi_align_still_works(tmp_path):
@@ -114,11 +126,8 @@ def test_the_cpu_probe_gives_the_meta_copys_shapes_and_leaves_the_model_as_it_wa
     fired = []
     handle = net.features.transition1.register_forward_hook(lambda *a: fired.append(1))
     pre = net.features.conv0.register_forward_pre_hook(lambda *a: fired.append(2))
-    saved = sys.modules.pop("torch._dynamo")  # as in a process that has not imported it
-    try:
+    with dynamo_unimported():
         real = layer_shapes(net, 96, layers)
-    finally:
-        sys.modules["torch._dynamo"] = saved
     assert [(i.name, i.shape, i.calls, i.order) for i in real] == [(i.name, i.shape, i.calls, i.order) for i in meta]
     assert fired == []
     net(torch.zeros(1, 3, 32, 32))
@@ -128,11 +137,8 @@ def test_the_cpu_probe_gives_the_meta_copys_shapes_and_leaves_the_model_as_it_wa
 
     net.train()
     before = net.features.norm0.running_mean.clone()
-    saved = sys.modules.pop("torch._dynamo")
-    try:
+    with dynamo_unimported():
         layer_shapes(net, 32, ["features.norm0"])
-    finally:
-        sys.modules["torch._dynamo"] = saved
     assert torch.equal(net.features.norm0.running_mean, before)
 
 
@@ -143,10 +149,7 @@ def test_the_cpu_probe_and_the_meta_copy_agree_on_other_models(name):
     net = load_model(name, weights="none").module
     size = 224 if name.startswith("vit") else 64
     meta = layer_shapes(net, size)
-    saved = sys.modules.pop("torch._dynamo")
-    try:
+    with dynamo_unimported():
         real = layer_shapes(net, size)
-    finally:
-        sys.modules["torch._dynamo"] = saved
     assert [(i.name, i.shape, i.calls, i.batch_dim, i.select) for i in real] == \
            [(i.name, i.shape, i.calls, i.batch_dim, i.select) for i in meta]

@@ -3,8 +3,8 @@
 ``import torchvision`` imports ``torchvision.ops.roi_align``, whose one line
 ``from torch._dynamo.utils import is_compile_supported`` imports all of ``torch._dynamo``
 (sympy, ``torch.fx``'s symbolic shapes, ``torch.distributed``'s tensor ops): about 1.1 s on a
-2-core machine, more than a third of the time a `vecsim index` process spends before its first
-image, and paid again by every rerun of a stopped job. vecsim's hooks never compile anything, and
+2-core machine, about a third of the time a `vecsim index` process spent before its first
+committed image, paid again by every rerun of a stopped job. vecsim's hooks never compile anything, and
 ``is_compile_supported`` is called only when ``roi_align`` runs.
 
 :func:`import_torchvision` imports torchvision with a stand-in for ``torch._dynamo.utils``

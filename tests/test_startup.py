@@ -32,6 +32,22 @@ def dynamo_unimported():
         sys.modules["torch._dynamo"] = saved
 
 
+def probed(net, size, layers=None):
+    """layer_shapes' answer, and the devices the probe's module outputs were on ('cpu' for the
+    real forward, 'meta' for the copy), seen by a global hook the probe does not set aside."""
+    devices = set()
+
+    def seen(_module, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            devices.add(out.device.type)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(seen)
+    try:
+        return layer_shapes(net, size, layers), devices
+    finally:
+        handle.remove()
+
+
 def test_an_index_run_never_imports_torch_dynamo_and_roi_align_still_works(tmp_path):
     """A whole `vecsim index` (torchvision model, CPU) leaves torch._dynamo unimported; after it
     torchvision's roi_align (which holds the deferred function) gives what torchvision's op
@@ -122,12 +138,14 @@ def test_the_cpu_probe_gives_the_meta_copys_shapes_and_leaves_the_model_as_it_wa
     loaded = load_model("densenet121", weights="none")
     net = loaded.module
     layers = ["features.transition1.norm", "features.denseblock2", "features.transition3.pool", "classifier"]
-    meta = layer_shapes(net, 96, layers)
+    meta, on = probed(net, 96, layers)
+    assert on == {"meta"}
     fired = []
     handle = net.features.transition1.register_forward_hook(lambda *a: fired.append(1))
     pre = net.features.conv0.register_forward_pre_hook(lambda *a: fired.append(2))
     with dynamo_unimported():
-        real = layer_shapes(net, 96, layers)
+        real, on = probed(net, 96, layers)
+    assert on == {"cpu"}
     assert [(i.name, i.shape, i.calls, i.order) for i in real] == [(i.name, i.shape, i.calls, i.order) for i in meta]
     assert fired == []
     net(torch.zeros(1, 3, 32, 32))
@@ -138,7 +156,8 @@ def test_the_cpu_probe_gives_the_meta_copys_shapes_and_leaves_the_model_as_it_wa
     net.train()
     before = net.features.norm0.running_mean.clone()
     with dynamo_unimported():
-        layer_shapes(net, 32, ["features.norm0"])
+        _, on = probed(net, 32, ["features.norm0"])
+    assert on == {"meta"}
     assert torch.equal(net.features.norm0.running_mean, before)
 
 
@@ -148,8 +167,9 @@ def test_the_cpu_probe_and_the_meta_copy_agree_on_other_models(name):
 
     net = load_model(name, weights="none").module
     size = 224 if name.startswith("vit") else 64
-    meta = layer_shapes(net, size)
+    meta, on_meta = probed(net, size)
     with dynamo_unimported():
-        real = layer_shapes(net, size)
+        real, on_real = probed(net, size)
+    assert (on_meta, on_real) == ({"meta"}, {"cpu"})
     assert [(i.name, i.shape, i.calls, i.batch_dim, i.select) for i in real] == \
            [(i.name, i.shape, i.calls, i.batch_dim, i.select) for i in meta]

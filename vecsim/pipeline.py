@@ -322,12 +322,8 @@ class _Indexer:
         self.depth = {i.name: d for d, i in enumerate(by_order)}  # 0 = the first hooked output of a forward pass
         model = loaded.module.to(device)
         if device != "cpu":
-            # the forward passes run on the device and leave the CPU to this import (about a
-            # second, needed at the fit). On a CPU it waits for the fit: there it competes with
-            # the forward passes (the first scratch commit came 0.75 s later with it) and a run
-            # stopped inside the training pass (a resumed one too) never needs it. Started with the model's build
-            # it competed with torchvision's imports for the GIL and delayed the first forward
-            # pass by 2.7 s (DenseNet121, 160 px, 2 cores)
+            # the forward passes leave the CPU to this import (about a second, first needed at
+            # the fit); on a CPU it waits for the fit (_fit_held): why, in docs/internals.md
             _import_lancedb_in_background()
         self.model, self.loaded, self.stim_set, self.device = model, loaded, stim_set, device
         self.dims = parse_dims(cfg.dim, cfg.layers)
@@ -771,11 +767,10 @@ class _Indexer:
 
     def _slices(self, batch):
         """A decoded batch as both passes forward it: on a CPU, where a forward pass of a few
-        images costs per image what a whole batch does or less (benchmarks/bench_cpu_slices.py
-        on 2 cores, per image: ResNet-50 at 224 px 64 ms in batches of 8, 91 ms in batches of
-        32; DenseNet121 at 400 px 163 ms in batches of 2, 336 ms in batches of 32), in slices of
-        :func:`cpu_slice` images, which also lets a scratch commit follow every fraction of
-        a second to a second or two of the training pass (a kill loses at most that);
+        images costs per image what a whole batch does or less (benchmarks/bench_cpu_slices.py,
+        recorded in benchmarks/RESULTS.md), in slices of :func:`cpu_slice` images, which also
+        lets a scratch commit follow every fraction of a second to a second or two of the
+        training pass (a kill loses at most that);
         elsewhere, or when the batch met a decoding failure (whose position among the batch's
         items is not kept), whole. The slice depends on the input size only, so a run's
         batches, and its floating-point results, do not depend on timing."""

@@ -3,8 +3,12 @@ record, seeded random initialisation, and reading a checkpoint."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import io
+import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +177,125 @@ def seeded_init(factory):
         return factory()
 
 
+# torch.nn.init's functions that fill a tensor in place (what modules' reset_parameters and
+# torchvision's models call); each returns the tensor it was given
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+_skip_lock = threading.Lock()
+_skipping: dict[int, list] = {}  # thread id -> (weak reference, data pointer) of each tensor left as it was
+
+
+_installed: list[tuple[Any, str, Any]] = []  # (module, name, the real function) while skips are installed
+
+
+def _install_skips() -> None:
+    """Put the skipping versions in torch.nn.init and where torch's modules bound them by name
+    (nn.MultiheadAttention's and nn.Transformer's initialisation)."""
+    import torch
+    from torch.nn import init
+    from torch.nn.modules import activation, transformer
+
+    skips = {}
+    for name in _INIT_FUNCTIONS:
+        real = getattr(init, name, None)
+        if real is None:
+            continue
+
+        def skip(tensor, *args, _real=real, **kwargs):
+            skipped = _skipping.get(threading.get_ident())
+            if skipped is None or tensor.layout != torch.strided or tensor.device.type == "meta" or not tensor.numel():
+                # another thread, no build of weights to be loaded, or nothing worth skipping
+                return _real(tensor, *args, **kwargs)
+            skipped.append((weakref.ref(tensor), tensor.data_ptr()))
+            return tensor
+
+        skips[real] = functools.update_wrapper(skip, real)
+    for module in (init, activation, transformer):
+        for name in _INIT_FUNCTIONS:
+            real = getattr(module, name, None)
+            if real in skips:
+                _installed.append((module, name, real))
+                setattr(module, name, skips[real])
+
+
+def _remove_skips() -> None:
+    while _installed:
+        module, name, real = _installed.pop()
+        setattr(module, name, real)
+
+
+def build_then_load(build, load=None):
+    """``build()`` (then ``load(module)``, where the loading is not part of the build) without
+    the random initialisation that the loaded weights replace: for VGG16 that is more than a
+    second of every start, and for any model a share of it.
+
+    While ``build`` runs, torch.nn.init's functions leave the tensors they are given as they
+    are, in this thread only (another thread's calls initialise as usual). Afterwards every
+    tensor left so must be one of the module's parameters or persistent buffers, which a
+    strict ``load_state_dict`` has overwritten (vecsim's :func:`load_state`, and torchvision's
+    pretrained builders), or no longer exist (a temporary). Otherwise (a non-persistent buffer
+    or a plain attribute filled by torch.nn.init, which no state dict carries) the model is
+    built and loaded again with its initialisation, so the result never depends on memory
+    left uninitialised.
+    """
+    ident = threading.get_ident()
+    with _skip_lock:
+        if ident in _skipping:  # nested: the outer build checks
+            return _build_and_load(build, load)
+        if not _skipping:
+            _install_skips()
+        _skipping[ident] = skipped = []
+    try:
+        module = build()
+    finally:
+        with _skip_lock:
+            del _skipping[ident]
+            if not _skipping:
+                _remove_skips()
+    _build_and_load(lambda: module, load)
+    if _all_overwritten(module, skipped):
+        return module
+    gc.collect()  # a discarded module in a reference cycle still holds its tensors
+    if _all_overwritten(module, skipped):
+        return module
+    del module
+    return _build_and_load(build, load)
+
+
+def _build_and_load(build, load):
+    module = build()
+    if load is not None:
+        load(module)
+    return module
+
+
+def _all_overwritten(module, skipped: list) -> bool:
+    """Whether every tensor whose initialisation was skipped lies in one of ``module``'s
+    parameters or persistent buffers, or is gone (see :func:`build_then_load`)."""
+    import bisect
+
+    import torch
+
+    def spans(tensors):
+        storages = [t.untyped_storage() for t in tensors if t is not None and t.layout == torch.strided]
+        return sorted((s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages)
+
+    def inside(pointer, sorted_spans, starts):
+        at = bisect.bisect_right(starts, pointer) - 1
+        return at >= 0 and pointer < sorted_spans[at][1]
+
+    loaded = spans(module.state_dict(keep_vars=True).values())
+    others = spans(list(module.parameters()) + list(module.buffers()))
+    loaded_starts, other_starts = [lo for lo, _ in loaded], [lo for lo, _ in others]
+    for ref, pointer in skipped:
+        if inside(pointer, loaded, loaded_starts):
+            continue
+        if ref() is not None or inside(pointer, others, other_starts):
+            return False
+    return True
+
+
 def read_checkpoint(path, expected_sha256: str | None = None) -> tuple[dict, str]:
     """A state dict from a local file, loaded with ``weights_only=True`` (no pickled code runs).
 
@@ -188,16 +311,24 @@ def read_checkpoint(path, expected_sha256: str | None = None) -> tuple[dict, str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()  # read once: hashed, then loaded from memory
-    sha = hashlib.sha256(data).hexdigest()
+    data = path.read_bytes()  # read once: the bytes hashed are the bytes loaded
+    # hashlib releases the GIL: the hash (as slow as the unpickling) runs on a thread beside it
+    digest: list[str] = []
+    hashing = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()), daemon=True)
+    hashing.start()
+    try:
+        obj, failure = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None
+    except Exception as exc:
+        obj, failure = None, exc
+    hashing.join()
+    sha = digest[0]
     if expected_sha256 and sha != expected_sha256:
         raise CheckpointError(
             f"checkpoint {path} changed since the store was built (sha256 {sha[:12]}…, the store recorded "
             f"{expected_sha256[:12]}…): new images would not be comparable with the stored ones; restore that file"
         )
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    if failure is not None:
+        exc = failure
         # a whole pickled model names classes weights_only refuses ("Unsupported global" / the
         # allowlist hint); anything else that fails to unpickle is not a checkpoint at all
         pickled_objects = "global" in str(exc).lower()
@@ -223,11 +354,23 @@ def read_checkpoint(path, expected_sha256: str | None = None) -> tuple[dict, str
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
+    metadata = getattr(obj, "_metadata", None)
+    if metadata is not None:  # each module's state-dict version, which some modules' loading reads (MNASNet)
+        state = _with_metadata(state, {("" if k == "module" else k.removeprefix("module.")): v
+                                       for k, v in metadata.items()})
     for key in [k for k in state if k.endswith("_orig")]:  # torch.nn.utils.prune, not made permanent
         base = key[: -len("_orig")]
         if base + "_mask" in state and base not in state:
             state[base] = state.pop(key) * state.pop(base + "_mask")
     return state, sha
+
+
+def _with_metadata(state: dict, metadata: dict) -> dict:
+    from collections import OrderedDict
+
+    state = OrderedDict(state)
+    state._metadata = OrderedDict(metadata)
+    return state
 
 
 def classes_from_state(state: dict, head_key: str, default):
@@ -238,8 +381,9 @@ def classes_from_state(state: dict, head_key: str, default):
 def load_state(module, state: dict, path) -> None:
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:3]
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # also a module's own loading code
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        first = lines[1:3] if isinstance(exc, RuntimeError) and len(lines) > 1 else lines[:1]
         raise CheckpointError(
             f"checkpoint {path} does not fit {type(module).__name__}: {' '.join(first)[:300]}"
         ) from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from vecsim.errors import UnknownModelError, UnknownWeightsError, close_matches
 from vecsim.models.base import (
-    LoadedModel, Preprocessing, classes_from_state, load_state, read_checkpoint, seeded_init, weights_failure,
+    LoadedModel, Preprocessing, build_then_load, classes_from_state, load_state, read_checkpoint, seeded_init,
+    weights_failure,
 )
 from vecsim.models.tvimport import import_torchvision
 
@@ -86,12 +87,19 @@ def load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=No
             options = {"aux_logits": False, "transform_input": True, "init_weights": False}
             notes.append(f"{name} checkpoint without auxiliary heads: built as torchvision builds its pretrained "
                          "model (no auxiliary heads, transform_input=True)")
-        probe = builder(weights=None, **options)
-        head = head_name(probe)
-        num_classes = classes_from_state(state, f"{head}.weight" if head else "", None)
-        module = builder(weights=None, num_classes=num_classes, **options) if num_classes else probe
-        load_state(module, state, checkpoint)
-        return LoadedModel(module, default_pre, name, None, str(checkpoint), sha, num_classes, notes)
+        classes = []
+
+        def build():
+            probe = builder(weights=None, **options)
+            head = head_name(probe)
+            classes[:] = [classes_from_state(state, f"{head}.weight" if head else "", None)]
+            if not classes[0] or classes[0] == _head_size(probe, head):
+                return probe
+            return builder(weights=None, num_classes=classes[0], **options)
+
+        # the checkpoint replaces every weight: the random initialisation is skipped
+        module = build_then_load(build, lambda m: load_state(m, state, checkpoint))
+        return LoadedModel(module, default_pre, name, None, str(checkpoint), sha, classes[0], notes)
     key = weights if weights is not None else "DEFAULT"
     if key.lower() == "none":
         # googlenet/inception_v3 warn unless init_weights is given; True is their default init
@@ -99,8 +107,8 @@ def load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=No
         return LoadedModel(seeded_init(lambda: builder(weights=None, **init)), default_pre, name, None,
                            num_classes=1000)
     enum_value = _weights_enum(name, key)
-    try:
-        module = builder(weights=enum_value)
+    try:  # torchvision's builders load the weights strictly: the random initialisation is skipped
+        module = build_then_load(lambda: builder(weights=enum_value))
     except Exception as exc:  # download or cache failures surface here
         raise weights_failure(str(enum_value), exc, "put the file in the torch hub cache") from None
     transforms = enum_value.transforms()
@@ -110,6 +118,11 @@ def load_torchvision(name: str, weights: str | None, checkpoint, expected_sha=No
     )
     num_classes = len(enum_value.meta.get("categories", []) or []) or None
     return LoadedModel(module, pre, name, str(enum_value), num_classes=num_classes)
+
+
+def _head_size(module, head: str | None) -> int | None:
+    weight = module.get_submodule(head).weight if head else None
+    return None if weight is None else int(weight.shape[0])
 
 
 def head_name(module) -> str | None:

@@ -191,6 +191,23 @@ def test_scratch_commits_every_chunk_size_stimuli(images, reference, tmp_path):
     assert_same_store(Store.open(out), reference)
 
 
+def test_the_stream_pass_commits_once_its_time_bound_has_passed(images, reference, tmp_path):
+    """With --chunk-size larger than the set the stream pass still commits once its time bound
+    has passed (0 s here: after every forward pass), so a stop loses at most that much work."""
+    out = tmp_path / "store"
+    cmd = index_cmd(images, out, "--chunk-size", "1000")
+    env = {**os.environ, "VECSIM_STREAM_SECONDS": "0", "VECSIM_KILL_AT": "chunk:3"}  # the fit's chunk, then 2
+    assert subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300).returncode == -signal.SIGKILL
+    stopped = Store.open(out)
+    before = len(stopped.lookup().ids)
+    assert stopped.manifest["status"] == "indexing" and 16 < before <= 16 + 2 * 4  # two batches of 4 at most
+    again = len(eval_ids(reference) & set(stopped.lookup().ids.tolist()))  # the subset's raw rows, not kept
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert forwarded(resumed.stdout) == len(reference.lookup().ids) - before + again, resumed.stdout
+    assert_same_store(Store.open(out), reference)
+
+
 def test_a_cpu_batch_is_forwarded_and_committed_in_slices(images, reference, tmp_path):
     # batches of 16 on the CPU: the training pass forwards (and may commit) 8 images at a time
     out = tmp_path / "store"

@@ -124,6 +124,18 @@ def scratch_seconds() -> float:
     return float(value) if value else SCRATCH_SECONDS
 
 
+STREAM_SECONDS = 60.0  # the stream pass commits at least this often (and every --chunk-size kept stimuli)
+
+
+def stream_seconds() -> float:
+    """Seconds of work between the stream pass's commits at most: ``STREAM_SECONDS``, or
+    ``VECSIM_STREAM_SECONDS`` (0 commits after every forward pass: the crash tests' exact points).
+    Each commit appends a fragment to every table of the store, so the bound is loose: on a
+    GPU, or at a CPU's speed on small inputs, ``--chunk-size`` comes first."""
+    value = os.environ.get("VECSIM_STREAM_SECONDS")
+    return float(value) if value else STREAM_SECONDS
+
+
 def index_disk_bytes(reducers: dict, training: list[int], stimuli: int, dims: dict[str, int | None], max_dim: int,
                      evalset=None) -> tuple[int, int]:
     """(bytes indexing may need at its peak, of which the training pass's scratch) for the
@@ -900,7 +912,7 @@ class _Indexer:
         functions = {layer: self._layer_function(r, project=True) for layer, r in self.reducers.items()}
         pending_rows: list[dict] = []
         pending: dict[str, list] = {layer: [] for layer in self.reducers}
-        count = 0
+        count, interval, last = 0, stream_seconds(), time.monotonic()
         with LayerCapture(self.model, self.config.layers, functions, calls=self.calls,
                           layouts=self.layouts) as capture:
             for batch in (part for batch in self._batches(items) for part in self._slices(batch)):
@@ -914,8 +926,9 @@ class _Indexer:
                     sel = idx.to(vecs.device)
                     pending[layer].append((ids, vecs[sel].cpu().numpy(), raw_norm[sel].cpu().numpy()))
                 pending_rows.extend(self._stimulus_row(batch, pos) for pos in keep)
-                if len(pending_rows) >= self.config.chunk_size:
+                if len(pending_rows) >= self.config.chunk_size or time.monotonic() - last >= interval:
                     count += self._commit(pending_rows, pending)
+                    last = time.monotonic()
         count += self._commit(pending_rows, pending)
         return count
 

@@ -132,3 +132,63 @@ def test_a_cuda_device_number_beyond_the_gpus_is_a_device_error(monkeypatch):
     for bad in ("cuda:1", "cuda:x"):
         with pytest.raises(DeviceError, match="numbered cuda:0 to cuda:0"):
             resolve_device(bad)
+
+
+def _decode_items(tmp_path):
+    from conftest import make_image_set
+
+    root = make_image_set(tmp_path / "set", per_class=10)  # 30 images
+    paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return root, list(enumerate(paths))
+
+
+def test_decoding_starts_when_the_loader_is_made_and_the_first_batch_can_be_small(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from vecsim import extract
+    from vecsim.models.base import Preprocessing
+
+    root, items = _decode_items(tmp_path)
+    decoded, lock = [], threading.Lock()
+    real = extract._DecodeDataset.__getitem__
+
+    def counting(self, i):
+        with lock:
+            decoded.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(extract._DecodeDataset, "__getitem__", counting)
+    loader = extract.iter_decoded(root, items, Preprocessing(32, 32), batch_size=8, workers=2,
+                                  boundaries=(20,), first_batch=3)
+    deadline = time.monotonic() + 10
+    while len(decoded) < 3 and time.monotonic() < deadline:  # before any next(): the pool is already at work
+        time.sleep(0.01)
+    assert len(decoded) >= 3
+    sizes = [len(batch.ids) for batch in loader]
+    assert sizes == [3, 8, 8, 1, 8, 2]  # the first batch small, none straddling position 20
+    assert sorted(decoded) == list(range(30))  # each image decoded once
+
+
+def test_a_closed_loader_cancels_what_it_had_queued(tmp_path, monkeypatch):
+    import time
+
+    from vecsim import extract
+    from vecsim.models.base import Preprocessing
+
+    root, items = _decode_items(tmp_path)
+    decoded = []
+    real = extract._DecodeDataset.__getitem__
+
+    def slow(self, i):
+        time.sleep(0.05)
+        decoded.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(extract._DecodeDataset, "__getitem__", slow)
+    loader = extract.iter_decoded(root, items, Preprocessing(32, 32), batch_size=4, workers=1)
+    assert len(next(loader).ids) == 4
+    loader.close()
+    time.sleep(0.3)
+    assert len(decoded) < 12  # the queued images after the running one were cancelled
+    assert loader.pool._shutdown

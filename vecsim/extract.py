@@ -219,16 +219,22 @@ def iter_decoded(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     boundaries: Iterable[int] = (),
+    first_batch: int | None = None,
 ) -> Iterator[DecodedBatch]:
-    """Decode and preprocess ``items`` in a pool of decoding threads, in order.
+    """Decode and preprocess ``items`` in a pool of decoding threads, in order. With threads,
+    decoding starts when this is called, not at the first ``next``.
 
     No batch straddles a position in ``boundaries`` (the pipeline's two passes share
     one loader, so its workers start once and keep decoding across the switch).
+    ``first_batch`` makes the first batch that small (the first forward pass of a run
+    waits for the first batch's images only).
     """
     workers = default_workers() if workers is None else workers
     if not items:
         return iter(())
     cuts = sorted({0, len(items), *(b for b in boundaries if 0 < b < len(items))})
+    if first_batch is not None and 0 < first_batch < min(batch_size, cuts[1]):
+        cuts = sorted({*cuts, first_batch})
     batches = [
         list(range(start, min(start + batch_size, stop)))
         for lo, stop in zip(cuts, cuts[1:])
@@ -237,32 +243,56 @@ def iter_decoded(
     dataset = _DecodeDataset(root, items, preprocessing, max_pixels)
     if workers == 0:
         return (_collate([dataset[i] for i in batch]) for batch in batches)
-    return _threaded_batches(dataset, batches, workers)
+    return _ThreadedBatches(dataset, batches, workers)
 
 
-def _threaded_batches(dataset: "_DecodeDataset", batches: list[list[int]], workers: int) -> Iterator[DecodedBatch]:
-    """Decode in a thread pool, a few batches ahead, in order.
+class _ThreadedBatches:
+    """Decode in a thread pool, a few batches ahead, in order; an iterator of DecodedBatch.
 
     Threads rather than worker processes: PIL decoding and resizing and torch's tensor
     ops release the GIL, nothing has to be pickled, nothing starts slowly, and no process
-    is forked from one that already runs lancedb's (or torch's) threads.
+    is forked from one that already runs lancedb's (or torch's) threads. The first batches
+    are submitted at construction, so decoding overlaps whatever the caller does before it
+    asks for them; the pool is shut down (queued images cancelled) when the batches run out,
+    when taking one fails, on :meth:`close`, or when the iterator is dropped.
     """
-    from concurrent.futures import ThreadPoolExecutor
 
-    ahead = max(2, workers * 2)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vecsim-decode")
-    try:
-        pending = []
-        submitted = 0
-        for _ in range(min(ahead, len(batches))):
-            pending.append([pool.submit(dataset.__getitem__, i) for i in batches[submitted]])
-            submitted += 1
-        while pending:
-            futures = pending.pop(0)
-            if submitted < len(batches):
-                pending.append([pool.submit(dataset.__getitem__, i) for i in batches[submitted]])
-                submitted += 1
-            yield _collate([f.result() for f in futures])
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    def __init__(self, dataset: "_DecodeDataset", batches: list[list[int]], workers: int):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset, self.batches = dataset, batches
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vecsim-decode")
+        self.pending: deque = deque()
+        self.submitted = 0
+        for _ in range(min(max(2, workers * 2), len(batches))):
+            self._submit()
+
+    def _submit(self) -> None:
+        self.pending.append([self.pool.submit(self.dataset.__getitem__, i) for i in self.batches[self.submitted]])
+        self.submitted += 1
+
+    def __iter__(self) -> "_ThreadedBatches":
+        return self
+
+    def __next__(self) -> DecodedBatch:
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        futures = self.pending.popleft()
+        if self.submitted < len(self.batches):
+            self._submit()
+        try:
+            return _collate([f.result() for f in futures])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 

@@ -390,6 +390,9 @@ class _Indexer:
             resumed_from = len(committed) + self.restored_stimuli
             self._finish(indexed, failed, started, seconds, resumed_from=resumed_from)
         finally:
+            close = getattr(getattr(self, "loader", None), "close", None)
+            if close is not None:  # images queued for decoding are cancelled
+                close()
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
         described = {layer: r.describe() for layer, r in self.reducers.items()}
@@ -647,9 +650,11 @@ class _Indexer:
             self.rest_items = [(s.id, s.path) for s in self.stim_set.stimuli
                                if s.id not in committed or s.id in self.eval_only]
         remaining = self.train_items[skip_training:]
+        # on a CPU the first forward pass is one slice: it waits for that many decoded images only
+        first = cpu_slice(self.loaded.preprocessing.crop) if self.device == "cpu" else None
         self.loader = iter_decoded(
             self.stim_set.root, remaining + self.rest_items, self.loaded.preprocessing,
-            cfg.batch_size, cfg.workers, cfg.max_pixels, boundaries=(len(remaining),),
+            cfg.batch_size, cfg.workers, cfg.max_pixels, boundaries=(len(remaining),), first_batch=first,
         )
 
     def _index_all(self) -> tuple[int, int]:

@@ -165,3 +165,22 @@ def test_a_checkpoint_with_the_architectures_own_class_count_is_built_once(tmp_p
         builds.clear()
         assert load_model("resnet18", checkpoint=tmp_path / "r.pt").num_classes == classes
         assert builds == expected
+
+
+@pytest.mark.parametrize("arch,classes,builds", [("resnet18", 1000, 1), ("vit_tiny_patch16_224", 7, 2)])
+def test_a_timm_checkpoint_is_the_source_model_built_without_what_torch_nn_init_would_do(tmp_path, monkeypatch,
+                                                                                        init_calls, arch, classes,
+                                                                                        builds):
+    timm = pytest.importorskip("timm")
+    source = timm.create_model(arch, pretrained=False, num_classes=classes).eval()
+    torch.save(source.state_dict(), tmp_path / "m.pt")
+    real, made = timm.create_model, []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: made.append(k.get("num_classes")) or real(*a, **k))
+    init_calls.clear()
+    loaded = load_model(f"timm:{arch}", checkpoint=tmp_path / "m.pt")
+    assert init_calls == [] and len(made) == builds  # a head of the architecture's own size: one build
+    assert loaded.num_classes == classes
+    _same_state(source, loaded.module)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), source(x))

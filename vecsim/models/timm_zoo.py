@@ -12,8 +12,8 @@ import math
 
 from vecsim.errors import UnknownModelError, UnknownWeightsError, close_matches
 from vecsim.models.base import (
-    LoadedModel, Preprocessing, classes_from_state, library_version, load_state, read_checkpoint, require,
-    seeded_init, token_layout, weights_failure,
+    LoadedModel, Preprocessing, build_then_load, classes_from_state, library_version, load_state, read_checkpoint,
+    require, seeded_init, token_layout, weights_failure,
 )
 
 PREFIX = "timm:"
@@ -34,14 +34,20 @@ def load_timm(spec: str, weights: str | None, checkpoint, expected_sha: str | No
     sha = num_classes = None
     if checkpoint is not None:
         state, sha = read_checkpoint(checkpoint, expected_sha)
-        probe = timm.create_model(arch, pretrained=False, **options)
-        head = probe.pretrained_cfg.get("classifier") or "head"
-        num_classes = classes_from_state(state, f"{head}.weight", 0 if not any(k.startswith(head + ".") for k in state)
-                                         else None)
-        module = probe if num_classes is None else timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                                                                     **options)
-        load_state(module, state, checkpoint)
-        recorded = None
+        classes = []
+
+        def build():
+            probe = timm.create_model(arch, pretrained=False, **options)
+            head = probe.pretrained_cfg.get("classifier") or "head"
+            classes[:] = [classes_from_state(state, f"{head}.weight",
+                                             0 if not any(k.startswith(head + ".") for k in state) else None)]
+            if classes[0] is None or classes[0] == getattr(probe, "num_classes", None):
+                return probe
+            return timm.create_model(arch, pretrained=False, num_classes=classes[0], **options)
+
+        # the checkpoint replaces every weight: the random initialisation is skipped where it can be
+        module = build_then_load(build, lambda m: load_state(m, state, checkpoint))
+        num_classes, recorded = classes[0], None
     elif tag is None:
         module = seeded_init(lambda: timm.create_model(arch, pretrained=False, **options))
         recorded = None

@@ -18,7 +18,7 @@ from vecsim.models import base
 
 @pytest.fixture
 def init_calls(monkeypatch):
-    """Counts the calls that reach torch.nn.init's real kaiming_normal_, normal_ and constant_."""
+    """The calls that reach five of torch.nn.init's functions (spies put in before vecsim's skips)."""
     calls = []
     for name in ("kaiming_normal_", "normal_", "constant_", "kaiming_uniform_", "uniform_"):
         real = getattr(nn.init, name)

@@ -184,8 +184,6 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
                    "sparse_")
 _skip_lock = threading.Lock()
 _skipping: dict[int, list] = {}  # thread id -> (weak reference, data pointer) of each tensor left as it was
-
-
 _installed: list[tuple[Any, str, Any]] = []  # (module, name, the real function) while skips are installed
 
 
@@ -227,8 +225,8 @@ def _remove_skips() -> None:
 
 def build_then_load(build, load=None):
     """``build()`` (then ``load(module)``, where the loading is not part of the build) without
-    the random initialisation that the loaded weights replace: for VGG16 that is more than a
-    second of every start, and for any model a share of it.
+    the random initialisation that the loaded weights replace, most of a large model's build
+    (benchmarks/bench_model_load.py).
 
     While ``build`` runs, torch.nn.init's functions leave the tensors they are given as they
     are, in this thread only (another thread's calls initialise as usual). Afterwards every

@@ -117,23 +117,27 @@ def cpu_slice(crop: int) -> int:
     return max(1, min(CPU_SLICE, CPU_SLICE_PIXELS // max(1, crop * crop)))
 
 
+# the stream pass commits at least this often (and every --chunk-size kept stimuli). Each commit
+# appends a fragment to every table of the store, so the bound is loose: on a GPU, or at a
+# CPU's speed on small inputs, --chunk-size comes first
+STREAM_SECONDS = 60.0
+
+
+def _commit_seconds(variable: str, default: float) -> float:
+    """Seconds of work between a pass's commits at most: ``default``, or the environment
+    ``variable`` (0 commits after every forward pass: the crash tests' exact points)."""
+    value = os.environ.get(variable)
+    return float(value) if value else default
+
+
 def scratch_seconds() -> float:
-    """Seconds between the training pass's scratch commits: ``SCRATCH_SECONDS``, or
-    ``VECSIM_SCRATCH_SECONDS`` (0 commits after every batch: the crash tests' exact points)."""
-    value = os.environ.get("VECSIM_SCRATCH_SECONDS")
-    return float(value) if value else SCRATCH_SECONDS
-
-
-STREAM_SECONDS = 60.0  # the stream pass commits at least this often (and every --chunk-size kept stimuli)
+    """Between the training pass's scratch commits: ``SCRATCH_SECONDS`` or ``VECSIM_SCRATCH_SECONDS``."""
+    return _commit_seconds("VECSIM_SCRATCH_SECONDS", SCRATCH_SECONDS)
 
 
 def stream_seconds() -> float:
-    """Seconds of work between the stream pass's commits at most: ``STREAM_SECONDS``, or
-    ``VECSIM_STREAM_SECONDS`` (0 commits after every forward pass: the crash tests' exact points).
-    Each commit appends a fragment to every table of the store, so the bound is loose: on a
-    GPU, or at a CPU's speed on small inputs, ``--chunk-size`` comes first."""
-    value = os.environ.get("VECSIM_STREAM_SECONDS")
-    return float(value) if value else STREAM_SECONDS
+    """Between the stream pass's commits: ``STREAM_SECONDS`` or ``VECSIM_STREAM_SECONDS``."""
+    return _commit_seconds("VECSIM_STREAM_SECONDS", STREAM_SECONDS)
 
 
 def index_disk_bytes(reducers: dict, training: list[int], stimuli: int, dims: dict[str, int | None], max_dim: int,

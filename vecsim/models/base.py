@@ -251,7 +251,8 @@ def build_then_load(build, load=None):
             del _skipping[ident]
             if not _skipping:
                 _remove_skips()
-    _build_and_load(lambda: module, load)
+    if load is not None:
+        load(module)
     if _all_overwritten(module, skipped):
         return module
     gc.collect()  # a discarded module in a reference cycle still holds its tensors

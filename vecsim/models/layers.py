@@ -239,11 +239,11 @@ def layer_shapes(module, size: int, names: list[str] | None = None,
     on_cpu = param is None or param.device.type == "cpu"
     if on_cpu and not any(m.training for m in module.modules()) and "torch._dynamo" not in sys.modules:
         # one real forward of the probe batch: on a CPU it costs what two stimuli cost the job
-        # (0.1-0.5 s for DenseNet121, ResNet-50 and ViT-B/16 at 160-400 px) and warms the
-        # kernels the first batch then uses, while the meta copy's decompositions import
-        # torch._dynamo first (about 1.1 s on 2 cores; vecsim's imports leave it out, see
-        # vecsim.models.tvimport). Eval mode only: in train mode a forward would change
-        # batch-norm statistics. The model's own hooks are set aside, as they are in the copy.
+        # and warms the kernels the first batch then uses, while the meta copy's
+        # decompositions would import torch._dynamo, which vecsim's imports leave out
+        # (vecsim.models.tvimport; the costs in docs/internals.md, "Starting and stopping").
+        # Eval mode only: in train mode a forward would change batch-norm statistics. The
+        # model's own hooks are set aside, as they are in the copy.
         from collections import OrderedDict
 
         own = [(m, m._forward_hooks, m._forward_pre_hooks) for m in module.modules()]
